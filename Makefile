@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine: `make quickstart` and `make test`.
+# Both create .venv on first use. torch is installed first, and only when the
+# venv has none, so that pip does not pull the CUDA build as a dependency; on a
+# GPU machine install your CUDA torch into .venv first and it is kept.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: venv test quickstart clean-artifacts
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+# pytest exits 5 when it collects no test: that is not a failure of the suite.
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+quickstart: venv
+	@echo "make quickstart: not yet available (the pipeline flows land with the pipeline issue)."; exit 1
+
+clean-artifacts:
+	rm -rf artifacts
