@@ -1,0 +1,26 @@
+"""BitNet b1.58 model core: quantizers, layers, dual-mode patching, students, losses, packed export.
+
+Pure PyTorch (+ transformers for patching and export); knows nothing of Prefect or storage.
+"""
+
+from .export import (
+    freeze_ternary,
+    load_student,
+    pack_ternary,
+    save_student,
+    save_ternary_pretrained,
+    unpack_ternary,
+)
+from .layers import BitLinear, DualModeLinear, TernaryLinear
+from .losses import hidden_cosine_loss, kl_to_teacher, next_token_cross_entropy, sparse_topk_kl
+from .patch import DualModel, find_block_linears, patch_model
+from .quant import bitlinear, int8_activation, ste_int8_codes, ste_ternary_codes, ternary_weight
+from .student import Decompressor, StudentConfig, SuperpositionStudent
+
+__all__ = [
+    "BitLinear", "DualModeLinear", "TernaryLinear", "DualModel", "patch_model", "find_block_linears",
+    "SuperpositionStudent", "StudentConfig", "Decompressor",
+    "ternary_weight", "int8_activation", "ste_ternary_codes", "ste_int8_codes", "bitlinear",
+    "next_token_cross_entropy", "kl_to_teacher", "sparse_topk_kl", "hidden_cosine_loss",
+    "pack_ternary", "unpack_ternary", "save_ternary_pretrained", "save_student", "load_student", "freeze_ternary",
+]

@@ -1,0 +1,158 @@
+"""Dual-mode patching of a Hugging Face causal LM for self-distillation.
+
+``patch_model`` swaps every ``nn.Linear`` inside the transformer blocks for a ``DualModeLinear`` that shares
+the original weight. Embeddings, norms and the LM head stay as they are. One model object then plays both
+roles: ``with dual.teacher():`` runs the original model bit for bit, ``with dual.student():`` runs the BitNet
+student on ``W + dW``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .layers import STUDENT, TEACHER, DualModeLinear, parse_delta
+
+
+def find_block_linears(model: nn.Module) -> list[str]:
+    """Names of the ``nn.Linear`` modules inside the model's transformer blocks.
+
+    The blocks are the outermost ``nn.ModuleList``s that contain linear layers (``model.layers`` in Llama,
+    Qwen2, Mistral, Phi3; ``gpt_neox.layers``; ...). This is architecture-agnostic and leaves the LM head and
+    any projection outside the blocks alone.
+    """
+    names: list[str] = []
+    block_lists: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList):
+            continue
+        if any(name.startswith(prefix + ".") for prefix in block_lists):
+            continue  # a list nested inside a block (e.g. MoE experts): its linears are found below
+        linears = [f"{name}.{sub}" for sub, m in module.named_modules() if isinstance(m, nn.Linear)]
+        if linears:
+            block_lists.append(name)
+            names.extend(linears)
+    return names
+
+
+class DualModel:
+    """A patched model plus the handles to switch it between teacher and student.
+
+    Call it like the model (``dual(input_ids=...)``); ``dual.model`` is the patched transformers model.
+    """
+
+    def __init__(self, model: nn.Module, layers: dict[str, DualModeLinear]):
+        self.model = model
+        self.layers = layers
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    @property
+    def num_patched(self) -> int:
+        return len(self.layers)
+
+    @property
+    def patched_names(self) -> list[str]:
+        return list(self.layers)
+
+    @property
+    def mode(self) -> str:
+        return next(iter(self.layers.values())).mode
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in (TEACHER, STUDENT):
+            raise ValueError(f"mode must be {TEACHER!r} or {STUDENT!r}, got {mode!r}")
+        for layer in self.layers.values():
+            layer.mode = mode
+
+    @contextmanager
+    def _mode(self, mode: str) -> Iterator[DualModel]:
+        previous = self.mode
+        self.set_mode(mode)
+        try:
+            yield self
+        finally:
+            self.set_mode(previous)
+
+    def teacher(self):
+        """Context manager: the original model, exactly."""
+        return self._mode(TEACHER)
+
+    def student(self):
+        """Context manager: the BitNet student on W + dW."""
+        return self._mode(STUDENT)
+
+    def set_quant_lambda(self, lam: float) -> None:
+        """Quantizer warm-up blend for the student, in [0, 1] (1 = fully ternary / int8)."""
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"quant lambda must lie in [0, 1], got {lam}")
+        for layer in self.layers.values():
+            layer.quant_lambda = float(lam)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The dW parameters: the only ones that train."""
+        return [p for layer in self.layers.values() for p in layer.delta.parameters()]
+
+    def delta_state_dict(self) -> dict[str, torch.Tensor]:
+        """dW tensors keyed by ``<layer name>.delta.<param>``: a small checkpoint (no frozen weights)."""
+        return {
+            f"{name}.delta.{key}": tensor.detach()
+            for name, layer in self.layers.items()
+            for key, tensor in layer.delta.state_dict().items()
+        }
+
+    def load_delta_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load dW tensors saved by ``delta_state_dict``; keys and shapes must match exactly."""
+        expected = self.delta_state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"delta state does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]} "
+                "(was it saved with another architecture or another delta setting, e.g. 'full' vs 'lora:R'?)"
+            )
+        for key, tensor in state.items():
+            if tensor.shape != expected[key].shape:
+                raise ValueError(f"delta {key}: saved shape {tuple(tensor.shape)} != model {tuple(expected[key].shape)}")
+        for name, layer in self.layers.items():
+            prefix = f"{name}.delta."
+            layer.delta.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+    def to(self, *args, **kwargs) -> DualModel:
+        self.model.to(*args, **kwargs)
+        return self
+
+
+def patch_model(model: nn.Module, delta: str = "full", delta_dtype: torch.dtype = torch.float32) -> DualModel:
+    """Patch ``model`` in place for self-distillation and return its ``DualModel`` handle.
+
+    Every ``nn.Linear`` in the transformer blocks becomes a ``DualModeLinear`` around the same weight tensor.
+    All original parameters are frozen; only dW trains. ``delta`` is ``"full"`` (dW shaped like W) or
+    ``"lora:R"`` (dW = B @ A of rank R). The model starts in teacher mode.
+    """
+    parse_delta(delta)  # fail on a bad spec before touching the model
+    if any(isinstance(m, DualModeLinear) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} is already patched for self-distillation: keep the DualModel returned by "
+            "the first patch_model call, or reload the original model to patch it afresh"
+        )
+    names = find_block_linears(model)
+    if not names:
+        kinds = sorted({type(m).__name__ for m in model.modules() if "linear" in type(m).__name__.lower()
+                        or type(m).__name__ == "Conv1D"})
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear layers inside its transformer blocks to patch "
+            f"(projection modules found: {kinds or 'none'}). patch_model supports causal LMs whose blocks use "
+            "torch.nn.Linear (Llama, Qwen2, Mistral, Phi3, GPT-NeoX, ...)."
+        )
+    model.requires_grad_(False)
+    layers: dict[str, DualModeLinear] = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        dual = DualModeLinear(model.get_submodule(name), delta=delta, delta_dtype=delta_dtype)
+        setattr(model.get_submodule(parent_name), child, dual)
+        layers[name] = dual
+    return DualModel(model, layers)

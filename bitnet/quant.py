@@ -1,0 +1,91 @@
+"""BitNet b1.58 quantizers: absmean ternary weights and per-token absmax int8 activations ("W1.58A8").
+
+Two forms of each quantizer:
+
+* ``ternary_weight`` / ``int8_activation`` return integer *codes* and the scale that maps them back
+  (``w ~= w_q * scale``, ``x ~= x_q * scale``). Export and reference maths use these.
+* ``ste_ternary_codes`` / ``ste_int8_codes`` return the same codes carrying a straight-through gradient,
+  optionally blended with the full-precision value (the "lambda warm-up" of the Hugging Face 1.58-bit
+  fine-tuning recipe: ``x + lam * (q(x) - x).detach()``).
+
+Training multiplies codes, not dequantized values: ``(x_q @ w_q.T) * (s_x * s_w)``. The integer product is
+exact in fp32 (|x_q| <= 128, |w_q| <= 1, so sums stay far below 2**24), which keeps the student's forward pass
+identical to integer arithmetic while the gradients are those of the usual fake-quant STE.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-5  # keeps scales away from zero for all-zero tensors or tokens
+INT8_MIN, INT8_MAX = -128, 127
+
+
+def ternary_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmean ternary quantization of a whole tensor.
+
+    Returns ``(w_q, scale)`` with ``scale = mean(|w|)`` (a 0-d fp32 tensor, clamped to >= EPS) and
+    ``w_q = clamp(round(w / scale), -1, 1)`` (fp32 values in {-1, 0, 1}).
+    """
+    w = w.float()
+    scale = w.abs().mean().clamp(min=EPS)
+    return (w / scale).round().clamp(-1, 1), scale
+
+
+def int8_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (last dimension) absmax quantization to the int8 range [-128, 127].
+
+    Returns ``(x_q, scale)`` with ``scale = max(|x|) / 127`` per token (shape ``[..., 1]``, fp32) and
+    ``x_q = clamp(round(x * 127 / max(|x|)), -128, 127)`` (fp32 integer values). Multiplying by
+    ``127 / max`` rather than dividing by ``scale`` matches transformers' BitLinear bit for bit.
+    """
+    x = x.float()
+    absmax = x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    x_q = (x * (INT8_MAX / absmax)).round().clamp(INT8_MIN, INT8_MAX)
+    return x_q, absmax / INT8_MAX
+
+
+def _straight_through(x: torch.Tensor, q: torch.Tensor, lam: float) -> torch.Tensor:
+    """Forward ``x + lam * (q - x)``, backward identity (gradients pass through the rounding)."""
+    if lam >= 1.0:
+        return x + (q - x).detach()
+    if lam <= 0.0:
+        return x
+    return x + lam * (q - x).detach()
+
+
+def ste_ternary_codes(w: torch.Tensor, lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternary codes of ``w`` with a straight-through gradient; the scale carries no gradient.
+
+    With ``lam == 1`` the forward value is exactly ``w_q``; with ``lam < 1`` it is the warm-up blend
+    ``w/s + lam * (w_q - w/s)``, so ``codes * scale == w + lam * (q(w) - w)``.
+    """
+    w_q, scale = ternary_weight(w.detach())
+    return _straight_through(w.float() / scale, w_q, lam), scale
+
+
+def ste_int8_codes(x: torch.Tensor, lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 codes of ``x`` with a straight-through gradient (see ``ste_ternary_codes``)."""
+    x_q, scale = int8_activation(x.detach())
+    return _straight_through(x.float() / scale, x_q, lam), scale
+
+
+def bitlinear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    lam: float = 1.0,
+) -> torch.Tensor:
+    """``act_quant(x) @ ternary(weight).T * (s_x * s_w) (+ bias)``, trainable through the STE.
+
+    The matmul runs in ``x.dtype`` (bf16 on GPU under autocast); codes are small integers, exact in any
+    float format, and the scales are applied afterwards in fp32.
+    """
+    w_codes, w_scale = ste_ternary_codes(weight, lam)
+    x_codes, x_scale = ste_int8_codes(x, lam)
+    y = F.linear(x_codes.to(x.dtype), w_codes.to(x.dtype))
+    y = (y.float() * (x_scale * w_scale)).to(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y
