@@ -1,0 +1,106 @@
+"""Quantizers and the BitLinear kernel against a float64 reference written out by hand."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bitnet import BitLinear, bitlinear, int8_activation, ternary_weight
+
+
+def reference_bitlinear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """W1.58A8 by the book, in float64 with an integer matmul."""
+    x64, w64 = x.double(), w.double()
+    s_w = w64.abs().mean().clamp(min=1e-5)
+    w_q = (w64 / s_w).round().clamp(-1, 1).long()
+    absmax = x64.abs().amax(-1, keepdim=True).clamp(min=1e-5)
+    x_q = (x64 * 127 / absmax).round().clamp(-128, 127).long()
+    return (x_q @ w_q.T).double() * (absmax / 127) * s_w
+
+
+def test_ternary_weight_codes_and_absmean_scale():
+    w = torch.randn(16, 24)
+    w_q, scale = ternary_weight(w)
+    assert set(w_q.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert torch.allclose(scale, w.abs().mean())
+    assert torch.equal(w_q, (w / w.abs().mean()).round().clamp(-1, 1))
+
+
+def test_ternary_weight_of_zeros_is_finite():
+    w_q, scale = ternary_weight(torch.zeros(4, 4))
+    assert scale.item() == pytest.approx(1e-5) and torch.equal(w_q, torch.zeros(4, 4))
+
+
+def test_int8_activation_is_per_token_absmax():
+    x = torch.randn(3, 5, 32) * torch.tensor([0.01, 1.0, 100.0]).view(3, 1, 1)
+    x_q, scale = int8_activation(x)
+    assert scale.shape == (3, 5, 1)
+    assert x_q.min() >= -128 and x_q.max() <= 127 and torch.equal(x_q, x_q.round())
+    assert torch.equal(x_q.abs().amax(-1), torch.full((3, 5), 127.0))  # each token's max hits the edge
+    assert torch.all((x_q * scale - x).abs() <= scale / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("shape", [(7, 64), (2, 5, 48)])
+def test_bitlinear_matches_float64_integer_reference(shape):
+    torch.manual_seed(0)
+    x, w = torch.randn(*shape), torch.randn(40, shape[-1])
+    ours = bitlinear(x, w)
+    ref = reference_bitlinear(x, w)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_bitlinear_integer_part_is_exact_in_fp32():
+    """The codes' product is computed exactly: dividing out the scales recovers integers."""
+    torch.manual_seed(1)
+    x, w = torch.randn(4, 256), torch.randn(8, 256)
+    x_q, s_x = int8_activation(x)
+    w_q, s_w = ternary_weight(w)
+    y = bitlinear(x, w)
+    integer = (x_q.long() @ w_q.long().T).float()
+    torch.testing.assert_close(y, integer * (s_x * s_w), rtol=0, atol=0)
+
+
+def test_straight_through_gradients_equal_fake_quant_gradients():
+    torch.manual_seed(2)
+    x = torch.randn(6, 32, requires_grad=True)
+    w = torch.randn(12, 32, requires_grad=True)
+    bitlinear(x, w).square().sum().backward()
+    # reference: a linear layer on the dequantized tensors, gradient passed straight to x and w
+    x_q, s_x = int8_activation(x.detach())
+    w_q, s_w = ternary_weight(w.detach())
+    xd, wd = (x_q * s_x).requires_grad_(), (w_q * s_w).requires_grad_()
+    F.linear(xd, wd).square().sum().backward()
+    torch.testing.assert_close(x.grad, xd.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, wd.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_lambda_warmup_blends_between_full_precision_and_quantized():
+    torch.manual_seed(3)
+    x, w = torch.randn(4, 32), torch.randn(8, 32)
+    x_q, s_x = int8_activation(x)
+    w_q, s_w = ternary_weight(w)
+    torch.testing.assert_close(bitlinear(x, w, lam=0.0), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    half = F.linear(x + 0.5 * (x_q * s_x - x), w + 0.5 * (w_q * s_w - w))
+    torch.testing.assert_close(bitlinear(x, w, lam=0.5), half, rtol=1e-5, atol=1e-5)
+
+
+def test_bitlinear_module_trains_latent_weights():
+    torch.manual_seed(4)
+    layer = BitLinear(16, 8)
+    assert layer.bias is None
+    x, target = torch.randn(64, 16), torch.randn(64, 8)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(60):
+        loss = F.mse_loss(layer(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_bitlinear_bf16_runs_in_bf16():
+    x, w = torch.randn(3, 32, dtype=torch.bfloat16), torch.randn(8, 32, dtype=torch.bfloat16)
+    y = bitlinear(x, w)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), reference_bitlinear(x, w), rtol=2e-2, atol=2e-2)
