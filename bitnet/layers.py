@@ -89,9 +89,12 @@ class DualModeLinear(nn.Module):
             self.delta = LoRADelta(*shape, rank=rank, dtype=delta_dtype, device=device)
         self.mode = TEACHER
         self.quant_lambda = 1.0
+        self.use_delta = True  # False: the student quantizes W alone (naive post-training quantization)
 
     def student_weight(self) -> torch.Tensor:
         """The latent weight the student quantizes: W + dW (in the delta's dtype, fp32 by default)."""
+        if not self.use_delta:
+            return self.weight
         return self.weight.to(self.delta_dtype) + self.delta()
 
     @property

@@ -86,6 +86,18 @@ class DualModel:
         """Context manager: the BitNet student on W + dW."""
         return self._mode(STUDENT)
 
+    @contextmanager
+    def ptq(self) -> Iterator[DualModel]:
+        """Context manager: the student with dW ignored, i.e. naive post-training ternary quantization."""
+        with self.student():
+            for layer in self.layers.values():
+                layer.use_delta = False
+            try:
+                yield self
+            finally:
+                for layer in self.layers.values():
+                    layer.use_delta = True
+
     def set_quant_lambda(self, lam: float) -> None:
         """Quantizer warm-up blend for the student, in [0, 1] (1 = fully ternary / int8)."""
         if not 0.0 <= lam <= 1.0:

@@ -59,6 +59,23 @@ def test_student_at_step_zero_is_post_training_ternary_quantization(tmp_path):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+def test_ptq_context_ignores_the_trained_delta(tmp_path):
+    trained = patch_model(tiny_causal_lm("llama", tmp_path))
+    for p in trained.trainable_parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    fresh = patch_model(tiny_causal_lm("llama", tmp_path))
+    ids = token_batch()
+    with torch.no_grad():
+        with fresh.student():
+            baseline = fresh(ids).logits
+        with trained.ptq():
+            assert trained.mode == "student"
+            assert torch.equal(trained(ids).logits, baseline)
+        with trained.student():
+            assert not torch.equal(trained(ids).logits, baseline)
+    assert trained.mode == "teacher"
+
+
 def test_gradients_reach_only_delta(tmp_path):
     model = tiny_causal_lm("llama", tmp_path)
     dual = patch_model(model)
