@@ -1,0 +1,226 @@
+"""The one typed configuration of both flows, its YAML presets and dotted-key overrides.
+
+A configuration is resolved as: preset (a name in ``configs/`` or a YAML path) -> overrides
+(``{"train.steps": 20}``) -> validation. Everything is checked before any work starts, and errors name the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRESETS_DIR = REPO_ROOT / "configs"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, never silently ignored
+
+
+class TeacherConfig(Section):
+    name_or_path: str = "assets/quickstart-teacher"
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    load_in_4bit: bool = False  # needs the optional bitsandbytes extra
+    trust_remote_code: bool = False
+
+
+class DataConfig(Section):
+    builtin: Literal["stdlib"] | None = None  # the interpreter's standard library source (offline quickstart)
+    dataset: str | None = None  # a Hugging Face dataset name...
+    dataset_config: str | None = None
+    split: str = "train"
+    streaming: bool = False
+    files: list[str] = Field(default_factory=list)  # ...or local .txt / .jsonl / .parquet files
+    text_field: str | None = None  # default: "text", else instruction + response
+    max_documents: int | None = Field(default=None, gt=0)
+    min_chars: int = Field(default=16, ge=0)  # drop empty and very short documents
+    seq_len: int = Field(default=128, gt=1)
+    packing: Literal["pack", "pad"] = "pack"  # pack documents separated by EOS, or pad/truncate each one
+    eval_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)  # held out by document hash
+    max_train_rows: int | None = Field(default=None, gt=0)
+    max_eval_rows: int | None = Field(default=None, gt=0)
+    rows_per_shard: int = Field(default=4096, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        sources = [s for s in (self.builtin, self.dataset, self.files or None) if s]
+        if len(sources) != 1:
+            raise ValueError("set exactly one of data.builtin, data.dataset or data.files")
+        return self
+
+
+class CacheConfig(Section):
+    layers: list[int] = Field(default_factory=lambda: [-1])  # hidden_states indices; -1 = the last
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    codec: str = "zstd"
+    topk: int = Field(default=0, ge=0)  # cache the teacher's top-k logits (0 = off)
+    batch_size: int = Field(default=8, gt=0)  # teacher forward batch = cache chunk size
+    max_samples: int | None = Field(default=None, gt=0)
+
+
+class StudentConfig(Section):
+    dim: int = Field(default=768, gt=0)
+    n_layers: int = Field(default=12, gt=0)
+    n_heads: int = Field(default=12, gt=0)
+    mlp_hidden: int | None = Field(default=None, gt=0)
+    tie_embeddings: bool = False
+    projector_hidden: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"student.dim ({self.dim}) must be divisible by student.n_heads ({self.n_heads}) "
+                             "into an even head size")
+        return self
+
+
+class OptimConfig(Section):
+    steps: int = Field(default=500, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    warmup_steps: int = Field(default=50, ge=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)  # none on ternary latent weights by default
+    grad_clip: float = Field(default=1.0, ge=0.0)
+    eval_every: int = Field(default=100, gt=0)
+    checkpoint_every: int = Field(default=100, gt=0)
+    keep_checkpoints: int = Field(default=2, gt=0)
+    autocast_bf16: bool = True  # on CUDA only
+
+
+class SelfDistillConfig(Section):
+    delta: str = "full"
+    delta_dtype: Literal["float32", "bfloat16"] = "float32"
+    ce_weight: float = Field(default=1.0, ge=0.0)
+    kl_weight: float = Field(default=1.0, ge=0.0)
+    hidden_weight: float = Field(default=1.0, ge=0.0)
+    magnitude_weight: float = Field(default=0.0, ge=0.0)
+    temperature: float = Field(default=1.0, gt=0.0)
+    hidden_layers: list[int] | Literal["all"] = "all"
+    quant_warmup_steps: int = Field(default=0, ge=0)  # lambda warm-up of the quantizers (0 = off)
+    teacher_signal: Literal["online", "cache"] = "online"
+    lr: float | None = Field(default=None, gt=0)  # overrides train.lr: dW of a pretrained model wants a smaller one
+
+    @field_validator("delta")
+    @classmethod
+    def _delta_spec(cls, value: str) -> str:
+        if value != "full" and not re.fullmatch(r"lora:[1-9]\d*", value):
+            raise ValueError("must be 'full' or 'lora:R' with a positive rank R (e.g. 'lora:16')")
+        return value
+
+
+class HeadConfig(Section):
+    steps: int = Field(default=200, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+    untied: bool = True  # train a separate head; the student's embeddings and blocks stay frozen
+    topk_kl_weight: float = Field(default=0.0, ge=0.0)  # sparse KL to cached top-k teacher logits
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(default=8, gt=0)
+    max_rows: int | None = Field(default=256, gt=0)
+    prompts: list[str] = Field(default_factory=lambda: ["Once upon a time", "The capital of France is",
+                                                        "def fibonacci(n):"])
+    max_new_tokens: int = Field(default=32, ge=0)
+
+
+class StorageConfig(Section):
+    root: str = "artifacts"  # a local path (relative to the repository) or s3://bucket/prefix
+    storage_options: dict[str, Any] = Field(default_factory=dict)  # e.g. endpoint_url, key, secret for s3fs
+
+
+class PipelineConfig(Section):
+    name: str = "run"
+    seed: int = 0
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    data: DataConfig = Field(default_factory=lambda: DataConfig(builtin="stdlib"))
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    train: OptimConfig = Field(default_factory=OptimConfig)
+    self_distill: SelfDistillConfig = Field(default_factory=SelfDistillConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_path_segment(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+            raise ValueError("use letters, digits, '.', '_' and '-' (it names a directory)")
+        return value
+
+    def self_distill_optim(self) -> OptimConfig:
+        """The optimiser settings of the self-distillation flow (``train`` with ``self_distill.lr``)."""
+        return self.train.model_copy(update={"lr": self.self_distill.lr or self.train.lr})
+
+    def head_optim(self) -> OptimConfig:
+        """The optimiser settings of LM-head retraining (``train`` with the ``head`` section's values)."""
+        h = self.head
+        return self.train.model_copy(update={"steps": h.steps, "lr": h.lr, "batch_size": h.batch_size,
+                                             "grad_accum": 1, "warmup_steps": min(self.train.warmup_steps, h.steps // 10)})
+
+    def resolved_root(self) -> str:
+        """The artifact root; a relative local path is taken relative to the repository."""
+        root = self.storage.root
+        if "://" in root or Path(root).is_absolute():
+            return root
+        return str(REPO_ROOT / root)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field and what to do."""
+
+
+def preset_path(config: str | Path) -> Path:
+    """A preset name (``quickstart``) or a YAML path (absolute, or relative to the repository)."""
+    path = Path(config)
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, REPO_ROOT / path, PRESETS_DIR / f"{config}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    raise ConfigError(f"no configuration {str(config)!r}: give a preset name ({', '.join(names)}) or a YAML file path")
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any] | None) -> dict:
+    """Set dotted keys (``{"train.steps": 20}``) in a nested mapping; values may be YAML strings (``"20"``)."""
+    raw = copy.deepcopy(raw)
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node[leaf] = yaml.safe_load(value) if isinstance(value, str) else value
+    return raw
+
+
+def load_config(config: str | Path | dict | PipelineConfig = "quickstart",
+                overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Resolve a preset name, YAML path or mapping plus overrides into a validated ``PipelineConfig``."""
+    if isinstance(config, PipelineConfig):
+        raw = config.model_dump()
+    elif isinstance(config, dict):
+        raw = config
+    else:
+        path = preset_path(config)
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return PipelineConfig.model_validate(apply_overrides(raw, overrides))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None

@@ -1,0 +1,208 @@
+"""Text sources -> documents -> token rows: what the tokenize stage writes as shards.
+
+Sources: the interpreter's standard library (offline quickstart), a Hugging Face dataset by name, or local
+.txt / .jsonl / .parquet files. Documents are split into train / eval by a hash of their key, so the held-out
+split is deterministic and never overlaps training. Rows are fixed-length: documents are packed end to end
+separated by EOS (no compute wasted on padding), or padded / truncated one per row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from storage import stdlib_corpus
+
+from .config import ConfigError, DataConfig
+
+
+@dataclass
+class Document:
+    key: str  # what the held-out split hashes (a module path, a file name + row, ...)
+    text: str
+    split: str  # "train" or "eval"
+
+
+def hash_split(key: str, eval_fraction: float) -> str:
+    """Deterministic split by sha256 of the document key."""
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    return "eval" if bucket < eval_fraction else "train"
+
+
+def pick_text(row: dict, text_field: str | None, where: str) -> str:
+    """The configured text column, else ``text``, else the reference's ``instruction`` + ``response``."""
+    if text_field is not None:
+        if text_field not in row:
+            raise ConfigError(f"data.text_field {text_field!r} is not a column of {where}; columns: {sorted(row)}")
+        return str(row[text_field] or "")
+    if "text" in row:
+        return str(row["text"] or "")
+    if "instruction" in row and "response" in row:
+        return f"{row['instruction'] or ''}\n{row['response'] or ''}"
+    raise ConfigError(f"{where} has no 'text' column and no instruction/response pair; set data.text_field "
+                      f"to one of {sorted(row)}")
+
+
+def _hub_rows(cfg: DataConfig) -> Iterable[dict]:
+    import datasets
+
+    try:
+        return datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split, streaming=cfg.streaming)
+    except Exception as exc:  # datasets raises many types for "not found" / "offline"
+        raise ConfigError(
+            f"cannot load dataset {cfg.dataset!r} (config {cfg.dataset_config!r}, split {cfg.split!r}): {exc}. "
+            "It needs the Hugging Face Hub (or its local cache); offline, pass local files with data.files"
+        ) from None
+
+
+def _file_rows(path: Path) -> Iterator[dict]:
+    if not path.is_file():
+        raise ConfigError(f"data.files: {path} does not exist")
+    if path.suffix in (".txt", ".md", ".py"):
+        yield {"text": path.read_text(encoding="utf-8", errors="replace")}
+        return
+    import datasets
+
+    builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
+    if builder is None:
+        raise ConfigError(f"data.files: {path} has an unsupported type; use .txt, .jsonl or .parquet")
+    yield from datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+
+
+def iter_documents(cfg: DataConfig) -> Iterator[Document]:
+    """Every usable document of the configured source, with its split, in a deterministic order."""
+    count = 0
+    for doc in _raw_documents(cfg):
+        if len(doc.text.strip()) < max(cfg.min_chars, 1):
+            continue
+        yield doc
+        count += 1
+        if cfg.max_documents is not None and count >= cfg.max_documents:
+            return
+
+
+def _raw_documents(cfg: DataConfig) -> Iterator[Document]:
+    if cfg.builtin == "stdlib":
+        # the stdlib corpus has its own split so that the quickstart teacher never saw the eval modules
+        for split in ("train", "eval"):
+            for relpath, text in stdlib_corpus.iter_documents(split):
+                yield Document(relpath, text, split)
+    elif cfg.dataset:
+        for i, row in enumerate(_hub_rows(cfg)):
+            text = pick_text(row, cfg.text_field, f"dataset {cfg.dataset!r}")
+            yield Document(f"{cfg.dataset}:{i}:{text[:64]}", text, hash_split(f"{i}:{text}", cfg.eval_fraction))
+    else:
+        for name in cfg.files:
+            path = Path(name).expanduser()
+            for i, row in enumerate(_file_rows(path)):
+                text = pick_text(row, cfg.text_field, str(path))
+                yield Document(f"{path.name}:{i}", text, hash_split(f"{path.name}:{i}:{text}", cfg.eval_fraction))
+
+
+@dataclass
+class RowBuffer:
+    """Accumulates token rows of one split: ``input_ids`` [n, T] int32, ``length`` [n], ``doc_id`` [n]."""
+
+    seq_len: int
+    ids: list[np.ndarray] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    doc_ids: list[int] = field(default_factory=list)
+
+    def add(self, row: np.ndarray, length: int, doc_id: int) -> None:
+        self.ids.append(row.astype(np.int32))
+        self.lengths.append(length)
+        self.doc_ids.append(doc_id)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def take(self) -> dict[str, np.ndarray]:
+        batch = {
+            "input_ids": np.stack(self.ids) if self.ids else np.zeros((0, self.seq_len), np.int32),
+            "length": np.asarray(self.lengths, dtype=np.int32),
+            "doc_id": np.asarray(self.doc_ids, dtype=np.int64),
+        }
+        self.ids, self.lengths, self.doc_ids = [], [], []
+        return batch
+
+
+class Packer:
+    """Concatenates documents separated by EOS and cuts the stream into full rows of ``seq_len`` tokens.
+
+    A row's ``doc_id`` is the document its first token came from; the trailing partial row is dropped.
+    """
+
+    def __init__(self, seq_len: int, eos_id: int):
+        self.seq_len, self.eos_id = seq_len, eos_id
+        self.stream: list[int] = []
+        self.stream_doc = 0
+        self.rows = RowBuffer(seq_len)
+
+    def add(self, tokens: list[int], doc_id: int) -> None:
+        if not self.stream:
+            self.stream_doc = doc_id
+        self.stream.extend(tokens)
+        self.stream.append(self.eos_id)
+        while len(self.stream) >= self.seq_len:
+            self.rows.add(np.asarray(self.stream[: self.seq_len]), self.seq_len, self.stream_doc)
+            self.stream = self.stream[self.seq_len:]
+            self.stream_doc = doc_id
+
+
+class Padder:
+    """One document per row: truncated to ``seq_len``, right-padded with ``pad_id`` (the reference's way)."""
+
+    def __init__(self, seq_len: int, pad_id: int):
+        self.seq_len, self.pad_id = seq_len, pad_id
+        self.rows = RowBuffer(seq_len)
+
+    def add(self, tokens: list[int], doc_id: int) -> None:
+        tokens = tokens[: self.seq_len]
+        row = np.full(self.seq_len, self.pad_id, dtype=np.int32)
+        row[: len(tokens)] = tokens
+        self.rows.add(row, len(tokens), doc_id)
+
+
+def special_ids(tokenizer) -> tuple[int, int]:
+    """(eos, pad) ids; a tokenizer without a pad token pads with EOS (padding is masked anyway)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError(f"the tokenizer {tokenizer.name_or_path!r} has no EOS token; packing needs one "
+                          "(set data.packing: pad, or use a tokenizer with eos_token)")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return eos, pad
+
+
+def token_rows(cfg: DataConfig, tokenizer, batch_rows: int = 1024) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """Yield ``(split, rows)`` batches of at most ``batch_rows`` rows as documents are tokenized."""
+    eos, pad = special_ids(tokenizer)
+    make = (lambda: Packer(cfg.seq_len, eos)) if cfg.packing == "pack" else (lambda: Padder(cfg.seq_len, pad))
+    builders = {"train": make(), "eval": make()}
+    limits = {"train": cfg.max_train_rows, "eval": cfg.max_eval_rows}
+    emitted = {"train": 0, "eval": 0}
+    for doc_id, doc in enumerate(iter_documents(cfg)):
+        if limits[doc.split] is not None and emitted[doc.split] >= limits[doc.split]:
+            if all(limits[s] is not None and emitted[s] >= limits[s] for s in builders):
+                break
+            continue
+        builders[doc.split].add(tokenizer(doc.text, add_special_tokens=False)["input_ids"], doc_id)
+        rows = builders[doc.split].rows
+        if len(rows) >= batch_rows:
+            batch = _limit(rows.take(), limits[doc.split], emitted[doc.split])
+            emitted[doc.split] += len(batch["length"])
+            yield doc.split, batch
+    for split, builder in builders.items():
+        batch = _limit(builder.rows.take(), limits[split], emitted[split])
+        if len(batch["length"]):
+            yield split, batch
+
+
+def _limit(batch: dict[str, np.ndarray], limit: int | None, already: int) -> dict[str, np.ndarray]:
+    if limit is None:
+        return batch
+    keep = max(0, limit - already)
+    return {k: v[:keep] for k, v in batch.items()}

@@ -1,0 +1,73 @@
+"""LM-head retraining for the superposition student (the reference's phase 3).
+
+By default a separate (untied) head is trained with every other weight frozen, so the representations the
+student learned stay fixed; retraining a tied embedding, as the reference does (``head.untied: false``), also
+changes the student's input embeddings. The new head starts from the embedding matrix, as a tied head would.
+Loss: cross-entropy, plus optional sparse KL to the teacher's cached top-k logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bitnet import SuperpositionStudent, next_token_cross_entropy, sparse_topk_kl
+
+from .config import ConfigError, PipelineConfig
+from .loop import BatchSchedule, Trainable
+from .rows import Rows, to_device
+
+
+def head_parameters(student: SuperpositionStudent, untied: bool) -> list[torch.nn.Parameter]:
+    student.requires_grad_(False)
+    if untied:
+        if student.lm_head.weight is student.embed.weight:
+            student.untie_lm_head()
+        else:
+            student.lm_head.weight.data.copy_(student.embed.weight.data)
+    student.lm_head.weight.requires_grad_(True)  # tied: this is the embedding matrix itself
+    return [student.lm_head.weight]
+
+
+def lm_head_trainable(student: SuperpositionStudent, cfg: PipelineConfig, rows: Rows, device: torch.device,
+                      eval_rows: Rows | None = None) -> Trainable:
+    head = cfg.head
+    params = head_parameters(student, head.untied)
+    schedule = BatchSchedule(rows.count, head.batch_size, cfg.seed + 1, rows.chunk_size)
+    student.to(device).eval()
+
+    def logits_of(batch):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if head.untied:  # the body is frozen: no graph through it
+            with torch.no_grad():
+                hidden = student(ids, mask, compute_logits=False).last_hidden
+            return student.lm_head(hidden)
+        return student(ids, mask).logits
+
+    def loss(micro_step: int):
+        batch = to_device(rows.fetch(schedule.indices(micro_step)), device)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits = logits_of(batch)
+        ce = next_token_cross_entropy(logits, ids, mask)
+        metrics = {"ce": ce.item()}
+        total = ce
+        if head.topk_kl_weight:
+            if "topk_values" not in batch:
+                raise ConfigError("head.topk_kl_weight > 0 needs cached top-k teacher logits: set cache.topk > 0")
+            kl = sparse_topk_kl(logits, batch["topk_values"], batch["topk_indices"], mask)
+            total = total + head.topk_kl_weight * kl
+            metrics["topk_kl"] = kl.item()
+        return total, metrics
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        losses = [next_token_cross_entropy(logits_of(b), b["input_ids"], b["attention_mask"]).item()
+                  for b in (to_device(x, device) for x in eval_rows.batches(head.batch_size, limit=4 * head.batch_size))]
+        return {"loss": sum(losses) / len(losses)}
+
+    return Trainable(
+        parameters=params,
+        loss=loss,
+        state=lambda: {"lm_head.weight": student.lm_head.weight.detach()},
+        load_state=lambda state: student.lm_head.weight.data.copy_(state["lm_head.weight"]),
+        evaluate=evaluate if eval_rows is not None and eval_rows.count else None,
+    )

@@ -1,0 +1,173 @@
+"""The training loop every trainer shares.
+
+AdamW with linear warm-up then cosine decay, gradient accumulation and clipping, bf16 autocast on CUDA,
+periodic evaluation, and checkpoints (every N steps and on SIGTERM / SIGINT) that make a killed run resume
+where it stopped: trainable tensors, optimiser and scheduler state, RNG states, the step and the loss history.
+Batches are a pure function of the micro-step (``BatchSchedule``), so the data position is just the step, and a
+resumed run on CPU reproduces an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from storage import checkpoints
+
+from .config import OptimConfig
+from .progress import Reporter
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class BatchSchedule:
+    """Which rows make up micro-batch ``i``: a pure function of ``(seed, i)``.
+
+    Every epoch visits the chunks (runs of ``chunk_size`` rows, as stored) in a random order and the rows
+    within each chunk in a random order, which keeps reads local while shuffling well enough for training.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int, chunk_size: int | None = None):
+        if num_rows <= 0:
+            raise ValueError("there are no rows to train on: the tokenized split is empty (more data, or shorter "
+                             "data.seq_len)")
+        self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
+        self.chunk_size = chunk_size or num_rows
+        self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            starts = np.arange(0, self.num_rows, self.chunk_size)
+            parts = [s + rng.permutation(min(self.chunk_size, self.num_rows - s)) for s in rng.permutation(starts)]
+            self._epoch, self._order = epoch, np.concatenate(parts)
+        return self._order
+
+    def indices(self, micro_step: int) -> np.ndarray:
+        start = micro_step * self.batch_size
+        positions = np.arange(start, start + self.batch_size)
+        out = np.empty(self.batch_size, dtype=np.int64)
+        for epoch in np.unique(positions // self.num_rows):
+            here = positions // self.num_rows == epoch
+            out[here] = self._epoch_order(int(epoch))[positions[here] % self.num_rows]
+        return out
+
+
+@dataclass
+class Trainable:
+    """What a trainer hands to ``train``."""
+
+    parameters: list[nn.Parameter]
+    loss: Callable[[int], tuple[torch.Tensor, dict[str, float]]]  # micro-step -> (loss, metrics to log)
+    state: Callable[[], dict[str, torch.Tensor]]  # tensors that define the trained model
+    load_state: Callable[[dict[str, torch.Tensor]], None]
+    evaluate: Callable[[], dict[str, float]] | None = None
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised after a checkpoint was written in response to SIGTERM / SIGINT."""
+
+
+@contextmanager
+def _checkpoint_on_signal():
+    """Turn SIGTERM / SIGINT into a flag the loop checks after each step (main thread only)."""
+    flag = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, _frame):
+        flag["signal"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["rng/cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
+
+
+def train(trainable: Trainable, optim: OptimConfig, store, run: str, reporter: Reporter,
+          device: torch.device, description: str = "train") -> list[dict]:
+    """Run (or resume) ``optim.steps`` optimiser steps; returns the loss history (one record per step)."""
+    optimizer = torch.optim.AdamW(trainable.parameters, lr=optim.lr, weight_decay=optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, optim.warmup_steps, optim.steps, optim.min_lr_ratio))
+    step, history = 0, []
+    latest = checkpoints.latest_checkpoint(store, run)
+    if latest is not None:
+        tensors, meta = checkpoints.load_checkpoint(store, latest)
+        trainable.load_state({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+        optimizer.load_state_dict(meta["optimizer"])
+        scheduler.load_state_dict(meta["scheduler"])
+        _restore_rng(tensors)
+        step, history = meta["step"], meta["history"]
+        reporter.log(f"{description}: resuming from step {step} ({latest})")
+
+    def save() -> None:
+        tensors = {f"model/{k}": v for k, v in trainable.state().items()} | _rng_state()
+        meta = {"step": step, "history": history, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict()}
+        checkpoints.save_checkpoint(store, run, step, tensors, meta, keep_last=optim.keep_checkpoints)
+
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                if device.type == "cuda" and optim.autocast_bf16 else nullcontext())
+    reporter.start(optim.steps, description, initial=step)
+    with _checkpoint_on_signal() as interrupted:
+        while step < optim.steps:
+            started = time.perf_counter()
+            totals: dict[str, float] = {}
+            for micro in range(optim.grad_accum):
+                with autocast:
+                    loss, metrics = trainable.loss(step * optim.grad_accum + micro)
+                (loss / optim.grad_accum).backward()
+                for key, value in {"loss": loss.item(), **metrics}.items():
+                    totals[key] = totals.get(key, 0.0) + value / optim.grad_accum
+            if optim.grad_clip:
+                totals["grad_norm"] = float(nn.utils.clip_grad_norm_(trainable.parameters, optim.grad_clip))
+            totals["lr"] = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            record = {"step": step, **totals, "seconds": time.perf_counter() - started}
+            if trainable.evaluate is not None and (step % optim.eval_every == 0 or step == optim.steps):
+                record.update({f"eval_{k}": v for k, v in trainable.evaluate().items()})
+            history.append(record)
+            reporter.advance(1, loss=totals["loss"])
+            if step % optim.checkpoint_every == 0 or step == optim.steps or interrupted["signal"]:
+                save()
+            if interrupted["signal"]:
+                reporter.close()
+                raise TrainingInterrupted(f"{description}: stopped by signal {interrupted['signal']} at step {step}; "
+                                          "a checkpoint was written, rerun to resume")
+    reporter.close()
+    return history

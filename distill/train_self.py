@@ -1,0 +1,91 @@
+"""Self-distillation: train dW so that the ternary student on W + dW imitates the original model.
+
+loss = ce_weight * CE + kl_weight * KL(teacher || student, T) + hidden_weight * hidden cosine
+       (+ magnitude_weight * log-norm term). The teacher signal is computed online by switching the same model
+to teacher mode for each batch (no second model in memory), or read from the teacher cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bitnet import DualModel, hidden_cosine_loss, kl_to_teacher, next_token_cross_entropy, sparse_topk_kl
+
+from .config import ConfigError, PipelineConfig
+from .loop import BatchSchedule, Trainable
+from .metrics import Output, compare_to_teacher
+from .rows import Rows, to_device
+from .teacher import resolve_layers
+
+
+def hidden_layers(spec: list[int] | str, num_hidden_layers: int) -> list[int]:
+    """Hidden-state indices to match; ``"all"`` is every block's output (the embeddings are shared anyway)."""
+    if spec == "all":
+        return list(range(1, num_hidden_layers + 1))
+    return resolve_layers(spec, num_hidden_layers)
+
+
+def dual_forward(dual: DualModel, mode, layers: list[int]):
+    """A metrics ``Forward`` running the dual model in the mode given by a context factory."""
+    def forward(ids, mask) -> Output:
+        with mode():
+            out = dual(input_ids=ids, attention_mask=mask, output_hidden_states=bool(layers))
+        return Output(out.logits, [out.hidden_states[i] for i in layers] if layers else None)
+    return forward
+
+
+def self_distill_trainable(dual: DualModel, cfg: PipelineConfig, rows: Rows, device: torch.device,
+                           eval_rows: Rows | None = None) -> Trainable:
+    sd, optim = cfg.self_distill, cfg.train
+    if sd.magnitude_weight and not sd.hidden_weight:
+        raise ConfigError("self_distill.magnitude_weight needs self_distill.hidden_weight > 0 (it refines the "
+                          "hidden-state term)")
+    layers = hidden_layers(sd.hidden_layers, dual.model.config.num_hidden_layers) if sd.hidden_weight else []
+    schedule = BatchSchedule(rows.count, optim.batch_size, cfg.seed, rows.chunk_size)
+    teacher = dual_forward(dual, dual.teacher, layers)
+    student = dual_forward(dual, dual.student, layers)
+
+    def teacher_signal(batch, ids, mask) -> tuple[Output, dict]:
+        if sd.teacher_signal == "online":
+            with torch.no_grad():
+                return teacher(ids, mask), {}
+        missing = [f"hidden/layer_{i}" for i in layers if f"hidden/layer_{i}" not in batch]
+        if missing or (sd.kl_weight and "topk_values" not in batch):
+            raise ConfigError(f"self_distill.teacher_signal 'cache' needs the cache to hold {missing or 'top-k logits'}; "
+                              "set cache.layers to include them and cache.topk > 0, or use teacher_signal: online")
+        return Output(None, [batch[f"hidden/layer_{i}"] for i in layers]), batch
+
+    def loss(micro_step: int):
+        if sd.quant_warmup_steps:
+            dual.set_quant_lambda(min(1.0, (micro_step // optim.grad_accum) / sd.quant_warmup_steps))
+        batch = to_device(rows.fetch(schedule.indices(micro_step)), device)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        target, cached = teacher_signal(batch, ids, mask)
+        out = student(ids, mask)
+        terms = {}
+        if sd.ce_weight:
+            terms["ce"] = (sd.ce_weight, next_token_cross_entropy(out.logits, ids, mask))
+        if sd.kl_weight:
+            kl = (sparse_topk_kl(out.logits, cached["topk_values"], cached["topk_indices"], mask, sd.temperature)
+                  if cached else kl_to_teacher(out.logits, target.logits, mask, sd.temperature))
+            terms["kl"] = (sd.kl_weight, kl)
+        if layers:
+            cosine = hidden_cosine_loss(out.hidden, [t.to(s.dtype) for s, t in zip(out.hidden, target.hidden)], mask,
+                                        magnitude_weight=sd.magnitude_weight / sd.hidden_weight)
+            terms["hidden"] = (sd.hidden_weight, cosine)
+        total = sum(weight * value for weight, value in terms.values())
+        return total, {name: value.item() for name, (_, value) in terms.items()}
+
+    def evaluate() -> dict[str, float]:
+        batches = ((b["input_ids"].to(device), b["attention_mask"].to(device))
+                   for b in eval_rows.batches(optim.batch_size, limit=4 * optim.batch_size))
+        result = compare_to_teacher(teacher, {"student": student}, batches)["student"]
+        return {k: v for k, v in result.items() if k in ("loss", "perplexity", "kl_to_teacher", "top1_agreement")}
+
+    return Trainable(
+        parameters=dual.trainable_parameters(),
+        loss=loss,
+        state=dual.delta_state_dict,
+        load_state=dual.load_delta_state_dict,
+        evaluate=evaluate if eval_rows is not None and eval_rows.count else None,
+    )
