@@ -1,0 +1,54 @@
+"""Configuration: presets, overrides, and invalid values rejected before any work, naming the field."""
+
+import pytest
+
+from distill.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize("preset", ["reference", "tinyllama"])
+def test_presets_load(preset):
+    cfg = load_config(preset)
+    assert cfg.name == preset and cfg.data.dataset == "roneneldan/TinyStories"
+
+
+def test_reference_preset_matches_the_notebook():
+    cfg = load_config("reference")
+    assert cfg.teacher.name_or_path == "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+    assert (cfg.data.seq_len, cfg.data.max_train_rows) == (128, 500)
+    assert (cfg.student.dim, cfg.student.n_layers, cfg.student.n_heads) == (768, 12, 12)
+    assert (cfg.train.steps, cfg.head.steps, cfg.train.batch_size, cfg.train.lr) == (500, 200, 16, 1e-3)
+
+
+def test_overrides_take_dotted_keys_and_yaml_strings():
+    cfg = load_config("reference", {"train.steps": "20", "cache.layers": "[-1, 4]", "storage.root": "s3://b/p"})
+    assert cfg.train.steps == 20 and cfg.cache.layers == [-1, 4] and cfg.storage.root == "s3://b/p"
+
+
+def test_yaml_file_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\ndata:\n  files: [a.jsonl]\n")
+    assert load_config(str(path)).data.files == ["a.jsonl"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"student.dim": 770}, "student.dim \\(770\\) must be divisible by student.n_heads"),
+    ({"train.steps": 0}, "train.steps: Input should be greater than 0"),
+    ({"head.steps": -5}, "head.steps: Input should be greater than 0"),
+    ({"self_distill.delta": "lora"}, "self_distill.delta: .*'full' or 'lora:R'"),
+    ({"train.stepz": 3}, "train.stepz: Extra inputs are not permitted"),
+    ({"data.files": ["x.txt"]}, "exactly one of data.builtin, data.dataset or data.files"),
+    ({"name": "a/b"}, "name: .*letters, digits"),
+])
+def test_invalid_configurations_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("reference", overrides)
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="give a preset name \\(.*reference.*tinyllama.*\\) or a YAML file path"):
+        load_config("nope")
+
+
+def test_override_through_a_value_is_an_error():
+    with pytest.raises(ConfigError, match="'name' is not a section"):
+        load_config("reference", {"name.x": 1})

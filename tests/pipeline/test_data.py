@@ -1,0 +1,86 @@
+"""Documents -> fixed-length token rows: packing, padding, held-out split, text fields."""
+
+import json
+
+import numpy as np
+import pytest
+
+from distill.config import ConfigError, DataConfig
+from distill.data import Packer, Padder, hash_split, iter_documents, pick_text, token_rows
+
+
+class CharTokenizer:
+    """One token per character (ids 3..), EOS = 2, PAD = 0: enough to check packing exactly."""
+
+    eos_token_id, pad_token_id, name_or_path = 2, 0, "chars"
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + (ord(c) % 90) for c in text]}
+
+
+def test_packer_concatenates_with_eos_and_cuts_full_rows():
+    packer = Packer(seq_len=4, eos_id=2)
+    packer.add([5, 6, 7], doc_id=0)
+    packer.add([8, 9, 10, 11, 12], doc_id=1)
+    rows = packer.rows.take()
+    assert rows["input_ids"].tolist() == [[5, 6, 7, 2], [8, 9, 10, 11]]
+    assert rows["doc_id"].tolist() == [0, 1] and rows["length"].tolist() == [4, 4]
+    assert rows["input_ids"].dtype == np.int32
+    assert packer.stream == [12, 2]  # the partial row waits for more text
+
+
+def test_padder_truncates_and_pads_one_document_per_row():
+    padder = Padder(seq_len=4, pad_id=0)
+    padder.add([5, 6], doc_id=3)
+    padder.add([5, 6, 7, 8, 9], doc_id=4)
+    rows = padder.rows.take()
+    assert rows["input_ids"].tolist() == [[5, 6, 0, 0], [5, 6, 7, 8]]
+    assert rows["length"].tolist() == [2, 4] and rows["doc_id"].tolist() == [3, 4]
+
+
+def test_hash_split_is_deterministic_and_roughly_the_fraction():
+    keys = [f"doc-{i}" for i in range(4000)]
+    splits = [hash_split(k, 0.1) for k in keys]
+    assert splits == [hash_split(k, 0.1) for k in keys]
+    assert 0.08 < splits.count("eval") / len(keys) < 0.12
+
+
+def test_local_jsonl_documents_split_and_filter(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    texts = [f"document number {i} " * 3 for i in range(200)] + ["", "tiny"]
+    path.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    cfg = DataConfig(files=[str(path)], eval_fraction=0.2, min_chars=16)
+    docs = list(iter_documents(cfg))
+    assert len(docs) == 200  # empty and very short ones dropped
+    assert {d.split for d in docs} == {"train", "eval"}
+    assert [d.split for d in docs] == [d.split for d in iter_documents(cfg)]
+
+
+def test_token_rows_respect_limits_and_keep_splits_apart(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"text of document {i} " * 4}) for i in range(300)))
+    cfg = DataConfig(files=[str(path)], seq_len=16, eval_fraction=0.2, max_train_rows=50, max_eval_rows=7)
+    out = {}
+    for split, rows in token_rows(cfg, CharTokenizer(), batch_rows=8):
+        out.setdefault(split, []).append(rows["input_ids"])
+    train, held_out = np.concatenate(out["train"]), np.concatenate(out["eval"])
+    assert train.shape == (50, 16) and held_out.shape == (7, 16)
+
+
+def test_instruction_response_fallback_and_unknown_column():
+    assert pick_text({"instruction": "Q", "response": "A"}, None, "x") == "Q\nA"
+    with pytest.raises(ConfigError, match="data.text_field 'body' is not a column of x; columns: \\['text'\\]"):
+        pick_text({"text": "t"}, "body", "x")
+    with pytest.raises(ConfigError, match="no 'text' column"):
+        pick_text({"content": "t"}, None, "x")
+
+
+def test_missing_local_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        list(iter_documents(DataConfig(files=[str(tmp_path / "nope.jsonl")])))
+
+
+def test_stdlib_source_splits_by_module():
+    docs = list(iter_documents(DataConfig(builtin="stdlib", max_documents=400)))
+    assert len(docs) == 400 and all(d.text for d in docs)
+    assert len({d.key for d in docs}) == 400
