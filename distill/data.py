@@ -206,3 +206,41 @@ def _limit(batch: dict[str, np.ndarray], limit: int | None, already: int) -> dic
         return batch
     keep = max(0, limit - already)
     return {k: v[:keep] for k, v in batch.items()}
+
+
+def run_tokenize(cfg, store, stage: dict, reporter) -> dict:
+    """The tokenize stage: token shards of both splits under ``stage["path"]``; returns the manifest."""
+    from storage import shards
+
+    from .teacher import load_tokenizer
+
+    path = stage["path"]
+    if store.is_complete(path):
+        return store.read_manifest(path)
+    tokenizer = load_tokenizer(cfg.teacher)
+    writers = {split: shards.TokenShardWriter(store, f"{path}/{split}", cfg.data.seq_len, cfg.data.rows_per_shard)
+               for split in ("train", "eval")}
+    reporter.start(cfg.data.max_documents or 0, "tokenize")
+    for split, rows in token_rows(cfg.data, tokenizer):
+        writers[split].write(rows)
+        reporter.advance(0, rows=sum(w.rows for w in writers.values()))
+    reporter.close()
+    manifest = {"stage": "tokenize", "fingerprint": stage["fingerprint"], "path": path,
+                "seq_len": cfg.data.seq_len, "packing": cfg.data.packing,
+                "splits": {split: w.close() for split, w in writers.items()}}
+    for split in ("train", "eval"):
+        if not manifest["splits"][split]["rows"]:
+            raise ValueError(f"tokenize produced no {split} rows from the configured data: add documents, lower "
+                             f"data.seq_len ({cfg.data.seq_len}) or raise data.eval_fraction")
+    store.mark_complete(path, manifest)
+    return manifest
+
+
+def load_split(store, tokens: dict, split: str):
+    """All rows of one tokenized split as a ``Rows`` (token ids are small next to the teacher cache)."""
+    from storage import shards
+
+    from .rows import rows_from_arrays
+
+    table = shards.read_token_shards(store, f"{tokens['path']}/{split}")
+    return rows_from_arrays(table["input_ids"], table["length"])

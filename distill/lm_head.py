@@ -71,3 +71,39 @@ def lm_head_trainable(student: SuperpositionStudent, cfg: PipelineConfig, rows: 
         load_state=lambda state: student.lm_head.weight.data.copy_(state["lm_head.weight"]),
         evaluate=evaluate if eval_rows is not None and eval_rows.count else None,
     )
+
+
+def run_lm_head(cfg: PipelineConfig, store, stage: dict, reporter, trained: dict, tokens: dict, cache: dict) -> dict:
+    """Retrain the LM head of the trained student; writes the final student + decompressor weights."""
+    from .artifacts import finish_training
+    from .data import load_split
+    from .loop import train
+    from .teacher import resolve_device
+    from .teacher_cache import cached_rows
+    from .train_superposition import load_trained_student, prefixed_state
+
+    if store.is_complete(stage["path"]):
+        return store.read_manifest(stage["path"])
+    device = resolve_device(cfg.teacher.device)
+    student, projector = load_trained_student(cfg, store, trained)
+    if cfg.head.topk_kl_weight:  # top-k targets exist only for cached rows
+        rows, eval_rows = (cached_rows(store, cache, s, cache["fingerprint"]) for s in ("train", "eval"))
+    else:
+        rows, eval_rows = load_split(store, tokens, "train"), load_split(store, tokens, "eval")
+    trainable = lm_head_trainable(student, cfg, rows, device, eval_rows)
+    history = train(trainable, cfg.head_optim(), store, stage["checkpoint_run"], reporter, device, "lm head")
+    return finish_training(store, stage, history, prefixed_state(student=student, projector=projector),
+                           vocab_size=trained["vocab_size"], teacher_dim=trained["teacher_dim"],
+                           target=trained["target"], train_history=trained["history"])
+
+
+def load_final_student(cfg: PipelineConfig, store, manifest: dict):
+    """The student after LM-head retraining (its head untied when ``head.untied``), ready for evaluation."""
+    from .artifacts import read_tensors
+    from .train_superposition import build_student, load_prefixed_state
+
+    student, projector = build_student(cfg, manifest["vocab_size"], manifest["teacher_dim"])
+    if cfg.head.untied:
+        student.untie_lm_head()
+    load_prefixed_state(read_tensors(store, manifest["weights"]), student=student, projector=projector)
+    return student.eval(), projector.eval()

@@ -26,7 +26,7 @@ class Rows:
             yield self.fetch(np.arange(start, min(start + batch_size, end)))
 
 
-def token_rows(input_ids: np.ndarray, lengths: np.ndarray) -> Rows:
+def rows_from_arrays(input_ids: np.ndarray, lengths: np.ndarray) -> Rows:
     """Rows from tokenized shards held in memory (int32 ids; the mask is derived from the lengths)."""
     positions = np.arange(input_ids.shape[1])
 

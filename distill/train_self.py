@@ -89,3 +89,34 @@ def self_distill_trainable(dual: DualModel, cfg: PipelineConfig, rows: Rows, dev
         load_state=dual.load_delta_state_dict,
         evaluate=evaluate if eval_rows is not None and eval_rows.count else None,
     )
+
+
+def load_dual(cfg: PipelineConfig, device: torch.device) -> DualModel:
+    from bitnet import patch_model
+
+    from .teacher import DTYPES, load_teacher, resolve_dtype
+
+    model = load_teacher(cfg.teacher, device, resolve_dtype(cfg.teacher.dtype, device))
+    sd = cfg.self_distill
+    return patch_model(model, delta=sd.delta, delta_dtype=DTYPES[sd.delta_dtype])
+
+
+def run_self_distill(cfg: PipelineConfig, store, stage: dict, reporter, tokens: dict, cache: dict | None) -> dict:
+    """The self-distillation training stage: trains dW; writes the (small) delta and the loss history."""
+    from .artifacts import finish_training
+    from .data import load_split
+    from .loop import train
+    from .teacher import resolve_device
+    from .teacher_cache import cached_rows
+
+    if store.is_complete(stage["path"]):
+        return store.read_manifest(stage["path"])
+    device = resolve_device(cfg.teacher.device)
+    dual = load_dual(cfg, device)
+    rows = (cached_rows(store, cache, "train", cache["fingerprint"]) if cfg.self_distill.teacher_signal == "cache"
+            else load_split(store, tokens, "train"))
+    trainable = self_distill_trainable(dual, cfg, rows, device, load_split(store, tokens, "eval"))
+    history = train(trainable, cfg.self_distill_optim(), store, stage["checkpoint_run"], reporter, device,
+                    "self-distill")
+    return finish_training(store, stage, history, dual.delta_state_dict(), num_patched=dual.num_patched,
+                           trainable_parameters=sum(p.numel() for p in dual.trainable_parameters()))

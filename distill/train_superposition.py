@@ -21,7 +21,8 @@ def build_student(cfg: PipelineConfig, vocab_size: int, teacher_dim: int) -> tup
 
 
 def prefixed_state(**modules: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+    """A copy (tied weights must not share memory in safetensors) of the modules' states, names prefixed."""
+    return {f"{name}.{k}": v.detach().clone() for name, m in modules.items() for k, v in m.state_dict().items()}
 
 
 def load_prefixed_state(state: dict[str, torch.Tensor], **modules: torch.nn.Module) -> None:
@@ -60,3 +61,34 @@ def superposition_trainable(student: SuperpositionStudent, projector: Decompress
         load_state=lambda state: load_prefixed_state(state, student=student, projector=projector),
         evaluate=evaluate if eval_rows is not None and eval_rows.count else None,
     )
+
+
+def run_superposition(cfg: PipelineConfig, store, stage: dict, reporter, cache: dict) -> dict:
+    """Train the student and decompressor on the cached hidden states of the last cached layer."""
+    from .artifacts import finish_training
+    from .loop import train
+    from .teacher import resolve_device
+    from .teacher_cache import cached_rows
+
+    if store.is_complete(stage["path"]):
+        return store.read_manifest(stage["path"])
+    device = resolve_device(cfg.teacher.device)
+    target = f"hidden/layer_{cache['layers'][-1]}"
+    rows = cached_rows(store, cache, "train", cache["fingerprint"])
+    eval_rows = cached_rows(store, cache, "eval", cache["fingerprint"])
+    vocab_size = int(cache["vocab_size"])
+    student, projector = build_student(cfg, vocab_size, cache["hidden_size"])
+    trainable = superposition_trainable(student, projector, cfg, rows, target, device, eval_rows)
+    history = train(trainable, cfg.train, store, stage["checkpoint_run"], reporter, device, "superposition")
+    return finish_training(store, stage, history, trainable.state(), target=target, vocab_size=vocab_size,
+                           teacher_dim=cache["hidden_size"],
+                           student_parameters=sum(p.numel() for p in student.parameters()))
+
+
+def load_trained_student(cfg: PipelineConfig, store, trained: dict):
+    """The student and decompressor as the superposition stage left them (full-precision latent weights)."""
+    from .artifacts import read_tensors
+
+    student, projector = build_student(cfg, trained["vocab_size"], trained["teacher_dim"])
+    load_prefixed_state(read_tensors(store, trained["weights"]), student=student, projector=projector)
+    return student, projector

@@ -1,0 +1,38 @@
+"""Small helpers for stages that write tensors and directories through the artifact store."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+
+def write_tensors(store, path: str, tensors: dict[str, torch.Tensor]) -> None:
+    store.write_bytes(path, save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
+def read_tensors(store, path: str) -> dict[str, torch.Tensor]:
+    return load_safetensors(store.read_bytes(path))
+
+
+def finish_training(store, stage: dict, history: list[dict], tensors: dict[str, torch.Tensor], **extra) -> dict:
+    """Write the trained tensors and loss history, mark the stage complete, return its manifest."""
+    path = stage["path"]
+    write_tensors(store, f"{path}/weights.safetensors", tensors)
+    store.write_json(f"{path}/history.json", history)
+    manifest = {"stage": stage["name"], "fingerprint": stage["fingerprint"], "path": path,
+                "weights": f"{path}/weights.safetensors", "history": f"{path}/history.json",
+                "checkpoint_run": stage["checkpoint_run"], "steps": len(history),
+                "final_loss": history[-1]["loss"] if history else None, **extra}
+    store.mark_complete(path, manifest)
+    return manifest
+
+
+def save_directory(store, path: str, write) -> None:
+    """Let ``write(local_dir)`` fill a temporary directory (e.g. ``save_pretrained``), then upload it to ``path``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write(Path(tmp))
+        store.upload_dir(tmp, path)

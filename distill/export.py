@@ -1,0 +1,70 @@
+"""The export stage: the packed ternary student with its tokenizer and a model card.
+
+self-distill: transformers' bitnet format, loadable by stock ``AutoModelForCausalLM.from_pretrained``;
+superposition: our own format (``bitnet.load_student``), packed codes in safetensors plus a JSON config.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+from bitnet import save_student, save_ternary_pretrained
+
+from .artifacts import read_tensors, save_directory
+from .config import PipelineConfig
+from .lm_head import load_final_student
+from .report import _table, metrics_rows
+from .teacher import load_tokenizer, resolve_device
+from .train_self import load_dual
+
+LOADING = {
+    "self-distill": ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                     "model = AutoModelForCausalLM.from_pretrained(path)  # needs accelerate\n"
+                     "tokenizer = AutoTokenizer.from_pretrained(path)\n```"),
+    "superposition-distill": ("```python\nfrom bitnet import load_student\nfrom transformers import AutoTokenizer\n"
+                              "student, projector = load_student(path)\ntokenizer = AutoTokenizer.from_pretrained(path)\n"
+                              "```"),
+}
+
+
+def model_card(flow: str, metrics: dict, sizes: dict) -> str:
+    config = metrics["config"]
+    return "\n\n".join([
+        f"# BitNet b1.58 student of `{config['teacher']['name_or_path']}`",
+        f"Made by bitnet-distill's `{flow}` flow (run configuration below): ternary weights {{-1, 0, +1}} with one "
+        "absmean scale per tensor and 8-bit per-token activations (W1.58A8).",
+        "## Held-out metrics",
+        _table(metrics_rows(metrics)),
+        f"Packed ternary layers: {sizes['packed_bytes']:,} bytes ({sizes['compression']:.1f}x smaller than fp16).",
+        "## Loading",
+        LOADING[flow],
+        "## Configuration",
+        "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```",
+    ]) + "\n"
+
+
+def run_export(cfg: PipelineConfig, store, stage: dict, reporter, flow: str, student: dict, metrics: dict) -> dict:
+    path = stage["path"]
+    if store.is_complete(path):
+        return store.read_manifest(path)
+    tokenizer = load_tokenizer(cfg.teacher)
+    full_metrics = store.read_json(metrics["metrics_path"])
+    sizes: dict = {}
+
+    def write(directory):
+        if flow == "self-distill":
+            dual = load_dual(cfg, resolve_device(cfg.teacher.device))
+            dual.load_delta_state_dict(read_tensors(store, student["weights"]))
+            sizes.update(save_ternary_pretrained(dual, directory, tokenizer))
+        else:
+            small, projector = load_final_student(cfg, store, student)
+            sizes.update(save_student(small, projector, directory))
+            tokenizer.save_pretrained(directory)
+        (directory / "README.md").write_text(model_card(flow, full_metrics, sizes))
+
+    reporter.log(f"exporting the {flow} student to {store.url(path)}")
+    save_directory(store, path, write)
+    manifest = {"stage": "export", "fingerprint": stage["fingerprint"], "path": path, "format": flow,
+                **{k: v for k, v in sizes.items() if k != "path"}}
+    store.mark_complete(path, manifest)
+    return manifest

@@ -1,0 +1,116 @@
+"""What a run will do, decided before any work starts.
+
+``preflight`` checks the configuration against the teacher's config and tokenizer (no weights are loaded), so a
+bad value fails in seconds with a message naming the field. ``make_plan`` gives every stage its fingerprint
+(its own configuration + its upstream fingerprint + the teacher's identity) and its artifact path: a change
+upstream changes everything downstream, and an identical configuration finds yesterday's artifacts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from storage import ArtifactStore, fingerprint, model_identity
+from storage import layout
+
+from .config import ConfigError, PipelineConfig
+from .teacher import load_teacher_config, load_tokenizer, model_source, resolve_device, resolve_dtype, resolve_layers
+
+FLOWS = ("superposition-distill", "self-distill")
+
+
+@dataclass
+class TeacherFacts:
+    """What the plan needs to know about the teacher, read from its config and tokenizer."""
+
+    identity: dict
+    compute_dtype: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    max_positions: int | None
+
+
+def open_store(cfg: PipelineConfig) -> ArtifactStore:
+    return ArtifactStore(cfg.resolved_root(), storage_options=cfg.storage.storage_options or None)
+
+
+def preflight(cfg: PipelineConfig, flow: str) -> TeacherFacts:
+    """Validate ``cfg`` against the teacher; raise ``ConfigError`` naming the field."""
+    if flow not in FLOWS:
+        raise ConfigError(f"unknown flow {flow!r}: choose one of {', '.join(FLOWS)}")
+    config = load_teacher_config(cfg.teacher)
+    tokenizer = load_tokenizer(cfg.teacher)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    facts = TeacherFacts(
+        identity=model_identity(model_source(cfg.teacher.name_or_path), revision=cfg.teacher.revision),
+        compute_dtype=str(resolve_dtype(cfg.teacher.dtype, resolve_device(cfg.teacher.device))).removeprefix("torch."),
+        vocab_size=max(text_config.vocab_size, len(tokenizer)),
+        hidden_size=text_config.hidden_size,
+        num_hidden_layers=text_config.num_hidden_layers,
+        max_positions=getattr(text_config, "max_position_embeddings", None),
+    )
+    if facts.max_positions is not None and cfg.data.seq_len > facts.max_positions:
+        raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds the teacher's maximum positions "
+                          f"({facts.max_positions}); use data.seq_len <= {facts.max_positions}")
+    resolve_layers(cfg.cache.layers, facts.num_hidden_layers)
+    if flow == "self-distill" and cfg.self_distill.hidden_layers != "all":
+        try:
+            resolve_layers(cfg.self_distill.hidden_layers, facts.num_hidden_layers)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("cache.layers", "self_distill.hidden_layers")) from None
+    if tokenizer.eos_token_id is None and cfg.data.packing == "pack":
+        raise ConfigError("data.packing 'pack' needs a tokenizer with an EOS token; use data.packing: pad")
+    return facts
+
+
+@dataclass
+class Stage:
+    name: str
+    fingerprint: str
+    path: str
+    checkpoint_run: str | None = None  # training stages: where latest_checkpoint looks
+
+    def as_dict(self) -> dict:
+        # the Prefect result lives inside the stage's own directory (see tasks/common.py)
+        return {"name": self.name, "fingerprint": self.fingerprint, "path": self.path,
+                "cache_key": f"{self.path}/prefect-result.json", "checkpoint_run": self.checkpoint_run}
+
+
+def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> dict[str, dict]:
+    """``{stage: {name, fingerprint, path, cache_key}}`` for every stage of ``flow``."""
+    d = cfg.model_dump()
+    stages: dict[str, Stage] = {}
+
+    def add(name: str, own: dict, upstream: str | None, path: str | None = None) -> str:
+        fp = fingerprint(own, upstream)
+        stages[name] = Stage(name, fp, path or "")
+        return fp
+
+    tokens = add("tokenize", {"data": d["data"], "tokenizer": teacher.identity}, None)
+    stages["tokenize"].path = layout.tokens_dir(tokens)
+    cache_own = {"teacher": teacher.identity, "compute_dtype": teacher.compute_dtype, "cache": d["cache"],
+                 "eval_rows": cfg.eval.max_rows}
+    uses_cache = flow == "superposition-distill" or cfg.self_distill.teacher_signal == "cache"
+    upstream = tokens
+    if uses_cache:
+        upstream = add("cache_teacher", cache_own, tokens)
+        stages["cache_teacher"].path = layout.teacher_cache_dir(upstream)
+    if flow == "superposition-distill":
+        train = add("train", {"student": d["student"], "train": d["train"], "seed": cfg.seed}, upstream)
+        run = f"{cfg.name}-superposition-{train[:10]}"
+        stages["train"].path = layout.run_dir(run) + "/train"
+        last = add("lm_head", {"head": d["head"]}, train, layout.run_dir(run) + "/lm-head")
+        stages["lm_head"].checkpoint_run = f"{run}/lm-head"
+    else:
+        train = add("train", {"teacher": teacher.identity, "self_distill": d["self_distill"],
+                              "train": cfg.self_distill_optim().model_dump(), "seed": cfg.seed}, upstream)
+        run = f"{cfg.name}-self-distill-{train[:10]}"
+        stages["train"].path = layout.run_dir(run) + "/train"
+        last = train
+    stages["train"].checkpoint_run = run
+    evaluated = add("evaluate", {"eval": d["eval"]}, last, layout.eval_dir(run))
+    add("export", {"format": 1}, evaluated, layout.student_dir(run))
+    plan = {name: stage.as_dict() for name, stage in stages.items()}
+    plan["run"] = {"name": run, "path": layout.run_dir(run)}
+    return plan

@@ -1,0 +1,57 @@
+"""What both flows do before their first stage: resolve the configuration, check it against the teacher, plan
+every stage's fingerprint and path, and point Prefect's result storage at the artifact root."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import get_run_logger
+
+from distill.config import PipelineConfig, load_config
+from distill.plan import TeacherFacts, make_plan, open_store, preflight
+from tasks import stages
+from tasks.common import result_storage
+from tasks.publish import publish_report
+
+
+@dataclass
+class Prepared:
+    flow: str
+    cfg: PipelineConfig
+    config: dict  # the resolved configuration, as tasks receive it
+    plan: dict[str, dict]
+    teacher: TeacherFacts
+    task_options: dict[str, Any]
+
+    @property
+    def fingerprints(self) -> dict[str, str]:
+        return {name: stage["fingerprint"] for name, stage in self.plan.items() if "fingerprint" in stage}
+
+    def stage(self, name: str):
+        """A stage task with this run's result storage."""
+        return getattr(stages, name).with_options(**self.task_options)
+
+    def finish(self, student: dict, tokens: dict) -> dict:
+        """evaluate -> export -> publish the report; the flow's return value."""
+        metrics = self.stage("evaluate_student")(self.config, self.plan["evaluate"], self.flow, student, tokens,
+                                                 self.fingerprints)
+        exported = self.stage("export_student")(self.config, self.plan["export"], self.flow, student, metrics)
+        links = publish_report(self.config, self.flow, metrics, exported)
+        return {"flow": self.flow, "run": self.plan["run"]["name"], "metrics": metrics, "export": exported,
+                "links": links}
+
+
+def prepare(flow: str, config: str | dict, overrides: dict[str, Any] | None) -> Prepared:
+    cfg = load_config(config, overrides)
+    teacher = preflight(cfg, flow)
+    store = open_store(cfg)
+    store.check()  # unreachable endpoint, missing bucket or credentials: fail before any work
+    plan = make_plan(cfg, flow, teacher)
+    logger = get_run_logger()
+    logger.info("artifacts under %s, run %s", store.url(plan["run"]["path"]), plan["run"]["name"])
+    for name, stage in plan.items():
+        if "fingerprint" in stage:
+            logger.info("stage %-14s fingerprint %s -> %s", name, stage["fingerprint"], stage["path"])
+    options = {"result_storage": result_storage(cfg.resolved_root(), cfg.storage.storage_options)}
+    return Prepared(flow, cfg, cfg.model_dump(mode="json"), plan, teacher, options)
