@@ -13,7 +13,7 @@ from bitnet import save_student, save_ternary_pretrained
 from .artifacts import read_tensors, save_directory
 from .config import PipelineConfig
 from .lm_head import load_final_student
-from .report import _table, metrics_rows
+from .report import markdown_table, metrics_rows
 from .teacher import load_tokenizer, resolve_device
 from .train_self import load_dual
 
@@ -34,7 +34,7 @@ def model_card(flow: str, metrics: dict, sizes: dict) -> str:
         f"Made by bitnet-distill's `{flow}` flow (run configuration below): ternary weights {{-1, 0, +1}} with one "
         "absmean scale per tensor and 8-bit per-token activations (W1.58A8).",
         "## Held-out metrics",
-        _table(metrics_rows(metrics)),
+        markdown_table(metrics_rows(metrics)),
         f"Packed ternary layers: {sizes['packed_bytes']:,} bytes ({sizes['compression']:.1f}x smaller than fp16).",
         "## Loading",
         LOADING[flow],

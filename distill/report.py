@@ -32,7 +32,7 @@ def metrics_rows(metrics: dict) -> list[dict]:
     return rows
 
 
-def _table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict]) -> str:
     if not rows:
         return ""
     header = list(rows[0])
@@ -49,7 +49,7 @@ def markdown_report(metrics: dict, samples: dict[str, list[dict]], locations: di
         f"Teacher `{metrics['config']['teacher']['name_or_path']}`, evaluated on {metrics['teacher']['tokens']} "
         "held-out tokens.",
         "## Metrics",
-        _table(metrics_rows(metrics)),
+        markdown_table(metrics_rows(metrics)),
         f"Ternary layers: {size}.",
     ]
     if "student" in metrics and "hidden_cosine" in metrics["student"]:

@@ -1,8 +1,14 @@
 """Shared test set-up. Everything runs on CPU with tiny models built from configs: no downloads."""
 
 import os
+import tempfile
 
 # transformers' bitnet unpacking is wrapped in torch.compile: ~50 s to compile on 2 cores, instant when eager.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Prefect: a throw-away home (no user profile or server leaks in), no telemetry.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("PREFECT_PROFILE", None)
