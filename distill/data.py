@@ -73,6 +73,11 @@ def _file_rows(path: Path) -> Iterator[dict]:
     yield from datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
 
 
+def check_source(cfg: DataConfig) -> None:
+    """Fail fast on an unreadable source or a missing text column: read the first document only."""
+    next(iter(_raw_documents(cfg)), None)
+
+
 def iter_documents(cfg: DataConfig) -> Iterator[Document]:
     """Every usable document of the configured source, with its split, in a deterministic order."""
     count = 0
@@ -177,14 +182,15 @@ def special_ids(tokenizer) -> tuple[int, int]:
     return eos, pad
 
 
-def token_rows(cfg: DataConfig, tokenizer, batch_rows: int = 1024) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+def token_rows(cfg: DataConfig, tokenizer, batch_rows: int = 1024,
+               documents: Iterable[Document] | None = None) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """Yield ``(split, rows)`` batches of at most ``batch_rows`` rows as documents are tokenized."""
     eos, pad = special_ids(tokenizer)
     make = (lambda: Packer(cfg.seq_len, eos)) if cfg.packing == "pack" else (lambda: Padder(cfg.seq_len, pad))
     builders = {"train": make(), "eval": make()}
     limits = {"train": cfg.max_train_rows, "eval": cfg.max_eval_rows}
     emitted = {"train": 0, "eval": 0}
-    for doc_id, doc in enumerate(iter_documents(cfg)):
+    for doc_id, doc in enumerate(iter_documents(cfg) if documents is None else documents):
         if limits[doc.split] is not None and emitted[doc.split] >= limits[doc.split]:
             if all(limits[s] is not None and emitted[s] >= limits[s] for s in builders):
                 break
@@ -220,10 +226,14 @@ def run_tokenize(cfg, store, stage: dict, reporter) -> dict:
     tokenizer = load_tokenizer(cfg.teacher)
     writers = {split: shards.TokenShardWriter(store, f"{path}/{split}", cfg.data.seq_len, cfg.data.rows_per_shard)
                for split in ("train", "eval")}
-    reporter.start(cfg.data.max_documents or 0, "tokenize")
-    for split, rows in token_rows(cfg.data, tokenizer):
+    def counted(documents):
+        for doc in documents:
+            reporter.advance(1)
+            yield doc
+
+    reporter.start(cfg.data.max_documents, "tokenize (documents)")
+    for split, rows in token_rows(cfg.data, tokenizer, documents=counted(iter_documents(cfg.data))):
         writers[split].write(rows)
-        reporter.advance(0, rows=sum(w.rows for w in writers.values()))
     reporter.close()
     manifest = {"stage": "tokenize", "fingerprint": stage["fingerprint"], "path": path,
                 "seq_len": cfg.data.seq_len, "packing": cfg.data.packing,

@@ -14,6 +14,7 @@ from storage import ArtifactStore, fingerprint, model_identity
 from storage import layout
 
 from .config import ConfigError, PipelineConfig
+from .data import check_source
 from .teacher import load_teacher_config, load_tokenizer, model_source, resolve_device, resolve_dtype, resolve_layers
 
 FLOWS = ("superposition-distill", "self-distill")
@@ -59,6 +60,7 @@ def preflight(cfg: PipelineConfig, flow: str) -> TeacherFacts:
             resolve_layers(cfg.self_distill.hidden_layers, facts.num_hidden_layers)
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("cache.layers", "self_distill.hidden_layers")) from None
+    check_source(cfg.data)
     if tokenizer.eos_token_id is None and cfg.data.packing == "pack":
         raise ConfigError("data.packing 'pack' needs a tokenizer with an EOS token; use data.packing: pad")
     return facts

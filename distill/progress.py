@@ -18,7 +18,8 @@ class Reporter:
     def __init__(self):
         self._bar: tqdm | None = None
 
-    def start(self, total: int, description: str, initial: int = 0) -> None:
+    def start(self, total: int | None, description: str, initial: int = 0) -> None:
+        """Begin a bar of ``total`` units (``None``: unknown, the bar just counts)."""
         self.close()
         self._bar = tqdm(total=total, initial=initial, desc=description, file=sys.stderr, dynamic_ncols=True,
                          disable=None)  # disabled automatically when stderr is not a terminal

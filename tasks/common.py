@@ -45,10 +45,11 @@ class PrefectReporter(Reporter):
         self._done = self._total = 0
         self._last = 0.0
 
-    def start(self, total: int, description: str, initial: int = 0) -> None:
+    def start(self, total: int | None, description: str, initial: int = 0) -> None:
         super().start(total, description, initial)
-        self._done, self._total, self._last = initial, max(total, 1), time.monotonic()
-        self._artifact = create_progress_artifact(progress=100.0 * initial / self._total, description=description)
+        self._done, self._total, self._last = initial, max(total or 0, 1), time.monotonic()
+        if total:  # an unknown total has no percentage to show
+            self._artifact = create_progress_artifact(progress=100.0 * initial / self._total, description=description)
 
     def advance(self, n: int = 1, **metrics: float) -> None:
         super().advance(n, **metrics)
