@@ -1,0 +1,248 @@
+"""``TeacherCacheReader``: random access to a teacher cache as a PyTorch ``Dataset``, a prefetching batch iterator,
+and ``verify()``.
+
+Memory stays bounded: the reader decodes whole chunks (the unit Zarr stores) and keeps only the ``cached_chunks``
+most recent. Every chunk is checked against its completion record when loaded, so a missing or corrupt chunk raises
+``ChunkError`` naming it instead of returning fill values or garbage.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .cache_spec import (ATTRS_KEY, GROUP_DIR, STORED_AS, CacheError, ChunkError, TeacherCacheSpec, array_sha256,
+                         check_fingerprint, chunk_label, record_path, recorded_chunks, to_tensor)
+from .errors import IntegrityError
+
+_REBUILD = ("call verify(repair=True) and rerun the cache stage to rewrite the damaged chunks, or delete the cache "
+            "to rebuild it")
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of ``verify()``: which chunks are missing, which are corrupt (and why)."""
+
+    url: str
+    num_chunks: int
+    missing: list[int] = field(default_factory=list)
+    corrupt: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.corrupt
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"teacher cache at {self.url}: all {self.num_chunks} chunks present and intact"
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing (chunks {', '.join(map(str, self.missing))})")
+        if self.corrupt:
+            parts.append(f"{len(self.corrupt)} corrupt ({'; '.join(self.corrupt.values())})")
+        return f"teacher cache at {self.url}, {self.num_chunks} chunks: {' and '.join(parts)}"
+
+
+class TeacherCacheReader(torch.utils.data.Dataset):
+    """Reads the cache at ``path``. With ``fingerprint``, refuses a cache built for another configuration.
+
+    ``reader[i]`` is sample ``i`` as ``{name: tensor}`` (hidden states in their stored dtype, bf16 as
+    ``torch.bfloat16``); ``get_batch(indices)`` stacks several; ``batches(...)`` iterates with a prefetch thread.
+    """
+
+    def __init__(self, store, path: str, fingerprint: str | None = None, *, cached_chunks: int = 4,
+                 check_checksums: bool = True):
+        self.store, self.path, self.url = store, path, store.url(path)
+        self.cached_chunks, self.check_checksums = max(1, cached_chunks), check_checksums
+        attrs = dict(self._open_group().attrs).get(ATTRS_KEY, {})
+        if "spec" not in attrs:
+            raise CacheError(f"{self.url} holds no teacher-cache spec: its creation was interrupted; rerun the "
+                             "cache stage")
+        self.spec = TeacherCacheSpec.from_dict(attrs["spec"])
+        self.layer_stats: dict | None = attrs.get("layer_stats")
+        if fingerprint is not None:
+            check_fingerprint(self.url, self.spec.fingerprint, fingerprint)
+        self._arrays = self.spec.arrays()
+        self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._cache_lock = threading.Lock()
+
+    def _open_group(self):
+        import zarr
+
+        try:
+            self._group = zarr.open_group(self.store.zarr_store(f"{self.path}/{GROUP_DIR}", read_only=True), mode="r")
+        except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+            raise CacheError(f"no teacher cache at {self.url}; run the cache stage to build it") from None
+        return self._group
+
+    def __getstate__(self) -> dict:  # picklable for DataLoader workers: each reopens the group
+        state = self.__dict__.copy()
+        for name in ("_group", "_chunks", "_cache_lock"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._chunks, self._cache_lock = OrderedDict(), threading.Lock()
+        self._open_group()
+
+    @property
+    def complete(self) -> bool:
+        return self.store.is_complete(self.path)
+
+    def __len__(self) -> int:
+        return self.spec.num_samples
+
+    # ---- chunks --------------------------------------------------------------------------------------------
+
+    def read_chunk(self, chunk: int) -> dict[str, np.ndarray]:
+        """Stored values of every array for one chunk, checked against its record (no caching)."""
+        try:
+            record = self.store.read_json(f"{self.path}/{record_path(chunk)}")
+        except FileNotFoundError:
+            raise self._chunk_error(chunk, "missing: it was never written (an interrupted build)",
+                                    "rerun the cache stage to write the missing chunks") from None
+        start, stop = self.spec.chunk_rows(chunk)
+        values = {}
+        for name in self._arrays:
+            try:
+                values[name] = self._group[name][start:stop]
+            except Exception as exc:  # a codec error on damaged bytes, a vanished object...
+                raise self._chunk_error(chunk, f"corrupt: {name} cannot be read ({type(exc).__name__}: {exc})") from exc
+            if self.check_checksums and array_sha256(values[name]) != record["sha256"][name]:
+                raise self._chunk_error(chunk, f"corrupt: {name} does not match the checksum recorded when it was "
+                                               "written")
+        return values
+
+    def _chunk_error(self, chunk: int, problem: str, fix: str = _REBUILD) -> ChunkError:
+        return ChunkError(f"{chunk_label(self.spec, chunk)} of the teacher cache at {self.url} is {problem}; {fix}",
+                          chunk, problem)
+
+    def _chunk(self, chunk: int) -> dict[str, np.ndarray]:
+        with self._cache_lock:
+            if chunk in self._chunks:
+                self._chunks.move_to_end(chunk)
+                return self._chunks[chunk]
+        values = self.read_chunk(chunk)  # outside the lock: the prefetch thread and the caller may load in parallel
+        with self._cache_lock:
+            self._chunks[chunk] = values
+            while len(self._chunks) > self.cached_chunks:
+                self._chunks.popitem(last=False)
+        return values
+
+    # ---- samples and batches -------------------------------------------------------------------------------
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        batch = self.get_batch(np.asarray([index]))
+        return {name: tensor[0] for name, tensor in batch.items()}
+
+    def get_batch(self, indices: Iterable[int]) -> dict[str, torch.Tensor]:
+        """Samples ``indices`` (any order, repeats allowed) stacked along dim 0; each chunk involved is read once."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = self.spec.num_samples
+        if indices.size and (indices.min() < -n or indices.max() >= n):
+            raise IndexError(f"sample indices must lie in [0, {n}) for the teacher cache at {self.url}")
+        indices = indices % n
+        out = {name: np.empty((len(indices), *shape[1:]), STORED_AS.get(dtype, dtype))
+               for name, (shape, dtype) in self._arrays.items()}
+        chunk_of = indices // self.spec.chunk_size
+        for chunk in np.unique(chunk_of):
+            where = np.nonzero(chunk_of == chunk)[0]
+            rows = indices[where] - int(chunk) * self.spec.chunk_size
+            for name, data in self._chunk(int(chunk)).items():
+                out[name][where] = data[rows]
+        return {name: to_tensor(out[name], self._arrays[name][1]) for name in self._arrays}
+
+    def sample_order(self, shuffle: bool = True, seed: int = 0) -> np.ndarray:
+        """All sample indices, chunk by chunk: the chunks in random order, then the samples within each chunk in
+        random order, so consecutive batches touch one or two chunks (I/O locality) yet every epoch differs."""
+        if not shuffle:
+            return np.arange(self.spec.num_samples)
+        rng = np.random.default_rng(seed)
+        parts = []
+        for chunk in rng.permutation(self.spec.num_chunks):
+            start, stop = self.spec.chunk_rows(int(chunk))
+            parts.append(start + rng.permutation(stop - start))
+        return np.concatenate(parts)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+                prefetch: int = 2) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of ``batch_size`` samples in ``sample_order(shuffle, seed)``, loaded ``prefetch`` batches ahead
+        by a background thread."""
+        order = self.sample_order(shuffle, seed)
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        groups = (order[i:i + batch_size] for i in range(0, stop, batch_size))
+        return prefetched((self.get_batch(g) for g in groups), prefetch)
+
+    # ---- integrity -----------------------------------------------------------------------------------------
+
+    def verify(self, repair: bool = False) -> VerifyReport:
+        """Re-read every chunk and compare it with its record. With ``repair``, forget the corrupt chunks (delete
+        their records and the cache's completion marker) so that the next writer run rewrites exactly them."""
+        report = VerifyReport(self.url, self.spec.num_chunks)
+        recorded = recorded_chunks(self.store, self.path)
+        for chunk in range(self.spec.num_chunks):
+            if chunk not in recorded:
+                report.missing.append(chunk)
+                continue
+            try:
+                self.read_chunk(chunk)
+            except ChunkError as exc:
+                report.corrupt[chunk] = f"{chunk_label(self.spec, chunk)} {exc.problem}"
+        if repair and report.corrupt:
+            self.store.unmark_complete(self.path)
+            for chunk in report.corrupt:
+                self.store.delete(f"{self.path}/{record_path(chunk)}")
+            with self._cache_lock:
+                self._chunks.clear()
+        return report
+
+    def raise_if_damaged(self) -> None:
+        report = self.verify()
+        if not report.ok:
+            raise IntegrityError(str(report))
+
+
+def prefetched(items: Iterator, depth: int) -> Iterator:
+    """Iterate ``items`` in a background thread, ``depth`` results ahead; its errors are raised here, in order."""
+    results: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    done = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                results.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as exc:  # handed to the consumer
+            put((done, exc))
+
+    thread = threading.Thread(target=produce, name="teacher-cache-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = results.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()

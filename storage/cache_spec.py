@@ -1,0 +1,208 @@
+"""The teacher cache's format: what it holds (``TeacherCacheSpec``), how values are encoded, where records live.
+
+A cache is a Zarr v3 group. Arrays (N samples, T positions, D hidden size, k top-k, V vocabulary):
+
+    input_ids            [N, T]     int32
+    attention_mask       [N, T]     int8
+    hidden/layer_<i>     [N, T, D]  the storage dtype, for each cached layer i (an index into hidden_states)
+    topk_values          [N, T, k]  float16   (when topk > 0)
+    topk_indices         [N, T, k]  int32     (when topk > 0)
+    logits               [N, T, V]  the storage dtype (when full_logits; small vocabularies only)
+
+Every array is chunked along N only, ``chunk_size`` samples per chunk (the writer's batch), so chunk ``c`` holds
+samples ``[c * chunk_size, (c + 1) * chunk_size)`` of every array and is written once, whole, by one writer.
+
+bfloat16: numpy has no bfloat16 and Zarr v3 has no core bfloat16 type, so bf16 values are stored as their exact
+16-bit patterns in a ``uint16`` array (a bf16 value is the upper half of a float32; no rounding happens in storage).
+The array's attributes say so: ``{"bitnet_distill": {"dtype": "bfloat16", "encoding": "bfloat16-bits-in-uint16"}}``;
+any reader gets the values back with ``torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)`` (or
+``a.view(ml_dtypes.bfloat16)``). float32/float16 are stored natively.
+
+On disk, the cache directory holds the group ``data.zarr/`` and, beside it (so that Zarr sees a clean hierarchy):
+``_chunks/chunk-<c>.json`` (the completion record of chunk ``c``: its rows, the sha256 of each array's stored
+values, per-layer norm sums), ``_lock`` or ``_lease.json`` (the writer's lock) and, once every chunk is recorded,
+``_COMPLETE.json``. The group's attributes hold the spec and the per-layer mean norms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import StoreError
+
+FORMAT = "teacher-cache/zarr/1"
+ATTRS_KEY = "bitnet_distill"
+BF16_ENCODING = "bfloat16-bits-in-uint16"
+RECORDS_DIR = "_chunks"
+GROUP_DIR = "data.zarr"
+
+DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+                 "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+# numpy dtype each logical dtype is stored as
+STORED_AS = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
+
+
+class CacheError(StoreError):
+    """The teacher cache cannot be used as asked."""
+
+
+class FingerprintMismatchError(CacheError):
+    """The cache at a path was built from another configuration."""
+
+
+class ChunkError(CacheError):
+    """A chunk is missing or corrupt; ``chunk`` says which, ``problem`` what."""
+
+    def __init__(self, message: str, chunk: int, problem: str = ""):
+        super().__init__(message)
+        self.chunk, self.problem = chunk, problem
+
+
+def check_fingerprint(url: str, stored: str, wanted: str) -> None:
+    if stored != wanted:
+        raise FingerprintMismatchError(
+            f"the teacher cache at {url} was built for fingerprint {stored!r}, not the requested {wanted!r} (another "
+            "teacher, tokenizer, sequence length, layer set or cache setting); it is never reused for another "
+            "configuration: use the path of the new fingerprint, or delete the old cache")
+
+
+def record_path(chunk: int) -> str:
+    return f"{RECORDS_DIR}/chunk-{chunk:06d}.json"
+
+
+def recorded_chunks(store, path: str) -> set[int]:
+    """Chunks with a completion record."""
+    names = store.list(f"{path}/{RECORDS_DIR}")
+    return {int(n.rsplit("chunk-", 1)[1].split(".")[0]) for n in names if n.endswith(".json")}
+
+
+def chunk_label(spec: TeacherCacheSpec, chunk: int) -> str:
+    start, stop = spec.chunk_rows(chunk)
+    return f"chunk {chunk} (samples {start}-{stop - 1})"
+
+
+def encode(value, dtype: str) -> np.ndarray:
+    """A numpy array or CPU torch tensor as the numpy values stored for ``dtype`` (bf16 as its uint16 bits)."""
+    if dtype == "bfloat16" or type(value).__module__.startswith("torch"):
+        import torch
+
+        tensor = torch.as_tensor(value).detach().cpu()
+        if dtype == "bfloat16":
+            return tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+        value = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+    return np.ascontiguousarray(value, dtype=STORED_AS.get(dtype, dtype))
+
+
+def as_float32(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values as float32 (exact for bf16: its bits are the upper half of a float32)."""
+    if dtype == "bfloat16":
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32)
+
+
+def to_tensor(values: np.ndarray, dtype: str):
+    """Stored values as a torch tensor of the logical dtype (bf16 bits viewed as torch.bfloat16, no copy)."""
+    import torch
+
+    values = np.ascontiguousarray(values)
+    if dtype == "bfloat16":
+        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(values)
+
+
+def array_sha256(values: np.ndarray) -> str:
+    """Checksum of an array's stored values (C order, as written), independent of compression."""
+    return hashlib.sha256(np.ascontiguousarray(values).reshape(-1).view(np.uint8)).hexdigest()
+
+
+def layer_name(layer: int) -> str:
+    return f"hidden/layer_{layer}"
+
+
+@dataclass(frozen=True)
+class TeacherCacheSpec:
+    """Everything that determines a cache's shape and encoding. ``fingerprint`` names the configuration that
+    produced it (teacher, tokenizer, data, layers...): a cache is only ever reused for the same fingerprint."""
+
+    num_samples: int
+    seq_len: int
+    layers: tuple[int, ...]
+    hidden_size: int
+    dtype: str = "float16"
+    codec: str = "zstd"
+    chunk_size: int = 8
+    topk: int = 0
+    fingerprint: str = ""
+    full_logits: bool = False
+    vocab_size: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        dtype = DTYPE_ALIASES.get(str(self.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise ValueError(f"cache dtype {self.dtype!r} is not one of float32, float16, bfloat16")
+        object.__setattr__(self, "dtype", dtype)
+        for name in ("num_samples", "seq_len", "hidden_size", "chunk_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TeacherCacheSpec.{name} must be positive, got {getattr(self, name)}")
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"TeacherCacheSpec.layers must be distinct and non-empty, got {list(self.layers)}")
+        if self.topk < 0 or (self.full_logits and self.vocab_size < 1):
+            raise ValueError("topk must be >= 0, and full_logits needs vocab_size")
+        compressors(self.codec)  # validate now, not in the writer thread
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_samples // self.chunk_size)
+
+    def chunk_rows(self, chunk: int) -> tuple[int, int]:
+        if not 0 <= chunk < self.num_chunks:
+            raise IndexError(f"chunk {chunk} out of range: the cache has {self.num_chunks} chunks")
+        start = chunk * self.chunk_size
+        return start, min(start + self.chunk_size, self.num_samples)
+
+    def chunk_of(self, sample: int) -> int:
+        return sample // self.chunk_size
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """``{name: (shape, logical dtype)}`` of every array in the cache."""
+        n, t = self.num_samples, self.seq_len
+        out = {"input_ids": ((n, t), "int32"), "attention_mask": ((n, t), "int8")}
+        out |= {layer_name(i): ((n, t, self.hidden_size), self.dtype) for i in self.layers}
+        if self.topk:
+            out |= {"topk_values": ((n, t, self.topk), "float16"), "topk_indices": ((n, t, self.topk), "int32")}
+        if self.full_logits:
+            out["logits"] = ((n, t, self.vocab_size), self.dtype)
+        return out
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "layers": list(self.layers)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TeacherCacheSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def compressors(codec: str) -> list:
+    """Zarr v3 codecs for ``codec``: ``zstd`` (level 3), ``zstd:<level>``, ``blosc`` (zstd inside blosc with byte
+    shuffle, often smaller for fp16), ``gzip[:<level>]`` or ``none``."""
+    from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
+
+    name, _, level = str(codec).partition(":")
+    try:
+        if name == "zstd":
+            return [ZstdCodec(level=int(level or 3))]
+        if name == "blosc":
+            return [BloscCodec(cname=level or "zstd", clevel=5, shuffle="shuffle")]
+        if name == "gzip":
+            return [GzipCodec(level=int(level or 5))]
+        if name == "none":
+            return []
+    except ValueError as exc:
+        raise ValueError(f"cache codec {codec!r}: {exc}") from None
+    raise ValueError(f"cache codec {codec!r} is not one of zstd, zstd:<level>, blosc, blosc:<cname>, gzip, none")

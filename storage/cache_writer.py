@@ -1,0 +1,189 @@
+"""``TeacherCacheWriter``: fills a teacher cache chunk by chunk, off the producer's thread, resumably.
+
+The producer (the teacher's forward pass) hands over one chunk's arrays and goes on computing; a background thread
+converts them to the storage dtype, compresses and writes them, makes them durable, and only then writes the
+chunk's completion record. A crash at any point leaves the chunk without a record, so it is "missing" on reopen and
+a rerun rewrites exactly the missing chunks. One writer at a time per cache: the constructor takes a lock (local
+``flock``) or lease (object stores) and waits up to ``lock_timeout`` seconds for another writer to finish.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Mapping
+
+import numpy as np
+
+from .cache_spec import (ATTRS_KEY, BF16_ENCODING, FORMAT, GROUP_DIR, RECORDS_DIR, STORED_AS, CacheError,
+                         TeacherCacheSpec, array_sha256, as_float32, check_fingerprint, chunk_label, compressors,
+                         encode, layer_name, record_path, recorded_chunks)
+from .lease import acquire_lock
+
+
+class CacheWriteError(CacheError):
+    """Writing a chunk failed in the writer thread; raised by ``write_chunk`` or ``close``."""
+
+
+def _open_group(store, path: str, spec: TeacherCacheSpec):
+    """The cache's Zarr group, created if needed; an existing one must have been built for the same spec."""
+    import zarr
+
+    zarr_store = store.zarr_store(f"{path}/{GROUP_DIR}")
+    try:
+        group = zarr.open_group(zarr_store, mode="r+")
+        stored = group.attrs.get(ATTRS_KEY, {}).get("spec")
+    except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+        stored = None
+    if stored is not None:  # the spec is written last, so the group is whole
+        check_fingerprint(store.url(path), stored.get("fingerprint"), spec.fingerprint)
+        differing = sorted(k for k, v in spec.to_dict().items() if stored.get(k) != v)
+        if differing:
+            raise CacheError(f"the teacher cache at {store.url(path)} has fingerprint {spec.fingerprint!r} but a "
+                             f"different {', '.join(differing)}: the fingerprint must cover every cache setting; "
+                             "delete the cache or fix the fingerprint")
+        return group
+    # New, or creation was interrupted before the spec was written (then no chunk can have been recorded).
+    store.delete(f"{path}/{RECORDS_DIR}")
+    group = zarr.open_group(zarr_store, mode="a")
+    for name, (shape, dtype) in spec.arrays().items():
+        attributes = {ATTRS_KEY: {"dtype": dtype, **({"encoding": BF16_ENCODING} if dtype == "bfloat16" else {})}}
+        group.create_array(name, shape=shape, chunks=(spec.chunk_size, *shape[1:]),
+                           dtype=STORED_AS.get(dtype, dtype), compressors=compressors(spec.codec), fill_value=0,
+                           overwrite=True, config={"write_empty_chunks": True}, attributes=attributes)
+    group.attrs[ATTRS_KEY] = {"format": FORMAT, "spec": spec.to_dict()}
+    return group
+
+
+def _norm_sums(spec: TeacherCacheSpec, encoded: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per layer, the sum of the L2 norms of the stored hidden states over real (unmasked) tokens."""
+    mask = encoded["attention_mask"].astype(bool)
+    return {str(i): float(np.linalg.norm(as_float32(encoded[layer_name(i)], spec.dtype), axis=-1)[mask]
+                          .astype(np.float64).sum()) for i in spec.layers}
+
+
+class TeacherCacheWriter:
+    """Writes the cache at ``path`` described by ``spec``. Use as a context manager, or call ``close()``::
+
+        with TeacherCacheWriter(store, path, spec) as writer:
+            for chunk in writer.missing_chunks():
+                writer.write_chunk(chunk, {"input_ids": ..., "attention_mask": ..., "hidden/layer_3": ..., ...})
+
+    ``queue_size`` chunks may wait for the thread; only when that many are waiting does ``write_chunk`` block.
+    """
+
+    def __init__(self, store, path: str, spec: TeacherCacheSpec, *, queue_size: int = 2,
+                 lock_timeout: float = 3600.0, lease_ttl: float = 120.0):
+        self.store, self.path, self.spec = store, path, spec
+        self.url = store.url(path)
+        self._lock = acquire_lock(store, path, f"the teacher cache at {self.url}", lock_timeout, lease_ttl)
+        try:
+            self._group = _open_group(store, path, spec)
+            self._done = recorded_chunks(store, path)
+        except BaseException:
+            self._lock.release()
+            raise
+        self._handed_over: set[int] = set()
+        self._done_lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._error: tuple[int, BaseException] | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="teacher-cache-writer", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> TeacherCacheWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:  # the body failed: still record the chunks already handed over, but raise the body's error
+            self.close()
+        except CacheError:
+            pass
+
+    def missing_chunks(self) -> list[int]:
+        """Chunks without a completion record (in order): exactly what a rerun must write."""
+        with self._done_lock:
+            return [c for c in range(self.spec.num_chunks) if c not in self._done]
+
+    def write_chunk(self, chunk: int, arrays: Mapping) -> None:
+        """Hand over chunk ``chunk``: one array (numpy or CPU torch tensor) per name of ``spec.arrays()``, each with
+        the chunk's rows first. Returns at once unless the queue is full. The arrays must not be modified
+        afterwards (they are read later, by the writer thread)."""
+        self._raise_failure()
+        if self._closed:
+            raise CacheError(f"the writer of {self.url} is closed")
+        start, stop = self.spec.chunk_rows(chunk)
+        expected = self.spec.arrays()
+        if set(arrays) != set(expected):
+            raise ValueError(f"{chunk_label(self.spec, chunk)}: arrays must be exactly {sorted(expected)}; missing "
+                             f"{sorted(set(expected) - set(arrays))}, unexpected {sorted(set(arrays) - set(expected))}")
+        for name, (shape, _) in expected.items():
+            want = (stop - start, *shape[1:])
+            if tuple(arrays[name].shape) != want:
+                raise ValueError(f"{chunk_label(self.spec, chunk)}: {name} has shape {list(arrays[name].shape)}, "
+                                 f"expected {list(want)}")
+        with self._done_lock:
+            if chunk in self._done or chunk in self._handed_over:
+                raise ValueError(f"{chunk_label(self.spec, chunk)} of {self.url} was already written; each chunk is "
+                                 "written once (write only missing_chunks())")
+            self._handed_over.add(chunk)
+        self._queue.put((chunk, dict(arrays)))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:  # after a failure, keep draining so the producer never blocks
+                try:
+                    self._store_chunk(*item)
+                except BaseException as exc:  # reported to the producer by write_chunk/close
+                    self._error = (item[0], exc)
+
+    def _store_chunk(self, chunk: int, arrays: dict) -> None:
+        start, stop = self.spec.chunk_rows(chunk)
+        encoded = {name: encode(arrays[name], dtype) for name, (_, dtype) in self.spec.arrays().items()}
+        for name, values in encoded.items():
+            array = self._group[name]
+            array[start:stop] = values
+            key = array.metadata.encode_chunk_key((chunk,) + (0,) * (values.ndim - 1))
+            self.store.sync(f"{self.path}/{GROUP_DIR}/{name}/{key}")
+        self._lock.ensure_held()  # never record a chunk after losing the lease to another writer
+        record = {"chunk": chunk, "rows": [start, stop], "sha256": {n: array_sha256(v) for n, v in encoded.items()},
+                  "tokens": int(encoded["attention_mask"].astype(bool).sum()),
+                  "norm_sums": _norm_sums(self.spec, encoded)}
+        self.store.write_json(f"{self.path}/{record_path(chunk)}", record)
+        with self._done_lock:
+            self._done.add(chunk)
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            chunk, exc = self._error
+            raise CacheWriteError(f"writing {chunk_label(self.spec, chunk)} of the teacher cache at {self.url} failed: "
+                                  f"{type(exc).__name__}: {exc}; that chunk and later ones stay missing (rerun to "
+                                  "fill them)") from exc
+
+    def close(self) -> None:
+        """Wait for every handed-over chunk to be written, finish the cache if no chunk is missing, release the
+        lock; raise the writer thread's error if it had one."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join()
+        try:
+            self._raise_failure()
+            if not self.missing_chunks() and not self.store.is_complete(self.path):
+                self._finish()
+        finally:
+            self._lock.release()
+
+    def _finish(self) -> None:
+        """Per-layer mean norms into the attributes, then the completion marker (last)."""
+        records = self.store.read_json_many([f"{self.path}/{record_path(c)}" for c in range(self.spec.num_chunks)])
+        tokens = sum(r["tokens"] for r in records)
+        stats = {layer_name(i): {"mean_norm": sum(r["norm_sums"][str(i)] for r in records) / max(tokens, 1),
+                                 "tokens": tokens} for i in self.spec.layers}
+        self._group.attrs[ATTRS_KEY] = {**self._group.attrs[ATTRS_KEY], "layer_stats": stats}
+        self.store.mark_complete(self.path, {"format": FORMAT, "spec": self.spec.to_dict(), "layer_stats": stats,
+                                             "chunks": self.spec.num_chunks, "samples": self.spec.num_samples})

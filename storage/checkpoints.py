@@ -1,0 +1,179 @@
+"""Training checkpoints: ``runs/<run>/checkpoints/step-<n>/``, the newest ``keep_last`` kept.
+
+Each checkpoint directory holds
+    ``tensors.safetensors``  the caller's tensors (model weights, RNG state tensors...)
+    ``state.safetensors``    every tensor found inside ``metadata`` (e.g. AdamW's ``exp_avg``), by its path
+    ``metadata.json``        ``metadata`` with those tensors replaced by references (see below)
+    ``_COMPLETE.json``       written last: {step, sha256 of each file}
+
+Why not ``torch.save`` of the whole state: a pickle executes code when loaded and is opaque to every tool but
+torch. Here the tensors sit in safetensors (no code, memory-mappable, readable from any language) and the rest in
+JSON that a person can read. The encoding is faithful for what optimiser and scheduler state dicts hold: tensors,
+numbers (including NaN and inf), strings, None, lists, tuples (``{"__tuple__": [...]}``), dicts with non-string
+keys such as parameter ids (``{"__items__": [[key, value], ...]}``) and numpy arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from . import layout
+from .errors import IncompleteArtifactError, IntegrityError
+from .fingerprint import sha256_hex
+
+TENSORS, STATE, METADATA = "tensors.safetensors", "state.safetensors", "metadata.json"
+_TENSOR, _NDARRAY, _TUPLE, _ITEMS = "__tensor__", "__ndarray__", "__tuple__", "__items__"
+
+
+# ---- metadata with tensors inside <-> JSON + a flat dict of tensors --------------------------------------------
+
+def encode_tree(value: Any, tensors: dict[str, torch.Tensor], where: str = "metadata") -> Any:
+    """``value`` as JSON; tensors (and numpy arrays) go to ``tensors`` under their path and leave a reference."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        name = where
+        while name in tensors:  # two paths can spell alike ({1: x} and {"1": y}); keep both
+            name += "'"
+        tensors[name] = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value))
+        return {_TENSOR if isinstance(value, torch.Tensor) else _NDARRAY: name}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple):
+        return {_TUPLE: [encode_tree(v, tensors, f"{where}/{i}") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [encode_tree(v, tensors, f"{where}/{i}") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: encode_tree(v, tensors, f"{where}/{k}") for k, v in value.items()}
+        return {_ITEMS: [[encode_tree(k, tensors, f"{where}/key"), encode_tree(v, tensors, f"{where}/{k}")]
+                         for k, v in value.items()]}
+    raise TypeError(f"checkpoint {where} is a {type(value).__name__}; metadata may hold tensors, numpy arrays, "
+                    "numbers, strings, None, lists, tuples and dicts")
+
+
+def decode_tree(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [decode_tree(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1:
+        (tag, content), = value.items()
+        if tag == _TENSOR:
+            return tensors[content]
+        if tag == _NDARRAY:
+            return tensors[content].numpy()
+        if tag == _TUPLE:
+            return tuple(decode_tree(v, tensors) for v in content)
+        if tag == _ITEMS:
+            return {_hashable(decode_tree(k, tensors)): decode_tree(v, tensors) for k, v in content}
+    return {k: decode_tree(v, tensors) for k, v in value.items()}
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if isinstance(key, list) else key
+
+
+def _serializable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors safetensors accepts: contiguous, CPU, each owning its memory (views and shared storage are copied)."""
+    out, seen = {}, set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu()
+        storage = tensor.untyped_storage()
+        if (not tensor.is_contiguous() or storage.nbytes() != tensor.nbytes or storage.data_ptr() in seen
+                or tensor.storage_offset()):
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[name] = tensor
+    return out
+
+
+# ---- RNG helpers -----------------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """Python, numpy and torch (CPU, and CUDA when present) generator states, for a checkpoint's metadata."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------
+
+def save_checkpoint(store, run: str, step: int, tensors: dict[str, torch.Tensor], metadata: dict,
+                    keep_last: int = 2) -> str:
+    """Write checkpoint ``step`` of ``run`` atomically (files first, completion marker last), then delete all but
+    the ``keep_last`` highest complete steps (and debris of interrupted saves below them). Returns its path."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    path = layout.checkpoint_dir(run, step)
+    state: dict[str, torch.Tensor] = {}
+    meta_json = {"step": int(step), "metadata": encode_tree(metadata, state)}
+    files = {TENSORS: save_safetensors(_serializable(tensors)), STATE: save_safetensors(_serializable(state)),
+             METADATA: json.dumps(meta_json, sort_keys=True).encode()}
+    store.unmark_complete(path)  # rewriting a step: it must not look complete while half-replaced
+    for name, data in files.items():
+        store.write_bytes(f"{path}/{name}", data)
+    store.mark_complete(path, {"step": int(step), "sha256": {name: sha256_hex(data) for name, data in files.items()}})
+    _prune(store, run, keep_last)
+    return path
+
+
+def _steps(store, run: str) -> list[tuple[int, str, bool]]:
+    """(step, path, complete) of every checkpoint directory of ``run``, by step."""
+    found = []
+    for entry in store.list(layout.checkpoints_dir(run)):
+        step = layout.checkpoint_step(entry)
+        if step is not None:
+            found.append((step, entry, store.is_complete(entry)))
+    return sorted(found)
+
+
+def _prune(store, run: str, keep_last: int) -> None:
+    steps = _steps(store, run)
+    complete = [s for s, _, done in steps if done]
+    if not complete:
+        return
+    keep = set(complete[-keep_last:])
+    for step, path, _ in steps:
+        if step not in keep and step < max(complete):
+            store.delete(path)
+
+
+def latest_checkpoint(store, run: str) -> str | None:
+    """Path of the highest complete checkpoint of ``run``, or None."""
+    complete = [path for _, path, done in _steps(store, run) if done]
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(store, path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, metadata)`` as saved (metadata gains nothing; the step is in the marker and ``metadata.json``).
+    Every file is checked against the checksums recorded at save time."""
+    try:
+        manifest = store.read_manifest(path)
+    except IncompleteArtifactError:
+        raise IncompleteArtifactError(f"checkpoint {store.url(path)} is incomplete (its save was interrupted); "
+                                      "load latest_checkpoint(store, run) instead") from None
+    data = {name: store.read_bytes(f"{path}/{name}") for name in (TENSORS, STATE, METADATA)}
+    for name, blob in data.items():
+        if sha256_hex(blob) != manifest["sha256"][name]:
+            raise IntegrityError(f"checkpoint file {store.url(path, name)} does not match the checksum recorded when "
+                                 "it was saved; delete this checkpoint to resume from the previous one")
+    meta_json = json.loads(data[METADATA])
+    metadata = decode_tree(meta_json["metadata"], load_safetensors(data[STATE]))
+    return load_safetensors(data[TENSORS]), metadata

@@ -1,0 +1,61 @@
+"""Where each artifact lives under the store root. Shared artifacts are content-addressed by fingerprint, so an
+identical configuration finds yesterday's tokens and cache; a run's own artifacts live under its name.
+
+    tokens/<fp>/                      token shards (train/ and eval/ splits)
+    teacher-cache/<fp>/               the Zarr teacher cache (one group per split)
+    runs/<run>/checkpoints/step-<n>/  training checkpoints
+    runs/<run>/student/               the exported student
+    runs/<run>/eval/                  evaluation report and metrics
+"""
+
+from __future__ import annotations
+
+import re
+
+from .store import clean_path
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _name(value: str, what: str) -> str:
+    """A path component (or a relative path, for nested runs) that cannot escape its parent."""
+    cleaned = clean_path(value) if value else ""
+    if not cleaned:
+        raise ValueError(f"{what} must be a non-empty name, got {value!r}")
+    return cleaned
+
+
+def tokens_dir(fingerprint: str) -> str:
+    return f"tokens/{_name(fingerprint, 'a tokens fingerprint')}"
+
+
+def teacher_cache_dir(fingerprint: str) -> str:
+    return f"teacher-cache/{_name(fingerprint, 'a teacher-cache fingerprint')}"
+
+
+def run_dir(run: str) -> str:
+    return f"runs/{_name(run, 'a run name')}"
+
+
+def checkpoints_dir(run: str) -> str:
+    return f"{run_dir(run)}/checkpoints"
+
+
+def checkpoint_dir(run: str, step: int) -> str:
+    if int(step) < 0:
+        raise ValueError(f"a checkpoint step must be >= 0, got {step}")
+    return f"{checkpoints_dir(run)}/step-{int(step)}"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a ``step-<n>`` directory name (or path), None for anything else."""
+    match = _STEP_DIR.match(name.rstrip("/").rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
+def student_dir(run: str) -> str:
+    return f"{run_dir(run)}/student"
+
+
+def eval_dir(run: str) -> str:
+    return f"{run_dir(run)}/eval"

@@ -1,0 +1,162 @@
+"""Exclusive ownership of an artifact being built, across processes and machines.
+
+Local disk: ``flock`` on ``<path>/_lock``. The kernel drops the lock when its process dies (even by SIGKILL), so a
+crashed writer never blocks the next one.
+
+Object store: a lease object ``<path>/_lease.json`` {owner, host, pid, expires}. It is created only if absent
+(``If-None-Match: *``), renewed by a heartbeat thread only if unchanged (``If-Match: <etag>``), and taken over by
+another process only once expired, again with ``If-Match`` so exactly one contender wins. A writer that could not
+renew in time has lost the lease and must stop (``ensure_held`` raises). Expiry compares wall clocks, so machines
+sharing a bucket need clocks within a fraction of ``ttl``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock; the message says who and what to do."""
+
+
+def _owner() -> dict:
+    return {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _describe(holder: dict | None) -> str:
+    if not holder:
+        return "another process"
+    return f"process {holder.get('pid')} on {holder.get('host')}"
+
+
+class FileLock:
+    """``flock``-based lock for local stores."""
+
+    def __init__(self, directory: Path, what: str):
+        self.path, self.what = Path(directory) / "_lock", what
+        self._fd: int | None = None
+
+    def acquire(self, timeout: float, poll: float = 0.2) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
+                    holder = self._holder()
+                    os.close(fd)
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    raise LockedError(_locked_message(self.what, holder, timeout)) from None
+                time.sleep(poll)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(_owner()).encode())
+        self._fd = fd
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text() or "null")
+        except (OSError, ValueError):
+            return None
+
+    def ensure_held(self) -> None:
+        if self._fd is None:
+            raise LockedError(f"the lock on {self.what} is not held")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class ObjectLease:
+    """Expiring lease for object stores, renewed in the background while held."""
+
+    def __init__(self, store, path: str, what: str, ttl: float = 120.0):
+        from .s3 import PreconditionFailed, delete_if_match, get_with_etag, put_if_absent, put_if_match
+
+        self._put_if_absent, self._put_if_match, self._get = put_if_absent, put_if_match, get_with_etag
+        self._delete_if_match, self._precondition_failed = delete_if_match, PreconditionFailed
+        self.fs, self.what, self.ttl = store.fs, what, ttl
+        self.bucket, _, self.key = store.full_path(f"{path}/_lease.json").partition("/")
+        self.record = _owner()
+        self.etag: str | None = None
+        self._lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps({**self.record, "ttl": self.ttl, "expires": time.time() + self.ttl}).encode()
+
+    def acquire(self, timeout: float, poll: float = 0.5) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.etag = self._put_if_absent(self.fs, self.bucket, self.key, self._body())
+                break
+            except self._precondition_failed:
+                pass
+            current = self._get(self.fs, self.bucket, self.key)
+            holder = json.loads(current[0]) if current else None
+            if current and holder.get("expires", 0) < time.time():  # stale: its writer died or hung
+                try:
+                    self.etag = self._put_if_match(self.fs, self.bucket, self.key, self._body(), current[1])
+                    break
+                except self._precondition_failed:
+                    pass  # someone else took it (or renewed it) first
+            if time.monotonic() >= deadline:
+                raise LockedError(_locked_message(self.what, holder, timeout))
+            time.sleep(poll)
+        self._thread = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                self.etag = self._put_if_match(self.fs, self.bucket, self.key, self._body(), self.etag)
+            except self._precondition_failed:
+                self._lost.set()
+                return
+            except Exception:  # a transient network error: retry at the next beat, the ttl leaves room
+                continue
+
+    def ensure_held(self) -> None:
+        if self._lost.is_set() or self.etag is None:
+            raise LockedError(f"lost the lease on {self.what}: another process took it over after this one failed "
+                              f"to renew it within {self.ttl:.0f} s; stop writing and rerun")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.etag is not None and not self._lost.is_set():
+            try:
+                self._delete_if_match(self.fs, self.bucket, self.key, self.etag)
+            except self._precondition_failed:
+                pass
+        self.etag = None
+
+
+def _locked_message(what: str, holder: dict | None, timeout: float) -> str:
+    return (f"{what} is being written by {_describe(holder)} (waited {timeout:.0f} s); wait for it to finish and "
+            "rerun (the finished chunks will be reused), or stop that process")
+
+
+def acquire_lock(store, path: str, what: str, timeout: float, ttl: float = 120.0):
+    """Take the exclusive lock on the artifact at ``path`` (waiting up to ``timeout`` s); returns an object with
+    ``ensure_held()`` and ``release()``."""
+    lock = FileLock(store.local_path(path), what) if store.is_local else ObjectLease(store, path, what, ttl)
+    lock.acquire(timeout)
+    return lock

@@ -1,0 +1,318 @@
+"""``ArtifactStore``: every artifact of the pipeline, on a local disk or in an S3 bucket, through one fsspec URL.
+
+Paths given to the methods are relative to the root (``tokens/<fp>/train/shard-00000.parquet``), always with ``/``.
+
+Atomicity
+    A file is never visible half-written. Locally it is written to a hidden temporary name in the same directory,
+    fsync'ed, then renamed over the target (``os.replace`` is atomic on POSIX). On S3 a PUT is atomic by itself.
+    An artifact made of several files is finished by ``mark_complete``, which writes ``_COMPLETE.json`` (the
+    artifact's manifest) last; readers trust only artifacts that have it, and ``delete`` removes it first. So a crash
+    or a full disk at any point leaves at worst an unfinished artifact that a rerun rebuilds, never one that looks
+    complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+
+from .errors import IncompleteArtifactError, StoreError
+
+MARKER = "_COMPLETE.json"
+SCHEMES = ("file", "s3")
+_FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def split_scheme(url: str) -> tuple[str, str]:
+    """``("s3", "bucket/prefix")`` for ``s3://bucket/prefix``; plain paths are ``("file", path)``."""
+    scheme, sep, rest = url.partition("://")
+    return (scheme.lower(), rest) if sep else ("file", url)
+
+
+def clean_path(path: str) -> str:
+    """A relative store path without empty or ``.`` parts; ``..`` and absolute paths are refused."""
+    parts = [p for p in str(path).replace("\\", "/").split("/") if p not in ("", ".")]
+    if ".." in parts or str(path).startswith("/"):
+        raise ValueError(f"store paths are relative to the root and may not contain '..': {path!r}")
+    return "/".join(parts)
+
+
+class ArtifactStore:
+    """Artifacts under ``root``: a local path, ``file:///abs/path`` or ``s3://bucket/prefix``.
+
+    S3 settings (``endpoint_url``, ``region``, ``key``, ``secret``, any s3fs option) come from
+    ``storage_options`` or the standard AWS environment variables, so moto, MinIO and AWS all work.
+    Unless ``check=False`` the constructor verifies at once that the root is usable (see ``check``).
+    """
+
+    def __init__(self, root: str, storage_options: dict | None = None, *, read_only: bool = False,
+                 check: bool = True):
+        scheme, rest = split_scheme(str(root))
+        if scheme not in SCHEMES:
+            raise StoreError(f"unsupported storage root {root!r}: the scheme {scheme!r} is not one of "
+                             f"{', '.join(SCHEMES)}; use a local path, file:///absolute/path or s3://bucket/prefix")
+        self.read_only = read_only
+        self.is_local = scheme == "file"
+        if self.is_local:
+            self.base = os.path.abspath(os.path.expanduser(rest))
+            self.root = self.base
+            self.storage_options: dict[str, Any] = {}
+            self.fs = fsspec.filesystem("file")
+        else:
+            self.bucket, _, prefix = rest.partition("/")
+            if not self.bucket:
+                raise StoreError(f"storage root {root!r} names no bucket; use s3://bucket/prefix")
+            self.prefix = prefix.strip("/")
+            self.base = f"{self.bucket}/{self.prefix}".rstrip("/")
+            self.root = f"s3://{self.base}"
+            from .s3 import open_s3, s3_options  # s3fs costs 0.3 s to import: only for S3 roots
+
+            self.storage_options = s3_options(storage_options)
+            self.fs = open_s3(self.storage_options)
+        if check:
+            self.check()
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.root!r})"
+
+    # ---- paths ---------------------------------------------------------------------------------------------
+
+    def full_path(self, path: str = "") -> str:
+        """The filesystem path fsspec uses (``/abs/dir/x`` locally, ``bucket/prefix/x`` on S3)."""
+        rel = clean_path(path)
+        return f"{self.base}/{rel}" if rel else self.base
+
+    def url(self, *parts: str) -> str:
+        """Where ``parts`` live, for people and for other tools: an absolute local path or an ``s3://`` URL."""
+        full = self.full_path("/".join(parts))
+        return full if self.is_local else f"s3://{full}"
+
+    def local_path(self, path: str = "") -> Path:
+        if not self.is_local:
+            raise StoreError(f"{self.url(path)} is not on a local disk")
+        return Path(self.full_path(path))
+
+    def _relative(self, full: str) -> str:
+        return full[len(self.base):].lstrip("/")
+
+    # ---- checks and errors ---------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Fail fast, before any work, with a message naming the URL and the fix: unreachable endpoint, missing
+        credentials, missing bucket, a root that is not a directory, or (unless read-only) a root we cannot
+        write to."""
+        if not self.is_local:
+            from .s3 import check_s3
+
+            check_s3(self.root, self.bucket, self.prefix, self.storage_options, writable=not self.read_only)
+            return
+        if os.path.exists(self.base) and not os.path.isdir(self.base):
+            raise StoreError(f"storage root {self.base} exists but is not a directory; choose a directory")
+        if self.read_only:
+            if not os.path.isdir(self.base):
+                raise StoreError(f"storage root {self.base} does not exist; check the path")
+            return
+        with self._guard("create the storage root", ""):
+            os.makedirs(self.base, exist_ok=True)
+        with self._guard("write to the storage root", ""):
+            probe = os.path.join(self.base, f".write-probe-{uuid.uuid4().hex}")
+            with open(probe, "wb") as f:
+                f.write(b"probe")
+                os.fsync(f.fileno())
+            os.unlink(probe)
+
+    @contextmanager
+    def _guard(self, action: str, path: str) -> Iterator[None]:
+        """Turn low-level I/O errors into ``StoreError``s that say where and what to do."""
+        try:
+            yield
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"cannot {action} {self.url(path)}: it does not exist") from exc
+        except OSError as exc:
+            if isinstance(exc, StoreError):
+                raise
+            if exc.errno in _FULL_DISK:
+                raise StoreError(f"disk full: cannot {action} {self.url(path)} ({exc.strerror}); free space or move "
+                                 "the storage root, then rerun: unfinished artifacts are never marked complete") from exc
+            if exc.errno in _NOT_WRITABLE or isinstance(exc, PermissionError):
+                raise StoreError(f"cannot {action} {self.url(path)}: {exc.strerror or exc} (read-only or not "
+                                 "permitted); choose a writable storage root or fix its permissions") from exc
+            raise
+
+    # ---- files ---------------------------------------------------------------------------------------------
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(self.full_path(path))
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write the whole file atomically (see the module docstring)."""
+        full = self.full_path(path)
+        with self._guard("write", path):
+            if self.is_local:
+                self._write_local(full, lambda f: f.write(data))
+            else:
+                self.fs.pipe_file(full, bytes(data))
+
+    def read_bytes(self, path: str) -> bytes:
+        with self._guard("read", path):
+            return self.fs.cat_file(self.full_path(path))
+
+    def write_json(self, path: str, obj: Any) -> None:
+        self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    def read_json(self, path: str) -> Any:
+        return json.loads(self.read_bytes(path))
+
+    def read_json_many(self, paths: list[str]) -> list:
+        """Several small JSON files at once (concurrent requests on S3), in the order given."""
+        fulls = [self.full_path(p) for p in paths]
+        with self._guard("read", paths[0] if paths else ""):
+            data = self.fs.cat(fulls) if fulls else {}
+        return [json.loads(data[f]) for f in fulls]
+
+    def put_file(self, local_file: str | os.PathLike, path: str) -> None:
+        """Copy a local file in, atomically, streaming it (model weights need not fit in memory)."""
+        full = self.full_path(path)
+        with self._guard("write", path):
+            if self.is_local:
+                with open(local_file, "rb") as src:
+                    self._write_local(full, lambda f: _copy_stream(src, f))
+            else:
+                self.fs.put_file(os.fspath(local_file), full)
+
+    def get_file(self, path: str, local_file: str | os.PathLike) -> None:
+        with self._guard("read", path):
+            self.fs.get_file(self.full_path(path), os.fspath(local_file))
+
+    def upload_dir(self, local_dir: str | os.PathLike, path: str) -> list[str]:
+        """Copy every file under ``local_dir`` to ``path`` (e.g. after ``save_pretrained`` into a temporary
+        directory); returns the relative names copied. Call ``mark_complete(path, ...)`` afterwards."""
+        local_dir = Path(local_dir)
+        names = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
+        for name in names:
+            self.put_file(local_dir / name, f"{path}/{name}")
+        return names
+
+    def download_dir(self, path: str, local_dir: str | os.PathLike) -> list[str]:
+        """Copy every file under ``path`` (completion marker included) into ``local_dir``."""
+        names = [name[len(clean_path(path)):].lstrip("/") for name in self.find(path)]
+        for name in names:
+            target = Path(local_dir) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.get_file(f"{path}/{name}", target)
+        return names
+
+    def _write_local(self, full: str, fill: Callable[[IO[bytes]], object]) -> None:
+        directory, name = os.path.split(full)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                fill(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, full)
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(directory)
+
+    def sync(self, path: str) -> None:
+        """Make a file written by another library (e.g. a Zarr chunk) durable: fsync it and its directory.
+        A no-op on S3, where a finished PUT is already durable."""
+        if self.is_local:
+            full = self.full_path(path)
+            fd = os.open(full, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(os.path.dirname(full))
+
+    # ---- listing and deletion ------------------------------------------------------------------------------
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Relative paths of the direct children of ``prefix`` (files and directories), sorted; [] if absent.
+        Hidden names (temporary files) are left out."""
+        try:
+            entries = self.fs.ls(self.full_path(prefix), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(self._relative(e) for e in entries
+                      if not os.path.basename(e.rstrip("/")).startswith(".") and e.rstrip("/") != self.full_path(prefix))
+
+    def find(self, prefix: str = "") -> list[str]:
+        """Relative paths of every file under ``prefix``, sorted (hidden temporary files left out)."""
+        try:
+            entries = self.fs.find(self.full_path(prefix))
+        except FileNotFoundError:
+            return []
+        return sorted(self._relative(e) for e in entries if not os.path.basename(e).startswith("."))
+
+    def delete(self, prefix: str) -> None:
+        """Delete an artifact (a file or everything under a directory). Its completion marker goes first, so an
+        interrupted deletion leaves an incomplete artifact, never a complete-looking partial one."""
+        full = self.full_path(prefix)
+        if not clean_path(prefix):
+            raise ValueError("refusing to delete the whole storage root; name an artifact")
+        with self._guard("delete", prefix):
+            self.unmark_complete(prefix)
+            if self.fs.exists(full):
+                self.fs.rm(full, recursive=True)
+
+    # ---- completion markers --------------------------------------------------------------------------------
+
+    def mark_complete(self, path: str, manifest: dict) -> None:
+        """Declare the artifact at ``path`` finished; ``manifest`` is what ``read_manifest`` returns. Call it last."""
+        self.write_json(f"{path}/{MARKER}", manifest)
+
+    def unmark_complete(self, path: str) -> None:
+        """Withdraw the marker before an artifact is rewritten or deleted."""
+        marker = self.full_path(f"{path}/{MARKER}")
+        with suppress(FileNotFoundError):
+            self.fs.rm_file(marker)
+
+    def is_complete(self, path: str) -> bool:
+        return self.exists(f"{path}/{MARKER}")
+
+    def read_manifest(self, path: str) -> dict:
+        try:
+            return self.read_json(f"{path}/{MARKER}")
+        except FileNotFoundError:
+            raise IncompleteArtifactError(f"{self.url(path)} is not complete (no {MARKER}): the stage that writes it "
+                                          "never finished; rerun it") from None
+
+    # ---- zarr ----------------------------------------------------------------------------------------------
+
+    def zarr_store(self, path: str, read_only: bool = False):
+        """A Zarr v3 store rooted at ``path``: ``zarr.open_group(store.zarr_store(path))``."""
+        import zarr
+
+        if self.is_local:
+            return zarr.storage.LocalStore(self.full_path(path), read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(self.url(path), storage_options=self.storage_options,
+                                                 read_only=read_only)
+
+
+def _copy_stream(src: IO[bytes], dst: IO[bytes], block: int = 16 << 20) -> None:
+    while chunk := src.read(block):
+        dst.write(chunk)
+
+
+def _fsync_dir(directory: str) -> None:
+    """Persist a rename: the directory entry must reach the disk too, not only the file's data."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
