@@ -79,11 +79,17 @@ class TeacherCacheReader(torch.utils.data.Dataset):
             self._group = zarr.open_group(self.store.zarr_store(f"{self.path}/{GROUP_DIR}", read_only=True), mode="r")
         except (FileNotFoundError, zarr.errors.NodeNotFoundError):
             raise CacheError(f"no teacher cache at {self.url}; run the cache stage to build it") from None
+        self._zarr_arrays: dict = {}  # opened on first use: each open costs requests on S3
         return self._group
+
+    def _array(self, name: str):
+        if name not in self._zarr_arrays:
+            self._zarr_arrays[name] = self._group[name]
+        return self._zarr_arrays[name]
 
     def __getstate__(self) -> dict:  # picklable for DataLoader workers: each reopens the group
         state = self.__dict__.copy()
-        for name in ("_group", "_chunks", "_cache_lock"):
+        for name in ("_group", "_zarr_arrays", "_chunks", "_cache_lock"):
             state.pop(name, None)
         return state
 
@@ -112,7 +118,7 @@ class TeacherCacheReader(torch.utils.data.Dataset):
         values = {}
         for name in self._arrays:
             try:
-                values[name] = self._group[name][start:stop]
+                values[name] = self._array(name)[start:stop]
             except Exception as exc:  # a codec error on damaged bytes, a vanished object...
                 raise self._chunk_error(chunk, f"corrupt: {name} cannot be read ({type(exc).__name__}: {exc})") from exc
             if self.check_checksums and array_sha256(values[name]) != record["sha256"][name]:

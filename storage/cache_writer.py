@@ -50,7 +50,7 @@ def _open_group(store, path: str, spec: TeacherCacheSpec):
         attributes = {ATTRS_KEY: {"dtype": dtype, **({"encoding": BF16_ENCODING} if dtype == "bfloat16" else {})}}
         group.create_array(name, shape=shape, chunks=(spec.chunk_size, *shape[1:]),
                            dtype=STORED_AS.get(dtype, dtype), compressors=compressors(spec.codec), fill_value=0,
-                           overwrite=True, config={"write_empty_chunks": True}, attributes=attributes)
+                           overwrite=True, attributes=attributes)
     group.attrs[ATTRS_KEY] = {"format": FORMAT, "spec": spec.to_dict()}
     return group
 
@@ -79,6 +79,9 @@ class TeacherCacheWriter:
         self._lock = acquire_lock(store, path, f"the teacher cache at {self.url}", lock_timeout, lease_ttl)
         try:
             self._group = _open_group(store, path, spec)
+            # Every chunk is stored, even all-zero ones, so each has an object to make durable and to check.
+            # (Opened once: each open costs requests on S3.)
+            self._arrays = {name: self._group[name].with_config({"write_empty_chunks": True}) for name in spec.arrays()}
             self._done = recorded_chunks(store, path)
         except BaseException:
             self._lock.release()
@@ -144,10 +147,11 @@ class TeacherCacheWriter:
         start, stop = self.spec.chunk_rows(chunk)
         encoded = {name: encode(arrays[name], dtype) for name, (_, dtype) in self.spec.arrays().items()}
         for name, values in encoded.items():
-            array = self._group[name]
-            array[start:stop] = values
-            key = array.metadata.encode_chunk_key((chunk,) + (0,) * (values.ndim - 1))
-            self.store.sync(f"{self.path}/{GROUP_DIR}/{name}/{key}")
+            array = self._arrays[name]
+            key = f"{self.path}/{GROUP_DIR}/{name}/{array.metadata.encode_chunk_key((chunk,) + (0,) * (values.ndim - 1))}"
+            with self.store.guard("write", key):
+                array[start:stop] = values
+                self.store.sync(key)
         self._lock.ensure_held()  # never record a chunk after losing the lease to another writer
         record = {"chunk": chunk, "rows": [start, stop], "sha256": {n: array_sha256(v) for n, v in encoded.items()},
                   "tokens": int(encoded["attention_mask"].astype(bool).sum()),

@@ -121,9 +121,9 @@ class ArtifactStore:
             if not os.path.isdir(self.base):
                 raise StoreError(f"storage root {self.base} does not exist; check the path")
             return
-        with self._guard("create the storage root", ""):
+        with self.guard("create the storage root", ""):
             os.makedirs(self.base, exist_ok=True)
-        with self._guard("write to the storage root", ""):
+        with self.guard("write to the storage root", ""):
             probe = os.path.join(self.base, f".write-probe-{uuid.uuid4().hex}")
             with open(probe, "wb") as f:
                 f.write(b"probe")
@@ -131,7 +131,7 @@ class ArtifactStore:
             os.unlink(probe)
 
     @contextmanager
-    def _guard(self, action: str, path: str) -> Iterator[None]:
+    def guard(self, action: str, path: str) -> Iterator[None]:
         """Turn low-level I/O errors into ``StoreError``s that say where and what to do."""
         try:
             yield
@@ -156,14 +156,14 @@ class ArtifactStore:
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write the whole file atomically (see the module docstring)."""
         full = self.full_path(path)
-        with self._guard("write", path):
+        with self.guard("write", path):
             if self.is_local:
                 self._write_local(full, lambda f: f.write(data))
             else:
                 self.fs.pipe_file(full, bytes(data))
 
     def read_bytes(self, path: str) -> bytes:
-        with self._guard("read", path):
+        with self.guard("read", path):
             return self.fs.cat_file(self.full_path(path))
 
     def write_json(self, path: str, obj: Any) -> None:
@@ -175,14 +175,14 @@ class ArtifactStore:
     def read_json_many(self, paths: list[str]) -> list:
         """Several small JSON files at once (concurrent requests on S3), in the order given."""
         fulls = [self.full_path(p) for p in paths]
-        with self._guard("read", paths[0] if paths else ""):
+        with self.guard("read", paths[0] if paths else ""):
             data = self.fs.cat(fulls) if fulls else {}
         return [json.loads(data[f]) for f in fulls]
 
     def put_file(self, local_file: str | os.PathLike, path: str) -> None:
         """Copy a local file in, atomically, streaming it (model weights need not fit in memory)."""
         full = self.full_path(path)
-        with self._guard("write", path):
+        with self.guard("write", path):
             if self.is_local:
                 with open(local_file, "rb") as src:
                     self._write_local(full, lambda f: _copy_stream(src, f))
@@ -190,7 +190,7 @@ class ArtifactStore:
                 self.fs.put_file(os.fspath(local_file), full)
 
     def get_file(self, path: str, local_file: str | os.PathLike) -> None:
-        with self._guard("read", path):
+        with self.guard("read", path):
             self.fs.get_file(self.full_path(path), os.fspath(local_file))
 
     def upload_dir(self, local_dir: str | os.PathLike, path: str) -> list[str]:
@@ -265,7 +265,7 @@ class ArtifactStore:
         full = self.full_path(prefix)
         if not clean_path(prefix):
             raise ValueError("refusing to delete the whole storage root; name an artifact")
-        with self._guard("delete", prefix):
+        with self.guard("delete", prefix):
             self.unmark_complete(prefix)
             if self.fs.exists(full):
                 self.fs.rm(full, recursive=True)
@@ -279,7 +279,7 @@ class ArtifactStore:
     def unmark_complete(self, path: str) -> None:
         """Withdraw the marker before an artifact is rewritten or deleted."""
         marker = self.full_path(f"{path}/{MARKER}")
-        with suppress(FileNotFoundError):
+        with suppress(FileNotFoundError, NotADirectoryError):  # no marker, or ``path`` is a plain file
             self.fs.rm_file(marker)
 
     def is_complete(self, path: str) -> bool:

@@ -1,0 +1,218 @@
+"""The teacher cache in one process: round trips for every storage dtype and codec, plain-zarr readability, resume,
+integrity checks naming the damaged chunk, fingerprint checks, the reader's access patterns and memory bound."""
+
+from __future__ import annotations
+
+import pickle
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from storage.cache import (CacheError, CacheWriteError, ChunkError, FingerprintMismatchError, TeacherCacheReader,
+                           TeacherCacheSpec, TeacherCacheWriter)
+
+from .helpers import build_cache, chunk_arrays, expected_stored, small_spec
+
+SPEC = small_spec()  # 10 samples, chunks of 3: 4 chunks, the last holding one sample
+
+
+def assert_reads_back(reader: TeacherCacheReader, spec: TeacherCacheSpec) -> None:
+    everything = reader.get_batch(range(spec.num_samples))
+    for name, tensor in everything.items():
+        expected = torch.cat([expected_stored(spec, c)[name] for c in range(spec.num_chunks)])
+        assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_round_trip_per_storage_dtype(local_store, dtype):
+    spec = small_spec(dtype=dtype)
+    build_cache(local_store, "cache", spec)
+    assert_reads_back(TeacherCacheReader(local_store, "cache", fingerprint=spec.fingerprint), spec)
+
+
+def test_round_trip_on_s3_with_full_logits(s3_store):
+    spec = small_spec(full_logits=True, vocab_size=12, topk=0)
+    build_cache(s3_store, "cache", spec)
+    reader = TeacherCacheReader(s3_store, "cache")
+    assert reader.complete and "logits" in reader.get_batch([0])
+    assert_reads_back(reader, spec)
+
+
+@pytest.mark.parametrize("codec", ["zstd:1", "blosc", "gzip", "none"])
+def test_codecs(local_store, codec):
+    spec = small_spec(codec=codec)
+    build_cache(local_store, "cache", spec)
+    assert_reads_back(TeacherCacheReader(local_store, "cache"), spec)
+
+
+def test_unknown_codec_and_dtype_fail_at_once():
+    with pytest.raises(ValueError, match="cache codec 'lzma' is not one of"):
+        small_spec(codec="lzma")
+    with pytest.raises(ValueError, match="cache dtype 'int4' is not one of"):
+        small_spec(dtype="int4")
+
+
+def test_bfloat16_round_trips_bit_for_bit(local_store):
+    spec = small_spec(num_samples=2, chunk_size=2, seq_len=4, hidden_size=4, layers=[0], topk=0)
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -3.4e38, 1 / 3] * 2)
+    hidden = torch.cat([special, torch.randn(16)]).reshape(2, 4, 4).to(torch.bfloat16)
+    with TeacherCacheWriter(local_store, "cache", spec) as writer:
+        writer.write_chunk(0, {"input_ids": torch.zeros(2, 4, dtype=torch.int32),
+                               "attention_mask": torch.ones(2, 4, dtype=torch.int8), "hidden/layer_0": hidden})
+    back = TeacherCacheReader(local_store, "cache")[1]["hidden/layer_0"]
+    assert back.dtype == torch.bfloat16
+    assert torch.equal(back.view(torch.int16), hidden[1].view(torch.int16))  # the bits, NaN included
+
+
+def test_plain_zarr_reads_the_cache(local_store):
+    build_cache(local_store, "cache", SPEC)
+    import zarr  # no project code from here on
+
+    group = zarr.open_group(str(local_store.local_path("cache/data.zarr")), mode="r")
+    meta = group.attrs["bitnet_distill"]
+    assert meta["spec"]["layers"] == [0, 2] and set(meta["layer_stats"]) == {"hidden/layer_0", "hidden/layer_2"}
+    hidden = group["hidden/layer_2"]
+    assert hidden.shape == (10, 6, 8) and hidden.chunks == (3, 6, 8) and hidden.dtype == np.uint16
+    assert hidden.attrs["bitnet_distill"] == {"dtype": "bfloat16", "encoding": "bfloat16-bits-in-uint16"}
+    values = torch.from_numpy(hidden[3:6].view(np.int16)).view(torch.bfloat16)
+    assert torch.equal(values, expected_stored(SPEC, 1)["hidden/layer_2"])
+    assert np.array_equal(group["topk_indices"][:3], chunk_arrays(SPEC, 0)["topk_indices"].numpy())
+
+
+def test_layer_statistics_are_mean_norms_over_real_tokens(local_store):
+    build_cache(local_store, "cache", SPEC)
+    stats = TeacherCacheReader(local_store, "cache").layer_stats
+    chunks = [expected_stored(SPEC, c) for c in range(SPEC.num_chunks)]
+    mask = torch.cat([c["attention_mask"] for c in chunks]).bool()
+    for layer in SPEC.layers:
+        hidden = torch.cat([c[f"hidden/layer_{layer}"] for c in chunks]).double()
+        expected = hidden.norm(dim=-1)[mask].mean().item()
+        assert stats[f"hidden/layer_{layer}"]["mean_norm"] == pytest.approx(expected, rel=1e-6)
+        assert stats[f"hidden/layer_{layer}"]["tokens"] == int(mask.sum())
+
+
+def test_resume_writes_only_missing_chunks(store):
+    with TeacherCacheWriter(store, "cache", SPEC) as writer:
+        assert writer.missing_chunks() == [0, 1, 2, 3]
+        for chunk in (0, 2):
+            writer.write_chunk(chunk, chunk_arrays(SPEC, chunk))
+    reader = TeacherCacheReader(store, "cache")
+    assert not reader.complete and reader.layer_stats is None
+    with pytest.raises(ChunkError, match=r"chunk 1 \(samples 3-5\) of the teacher cache at .* is missing") as error:
+        reader.get_batch([0, 4])
+    assert error.value.chunk == 1
+    report = reader.verify()
+    assert report.missing == [1, 3] and not report.corrupt and "2 missing (chunks 1, 3)" in str(report)
+    assert build_cache(store, "cache", SPEC) == 2
+    assert_reads_back(TeacherCacheReader(store, "cache"), SPEC)
+
+
+def test_corrupt_chunk_is_named_by_verify_and_reader_then_repaired(store):
+    build_cache(store, "cache", SPEC)
+    chunk_object = "cache/data.zarr/hidden/layer_2/c/1/0/0"
+    original = store.read_bytes(chunk_object)
+    store.write_bytes(chunk_object, original[: len(original) // 2] + b"\x00garbage")  # damaged bytes
+    # and well-formed bytes with the wrong values: chunk 2's data in place of chunk 0's
+    store.write_bytes("cache/data.zarr/topk_values/c/0/0/0", store.read_bytes("cache/data.zarr/topk_values/c/2/0/0"))
+
+    reader = TeacherCacheReader(store, "cache")
+    report = reader.verify()
+    assert sorted(report.corrupt) == [0, 1] and not report.missing and not report.ok
+    assert "chunk 1 (samples 3-5) corrupt: hidden/layer_2 cannot be read" in report.corrupt[1]
+    assert "chunk 0 (samples 0-2) corrupt: topk_values does not match the checksum" in report.corrupt[0]
+    with pytest.raises(ChunkError, match=r"chunk 1 \(samples 3-5\) .* corrupt: hidden/layer_2"):
+        reader[4]
+    with pytest.raises(ChunkError, match=r"chunk 0 \(samples 0-2\) .* topk_values does not match"):
+        list(reader.batches(2))  # raised through the prefetch thread
+    assert torch.equal(reader[7]["input_ids"], chunk_arrays(SPEC, 2)["input_ids"][1])  # the rest still reads
+
+    reader.verify(repair=True)
+    with TeacherCacheWriter(store, "cache", SPEC) as writer:
+        assert writer.missing_chunks() == [0, 1]
+        for chunk in writer.missing_chunks():
+            writer.write_chunk(chunk, chunk_arrays(SPEC, chunk))
+    assert TeacherCacheReader(store, "cache").verify().ok and store.read_bytes(chunk_object) == original
+
+
+def test_deleted_chunk_object_is_not_read_as_zeros(local_store):
+    build_cache(local_store, "cache", SPEC)
+    local_store.delete("cache/data.zarr/input_ids/c/3/0")
+    with pytest.raises(ChunkError, match=r"chunk 3 \(samples 9-9\) .* input_ids does not match"):
+        TeacherCacheReader(local_store, "cache")[9]
+
+
+def test_fingerprint_mismatch_is_refused(store):
+    build_cache(store, "cache", SPEC)
+    other = small_spec(fingerprint="fp-other")
+    message = (rf"the teacher cache at {store.url('cache')} was built for fingerprint 'fp-test', not the requested "
+               r"'fp-other'")
+    with pytest.raises(FingerprintMismatchError, match=message):
+        TeacherCacheWriter(store, "cache", other)
+    with pytest.raises(FingerprintMismatchError, match=message):
+        TeacherCacheReader(store, "cache", fingerprint="fp-other")
+    with pytest.raises(CacheError, match="different chunk_size"):  # same fingerprint, other settings: a bug upstream
+        TeacherCacheWriter(store, "cache", small_spec(chunk_size=5))
+    TeacherCacheWriter(store, "cache", SPEC, lock_timeout=0).close()  # the failed attempts released the lock
+
+
+def test_no_cache_at_path(store):
+    with pytest.raises(CacheError, match=f"no teacher cache at {store.url('nowhere')}; run the cache stage"):
+        TeacherCacheReader(store, "nowhere")
+
+
+def test_write_chunk_checks_its_input_at_once(local_store):
+    with TeacherCacheWriter(local_store, "cache", SPEC) as writer:
+        good = chunk_arrays(SPEC, 0)
+        with pytest.raises(ValueError, match=r"arrays must be exactly .* missing \['topk_values'\]"):
+            writer.write_chunk(0, {k: v for k, v in good.items() if k != "topk_values"})
+        with pytest.raises(ValueError, match=r"hidden/layer_0 has shape \[3, 6, 7\], expected \[3, 6, 8\]"):
+            writer.write_chunk(0, {**good, "hidden/layer_0": torch.zeros(3, 6, 7)})
+        with pytest.raises(IndexError, match="chunk 4 out of range"):
+            writer.write_chunk(4, good)
+        writer.write_chunk(0, good)
+        with pytest.raises(ValueError, match="already written"):
+            writer.write_chunk(0, good)
+
+
+def test_close_reports_errors_from_the_writer_thread(local_store):
+    writer = TeacherCacheWriter(local_store, "cache", SPEC)
+    bad = {**chunk_arrays(SPEC, 1), "hidden/layer_0": np.full((3, 6, 8), "text", dtype=object)}
+    writer.write_chunk(1, bad)
+    with pytest.raises(CacheWriteError, match=r"writing chunk 1 \(samples 3-5\) of the teacher cache at .* failed"):
+        writer.close()
+    with TeacherCacheWriter(local_store, "cache", SPEC, lock_timeout=0) as again:
+        assert again.missing_chunks() == [0, 1, 2, 3]
+
+
+def test_write_chunk_hands_over_without_waiting_for_io(local_store):
+    spec = small_spec(num_samples=8, chunk_size=4, seq_len=64, hidden_size=512, dtype="float32", codec="zstd:9")
+    with TeacherCacheWriter(local_store, "cache", spec, queue_size=2) as writer:
+        started = time.perf_counter()
+        writer.write_chunk(0, chunk_arrays(spec, 0))
+        handed_over = time.perf_counter() - started
+        assert not local_store.exists("cache/_chunks/chunk-000000.json")  # still being compressed and written
+        writer.write_chunk(1, chunk_arrays(spec, 1))
+    assert handed_over < 0.05 and local_store.is_complete("cache")
+
+
+def test_reader_random_access_shuffling_and_bounded_memory(store):
+    build_cache(store, "cache", SPEC)
+    reader = TeacherCacheReader(store, "cache", cached_chunks=2)
+    assert len(reader) == 10
+    assert torch.equal(reader[-1]["hidden/layer_0"], expected_stored(SPEC, 3)["hidden/layer_0"][0])
+    order = reader.sample_order(shuffle=True, seed=1)
+    assert sorted(order.tolist()) == list(range(10)) and not np.array_equal(order, reader.sample_order(True, 2))
+    chunk_sequence = [c for i, c in enumerate(order // 3) if i == 0 or c != order[i - 1] // 3]
+    assert sorted(chunk_sequence) == [0, 1, 2, 3]  # each chunk's samples come together
+    seen = []
+    for batch in reader.batches(4, shuffle=True, seed=1):
+        seen.extend(batch["input_ids"][:, 0].tolist())
+        assert len(reader._chunks) <= 2  # never the whole cache in memory
+    everything = torch.cat([chunk_arrays(SPEC, c)["input_ids"] for c in range(4)])
+    assert seen == everything[order, 0].tolist()
+    assert [len(b["input_ids"]) for b in reader.batches(4, drop_last=True)] == [4, 4]
+    clone = pickle.loads(pickle.dumps(reader))  # DataLoader workers get their own copy
+    loader = torch.utils.data.DataLoader(clone, batch_size=5)
+    assert torch.equal(next(iter(loader))["input_ids"], everything[:5])

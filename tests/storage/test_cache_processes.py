@@ -1,0 +1,87 @@
+"""The teacher cache against real processes: a writer killed with SIGKILL mid-build resumes to a byte-identical
+cache, and two writers started on the same cache never both write it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from storage.cache import TeacherCacheReader
+
+from .helpers import REPO, build_cache, describe, small_spec, tree_bytes
+
+SPEC = small_spec(num_samples=36, chunk_size=3)  # 12 chunks
+
+
+def start_worker(store, path: str, delay: float = 0, lock_timeout: float = 0, lease_ttl: float = 2,
+                 gate=None) -> subprocess.Popen:
+    """A writer process (see cache_worker.py); returns once it has imported everything and says ``ready``."""
+    command = [sys.executable, "-m", "tests.storage.cache_worker", describe(store), path, json.dumps(SPEC.to_dict()),
+               str(delay), str(lock_timeout), str(lease_ttl), *([str(gate)] if gate else [])]
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready", process.communicate()
+    return process
+
+
+def wait_for_records(store, path: str, count: int, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while len(store.list(f"{path}/_chunks")) < count:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the worker wrote nothing in time"
+        time.sleep(0.05)
+
+
+def relative_tree(store, path: str) -> dict[str, bytes]:
+    return {name[len(path):]: data for name, data in tree_bytes(store, path).items()}
+
+
+@pytest.fixture
+def reference(store) -> dict[str, bytes]:
+    """The same cache built in one uninterrupted go."""
+    build_cache(store, "reference", SPEC)
+    return relative_tree(store, "reference")
+
+
+def test_sigkill_mid_build_then_resume_is_byte_identical(store, reference):
+    worker = start_worker(store, "cache", delay=0.1)
+    wait_for_records(store, "cache", 3, worker)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    assert worker.returncode == -signal.SIGKILL
+    reader = TeacherCacheReader(store, "cache")
+    report = reader.verify()
+    assert report.missing and not report.corrupt and not reader.complete
+    # a chunk torn by the crash: its data half there, its record absent; it must count as missing and be rewritten
+    torn = report.missing[-1]
+    store.write_bytes(f"cache/data.zarr/hidden/layer_2/c/{torn}/0/0", b"torn write")
+
+    wrote = build_cache(store, "cache", SPEC, lock_timeout=30)  # on S3 this waits out the dead writer's lease
+    assert wrote == len(report.missing)
+    assert relative_tree(store, "cache") == reference
+    assert TeacherCacheReader(store, "cache").verify().ok
+
+
+def test_two_writers_never_write_the_same_cache(store, reference, tmp_path):
+    gate = tmp_path / "go"
+    first = start_worker(store, "cache", gate=gate)
+    wait_for_records(store, "cache", 1, first)  # it holds the lock and waits at the gate
+    impatient = start_worker(store, "cache", lock_timeout=0)
+    out, _ = impatient.communicate(timeout=60)
+    assert impatient.returncode == 3, out
+    assert f"the teacher cache at {store.url('cache')} is being written by process {first.pid}" in out
+    assert "wait for it to finish and rerun" in out
+    patient = start_worker(store, "cache", lock_timeout=60)
+    time.sleep(0.5)  # it is now waiting for the lock
+    gate.touch()
+    first_out, first_err = first.communicate(timeout=120)
+    patient_out, patient_err = patient.communicate(timeout=120)
+    assert first.returncode == 0 and first_out.strip() == "wrote 12", first_err
+    assert patient.returncode == 0 and patient_out.strip() == "wrote 0", patient_err  # waited, found it done
+    assert relative_tree(store, "cache") == reference

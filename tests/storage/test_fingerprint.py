@@ -1,0 +1,99 @@
+"""Fingerprints are stable across processes and dict orders and change with any input; model and tokenizer
+identities come from file contents (local) or commit hashes (Hub), without transformers or network."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+
+from storage import fingerprint, layout, model_identity, tokenizer_identity
+
+from .helpers import run_python
+
+CONFIG = {"data": {"seq_len": 128, "dataset": "stdlib"}, "layers": (1, 2), "lr": 1e-4, "path": Path("a/b")}
+
+
+def test_stable_across_dict_order_and_processes():
+    reordered = {"path": Path("a/b"), "lr": 1e-4, "layers": [1, 2], "data": {"dataset": "stdlib", "seq_len": 128}}
+    assert fingerprint(CONFIG, "up") == fingerprint(reordered, "up")
+    code = ("from pathlib import Path; from storage import fingerprint; "
+            "print(fingerprint({'lr': 1e-4, 'data': {'dataset': 'stdlib', 'seq_len': 128}, 'layers': (1, 2), "
+            "'path': Path('a/b')}, 'up'))")
+    for seed in ("1", "2"):  # another process, another hash seed
+        child = run_python(code, env_extra={"PYTHONHASHSEED": seed})
+        assert child.stdout.strip() == fingerprint(CONFIG, "up"), child.stderr
+
+
+def test_any_change_changes_the_fingerprint():
+    base = fingerprint(CONFIG, "up")
+    assert len(base) == 16 and int(base, 16) >= 0
+    assert fingerprint(CONFIG, "other") != base
+    assert fingerprint(CONFIG) != base
+    assert fingerprint({**CONFIG, "lr": 2e-4}, "up") != base
+    assert fingerprint({**CONFIG, "data": {"seq_len": 129, "dataset": "stdlib"}}, "up") != base
+
+
+def test_dataclasses_and_unhashable_values():
+    @dataclasses.dataclass
+    class Section:
+        width: int = 3
+
+    assert fingerprint({"s": Section()}) == fingerprint({"s": {"width": 3}})
+    with pytest.raises(TypeError, match=r"config\.fn: a builtin_function_or_method has no stable text form"):
+        fingerprint({"fn": print})
+    with pytest.raises(TypeError, match="key 1 is a int, not a string"):
+        fingerprint({1: "x"})
+
+
+def _model_dir(root: Path) -> Path:
+    root.mkdir(parents=True)
+    (root / "config.json").write_text('{"hidden_size": 8}')
+    (root / "model.safetensors").write_bytes(b"weights-v1")
+    (root / "tokenizer.json").write_text('{"vocab": {}}')
+    (root / "README.md").write_text("docs")
+    return root
+
+
+def test_local_model_identity_is_content_not_location(tmp_path):
+    model = _model_dir(tmp_path / "teacher")
+    identity = model_identity(model)
+    assert identity["name"] == "teacher" and identity["files"] == 3
+    copy = tmp_path / "elsewhere" / "teacher"
+    shutil.copytree(model, copy)
+    assert model_identity(copy) == identity
+    (copy / "README.md").write_text("other docs")  # documentation is not the model
+    assert model_identity(copy) == identity
+    tokenizer = tokenizer_identity(model)
+    (copy / "model.safetensors").write_bytes(b"weights-v2")
+    assert model_identity(copy)["sha256"] != identity["sha256"]
+    assert tokenizer_identity(copy) == tokenizer  # new weights, same tokenizer: token shards stay valid
+    (copy / "tokenizer.json").write_text('{"vocab": {"a": 0}}')
+    assert tokenizer_identity(copy) != tokenizer
+
+
+def test_hub_identity_uses_the_commit_hash(tmp_path):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert model_identity("org/model", revision=commit, cache_dir=tmp_path)["commit"] == commit
+    assert model_identity("org/model", cache_dir=tmp_path) == {"name": "org/model", "revision": "main",
+                                                               "commit": None}
+    repo = tmp_path / "models--org--model"  # the Hugging Face cache layout
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    assert model_identity("org/model", cache_dir=tmp_path)["commit"] == commit
+    assert tokenizer_identity("org/model", cache_dir=tmp_path)["commit"] == commit
+
+
+def test_layout_paths():
+    assert layout.tokens_dir("ab12") == "tokens/ab12"
+    assert layout.teacher_cache_dir("cd34") == "teacher-cache/cd34"
+    assert layout.checkpoint_dir("run-1/lm-head", 40) == "runs/run-1/lm-head/checkpoints/step-40"
+    assert layout.checkpoint_step("runs/x/checkpoints/step-40") == 40 and layout.checkpoint_step("tmp") is None
+    assert (layout.student_dir("r"), layout.eval_dir("r")) == ("runs/r/student", "runs/r/eval")
+    for bad in ("", "../escape"):
+        with pytest.raises(ValueError):
+            layout.run_dir(bad)

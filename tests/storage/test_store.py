@@ -1,0 +1,218 @@
+"""ArtifactStore on a local directory and on S3 (moto over HTTP): files, markers, listing, deletion, directory
+upload, and the fail-fast errors for bad roots."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from storage import ArtifactStore, IncompleteArtifactError, StoreError
+
+from .conftest import CREDENTIALS, free_port, make_bucket
+from .helpers import REPO
+
+
+def test_bytes_and_json_round_trip(store):
+    store.write_bytes("a/b/data.bin", b"\x00\x01payload")
+    store.write_json("a/meta.json", {"x": [1, 2.5, None], "y": "z"})
+    assert store.read_bytes("a/b/data.bin") == b"\x00\x01payload"
+    assert store.read_json("a/meta.json") == {"x": [1, 2.5, None], "y": "z"}
+    assert store.exists("a/b/data.bin") and store.exists("a") and not store.exists("nope")
+    assert store.list("a") == ["a/b", "a/meta.json"]
+    assert store.find("a") == ["a/b/data.bin", "a/meta.json"]  # no temporary files left behind
+    assert store.url("a", "meta.json") == f"{store.root}/a/meta.json"
+    store.write_bytes("a/b/data.bin", b"replaced")
+    assert store.read_bytes("a/b/data.bin") == b"replaced"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        store.read_bytes("nope/x")
+
+
+def test_completion_marker_and_deletion(store):
+    store.write_bytes("stage/part-0", b"0")
+    assert not store.is_complete("stage")
+    with pytest.raises(IncompleteArtifactError, match=f"{store.root}/stage is not complete"):
+        store.read_manifest("stage")
+    store.mark_complete("stage", {"rows": 3})
+    assert store.is_complete("stage") and store.read_manifest("stage") == {"rows": 3}
+    store.delete("stage")
+    assert not store.exists("stage") and not store.is_complete("stage")
+    store.delete("stage")  # deleting what is gone is fine
+    with pytest.raises(ValueError, match="whole storage root"):
+        store.delete("")
+
+
+def test_upload_and_download_directory(store, tmp_path):
+    source = tmp_path / "model"
+    (source / "sub").mkdir(parents=True)
+    (source / "config.json").write_text("{}")
+    (source / "sub" / "weights.bin").write_bytes(os.urandom(70_000))
+    assert store.upload_dir(source, "runs/r/student") == ["config.json", "sub/weights.bin"]
+    store.mark_complete("runs/r/student", {"files": 2})
+    target = tmp_path / "copy"
+    store.download_dir("runs/r/student", target)
+    assert (target / "sub" / "weights.bin").read_bytes() == (source / "sub" / "weights.bin").read_bytes()
+    assert json.loads((target / "_COMPLETE.json").read_text()) == {"files": 2}
+
+
+def test_paths_cannot_escape_the_root(local_store):
+    for bad in ("../x", "a/../../x", "/etc/passwd"):
+        with pytest.raises(ValueError, match="relative"):
+            local_store.write_bytes(bad, b"")
+
+
+def test_file_url_and_relative_paths_mean_the_same_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ArtifactStore(f"file://{tmp_path}/root").write_bytes("x", b"1")
+    assert ArtifactStore("root").read_bytes("x") == b"1"
+
+
+def test_s3_settings_from_the_standard_environment(s3_options, monkeypatch):
+    bucket = make_bucket(s3_options)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_options["endpoint_url"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CREDENTIALS["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CREDENTIALS["secret"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", CREDENTIALS["region"])
+    store = ArtifactStore(f"s3://{bucket}/prefix")
+    store.write_json("k.json", [1])
+    assert store.read_json("k.json") == [1]
+
+
+# ---- bad roots -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("root", ["ftp://host/dir", "gs://bucket/x", "hdfs:///data"])
+def test_unknown_scheme(root):
+    with pytest.raises(StoreError, match=r"unsupported storage root .*s3://bucket/prefix"):
+        ArtifactStore(root)
+
+
+def test_s3_root_without_bucket():
+    with pytest.raises(StoreError, match="names no bucket"):
+        ArtifactStore("s3://")
+
+
+def test_unreachable_endpoint_fails_fast():
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(StoreError, match=f"cannot reach the S3 endpoint {endpoint} for s3://bucket/x.*endpoint_url"):
+        ArtifactStore("s3://bucket/x", storage_options={"endpoint_url": endpoint, **CREDENTIALS})
+    assert time.monotonic() - started < 15
+
+
+def test_missing_bucket(s3_options):
+    with pytest.raises(StoreError, match=r"bucket 'no-such-bucket' does not exist .*aws s3 mb s3://no-such-bucket"):
+        ArtifactStore("s3://no-such-bucket/prefix", storage_options=s3_options)
+
+
+def test_missing_credentials(s3_options, monkeypatch, tmp_path):
+    bucket = make_bucket(s3_options)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(StoreError, match=f"no AWS credentials for s3://{bucket}/p: set AWS_ACCESS_KEY_ID"):
+        ArtifactStore(f"s3://{bucket}/p", storage_options={"endpoint_url": s3_options["endpoint_url"]})
+
+
+def test_root_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StoreError, match="is not a directory"):
+        ArtifactStore(str(tmp_path / "file"))
+
+
+# ---- read-only and full filesystems: real tmpfs mounts in a private mount namespace ------------------------------
+
+def _can_mount() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+def run_on_tmpfs(mount_options: str, mount_point, code: str) -> dict:
+    """Run ``code`` in a child process that sees a fresh tmpfs (``mount_options``) at ``mount_point``; the child
+    prints one JSON line, returned here."""
+    if not _can_mount():
+        pytest.skip("needs `unshare --user --mount` (unprivileged user namespaces) to mount a real tmpfs")
+    mount_point.mkdir()
+    script = f'mount -t tmpfs -o {mount_options} tmpfs "{mount_point}" && exec "$0" "$@"'
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, sys.executable,
+                             "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+READ_ONLY = """
+import json
+from storage import ArtifactStore, StoreError
+out = {}
+for root in (MOUNT, MOUNT + "/new-dir"):
+    try:
+        ArtifactStore(root)
+        out[root] = "accepted"
+    except StoreError as exc:
+        out[root] = str(exc)
+ArtifactStore(MOUNT, read_only=True)  # reading a read-only root is fine
+print(json.dumps(out))
+"""
+
+
+def test_read_only_root(tmp_path):
+    mount = tmp_path / "ro"
+    out = run_on_tmpfs("ro,size=1m", mount, f"MOUNT = {str(mount)!r}\n" + READ_ONLY)
+    for root, message in out.items():
+        assert "read-only or not permitted" in message and root in message and "writable storage root" in message
+
+
+FULL_DISK = """
+import json, os, numpy as np
+from storage import ArtifactStore, StoreError
+from storage.cache import TeacherCacheWriter, CacheWriteError
+from tests.storage.helpers import small_spec, chunk_arrays
+store = ArtifactStore(MOUNT + "/artifacts")
+store.write_json("done/data.json", {"ok": True})
+store.mark_complete("done", {"files": 1})
+out = {}
+try:
+    store.write_bytes("big/data.bin", os.urandom(3 << 20))
+    out["big"] = "written"
+except StoreError as exc:
+    out["big"] = str(exc)
+out["big_exists"] = store.exists("big/data.bin")
+out["leftovers"] = [n for n in os.listdir(MOUNT + "/artifacts/big")] if os.path.isdir(MOUNT + "/artifacts/big") else []
+out["done"] = [store.is_complete("done"), store.read_json("done/data.json")]
+store.delete("big")
+
+# the teacher cache: chunks that do not fit fail in the writer thread and stay missing
+spec = small_spec(hidden_size=20_000, dtype="float32", codec="none", num_samples=6, chunk_size=2, topk=0)
+writer = TeacherCacheWriter(store, "cache", spec)
+try:
+    with writer:
+        for chunk in writer.missing_chunks():
+            writer.write_chunk(chunk, chunk_arrays(spec, chunk))
+    out["cache"] = "written"
+except CacheWriteError as exc:
+    out["cache"] = str(exc)
+reopened = TeacherCacheWriter(store, "cache", spec)
+out["missing"] = reopened.missing_chunks()
+reopened.close()
+out["cache_complete"] = store.is_complete("cache")
+print(json.dumps(out))
+"""
+
+
+def test_full_disk_leaves_nothing_that_looks_complete(tmp_path):
+    mount = tmp_path / "full"
+    out = run_on_tmpfs("size=2m", mount, f"MOUNT = {str(mount)!r}\n" + FULL_DISK)
+    assert out["big"].startswith(f"disk full: cannot write {mount}/artifacts/big/data.bin") and "free space" in out["big"]
+    assert out["big_exists"] is False and out["leftovers"] == []  # no half-written file, no temporary
+    assert out["done"] == [True, {"ok": True}]  # what was complete is untouched
+    assert "disk full" in out["cache"] and "stay missing" in out["cache"]
+    assert out["missing"] and out["cache_complete"] is False  # 3 chunks of 2 x 6 x 20000 x 4 B = 1.9 MB: no room
