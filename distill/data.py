@@ -92,10 +92,12 @@ def iter_documents(cfg: DataConfig) -> Iterator[Document]:
 
 def _raw_documents(cfg: DataConfig) -> Iterator[Document]:
     if cfg.builtin == "stdlib":
-        # the stdlib corpus has its own split so that the quickstart teacher never saw the eval modules
-        for split in ("train", "eval"):
-            for relpath, text in stdlib_corpus.iter_documents(split):
-                yield Document(relpath, text, split)
+        # the corpus's own split, so that the quickstart teacher never saw the eval modules; both splits are
+        # interleaved in path order so that data.max_documents keeps some of each
+        root = stdlib_corpus.stdlib_root()
+        for relpath in stdlib_corpus.list_files(root):
+            yield Document(relpath, (root / relpath).read_text(encoding="utf-8", errors="replace"),
+                           stdlib_corpus.split_of(relpath))
     elif cfg.dataset:
         for i, row in enumerate(_hub_rows(cfg)):
             text = pick_text(row, cfg.text_field, f"dataset {cfg.dataset!r}")
@@ -190,9 +192,15 @@ def token_rows(cfg: DataConfig, tokenizer, batch_rows: int = 1024,
     builders = {"train": make(), "eval": make()}
     limits = {"train": cfg.max_train_rows, "eval": cfg.max_eval_rows}
     emitted = {"train": 0, "eval": 0}
+    def produced(split: str) -> int:
+        return emitted[split] + len(builders[split].rows)
+
+    def full(split: str) -> bool:
+        return limits[split] is not None and produced(split) >= limits[split]
+
     for doc_id, doc in enumerate(iter_documents(cfg) if documents is None else documents):
-        if limits[doc.split] is not None and emitted[doc.split] >= limits[doc.split]:
-            if all(limits[s] is not None and emitted[s] >= limits[s] for s in builders):
+        if full(doc.split):
+            if all(full(s) for s in builders):
                 break
             continue
         builders[doc.split].add(tokenizer(doc.text, add_special_tokens=False)["input_ids"], doc_id)
@@ -224,6 +232,7 @@ def run_tokenize(cfg, store, stage: dict, reporter) -> dict:
     if store.is_complete(path):
         return store.read_manifest(path)
     tokenizer = load_tokenizer(cfg.teacher)
+    store.delete(path)  # debris of an interrupted attempt (a split may be complete while the other is not)
     writers = {split: shards.TokenShardWriter(store, f"{path}/{split}", cfg.data.seq_len, cfg.data.rows_per_shard)
                for split in ("train", "eval")}
     def counted(documents):

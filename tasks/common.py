@@ -9,6 +9,7 @@ stage's artifacts and its Prefect cache entry goes with them, so a stale cache c
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 from prefect import get_run_logger, task
@@ -28,11 +29,24 @@ def stage_task(name: str, **options):
                 cache_result_in_memory=False, **options)
 
 
+SECRETS = ("key", "secret", "token", "aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+
+
 def result_storage(root: str, storage_options: dict | None = None):
-    """A Prefect filesystem block over the artifact root (local path or any fsspec URL such as s3://)."""
+    """A Prefect filesystem block over the artifact root (local path or any fsspec URL such as s3://).
+
+    Prefect needs cached results' storage saved server-side, so the block is saved under a name derived from the
+    root. Credentials are left out of it (they would sit in the server's database): s3fs reads them from the
+    standard AWS environment variables of whichever process runs the flow.
+    """
     if "://" in root and not root.startswith("file://"):
-        return RemoteFileSystem(basepath=root, settings=storage_options or {})
-    return LocalFileSystem(basepath=root.removeprefix("file://"))
+        settings = {k: v for k, v in (storage_options or {}).items() if k not in SECRETS}
+        block = RemoteFileSystem(basepath=root, settings=settings)
+    else:
+        block = LocalFileSystem(basepath=root.removeprefix("file://"))
+    name = "bitnet-distill-results-" + hashlib.sha256(root.encode()).hexdigest()[:12]
+    block.save(name, overwrite=True)
+    return block
 
 
 class PrefectReporter(Reporter):

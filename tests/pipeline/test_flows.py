@@ -1,0 +1,113 @@
+"""Both flows end to end under a temporary Prefect server, reuse across runs, and bad configurations."""
+
+import json
+import math
+
+import pytest
+import torch
+import transformers as tf
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.sorting import TaskRunSort
+
+from bitnet import load_student
+from distill.config import ConfigError
+from flows import self_distill, superposition_distill
+
+from .conftest import TINY, tiny_overrides
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+REQUIRED_METRICS = ["teacher", "ptq_ternary", "student", "packed_bytes", "fp16_bytes", "flow", "config", "fingerprints"]
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=100)
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+def run_flow(flow_fn, teacher, root, **extra):
+    state = flow_fn(config=TINY, overrides=tiny_overrides(teacher, root, **extra), return_state=True)
+    assert state.is_completed(), state
+    return state.result(), state.state_details.flow_run_id
+
+
+def check_metrics(root, result):
+    metrics = json.loads((root / result["metrics"]["metrics_path"]).read_text())
+    for key in REQUIRED_METRICS:
+        assert key in metrics, key
+    for name in ("teacher", "ptq_ternary", "student"):
+        assert math.isfinite(metrics[name]["perplexity"]) and metrics[name]["perplexity"] > 1
+    for key in ("kl_to_teacher", "top1_agreement"):
+        assert key in metrics["student"]
+    assert (root / result["metrics"]["report_path"]).read_text().startswith("# ")
+    assert (root / result["metrics"]["curves_png"]).read_bytes()[:4] == b"\x89PNG"
+    return metrics
+
+
+def test_superposition_flow_end_to_end(tiny_teacher, tmp_path):
+    result, _ = run_flow(superposition_distill, tiny_teacher, tmp_path)
+    metrics = check_metrics(tmp_path, result)
+    assert "student_via_teacher_head" in metrics
+    student, projector = load_student(tmp_path / result["export"]["path"])
+    assert projector is not None
+    ids = torch.randint(0, 300, (1, 8))
+    assert torch.isfinite(student(ids).logits).all()
+    assert (tmp_path / result["export"]["path"] / "tokenizer.json").exists()
+
+
+def test_self_distill_flow_end_to_end_and_stock_loading(tiny_teacher, tmp_path):
+    result, _ = run_flow(self_distill, tiny_teacher, tmp_path)
+    metrics = check_metrics(tmp_path, result)
+    assert len(metrics["student"]["hidden_cosine"]) == 2  # "all" layers of the 2-layer teacher
+    exported = tf.AutoModelForCausalLM.from_pretrained(tmp_path / result["export"]["path"])
+    assert exported.config.quantization_config.quant_method == "bitnet"
+    tokenizer = tf.AutoTokenizer.from_pretrained(tmp_path / result["export"]["path"])
+    with torch.no_grad():
+        assert torch.isfinite(exported(**tokenizer("def f(x):", return_tensors="pt")).logits).all()
+
+
+def test_rerun_reuses_every_stage_and_a_change_reruns_from_the_first_affected(tiny_teacher, tmp_path):
+    first, first_id = run_flow(superposition_distill, tiny_teacher, tmp_path)
+    again, again_id = run_flow(superposition_distill, tiny_teacher, tmp_path)
+    stages = ["tokenize", "cache-teacher", "train-superposition", "retrain-lm-head", "evaluate", "export"]
+    states = task_states(again_id)
+    assert {s: states[s] for s in stages} == {s: "Cached" for s in stages}
+    assert again["metrics"]["student"] == first["metrics"]["student"]
+
+    _, changed_id = run_flow(superposition_distill, tiny_teacher, tmp_path, **{"data.seq_len": 24})
+    states = task_states(changed_id)
+    assert {s: states[s] for s in stages} == {s: "Completed" for s in stages}
+
+    _, student_id = run_flow(superposition_distill, tiny_teacher, tmp_path, **{"student.n_layers": 1})
+    states = task_states(student_id)
+    assert states["tokenize"] == states["cache-teacher"] == "Cached"
+    assert states["train-superposition"] == states["evaluate"] == "Completed"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"data.seq_len": 128}, "data.seq_len 128 exceeds the teacher's maximum positions \\(64\\)"),
+    ({"cache.layers": [5]}, "cache.layers \\[5\\] do not exist: the teacher has hidden states 0..2"),
+    ({"self_distill.hidden_layers": [9]}, "self_distill.hidden_layers \\[9\\] do not exist"),
+    ({"train.steps": 0}, "train.steps: Input should be greater than 0"),
+])
+def test_bad_configurations_fail_before_any_work(tiny_teacher, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        self_distill(config=TINY, overrides=tiny_overrides(tiny_teacher, tmp_path, **overrides))
+    assert not (tmp_path / "tokens").exists()
+
+
+def test_missing_teacher_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="teacher.name_or_path: .*does not exist"):
+        superposition_distill(config=TINY, overrides=tiny_overrides(tmp_path / "no-such-teacher", tmp_path))
+
+
+def test_unknown_dataset_column_is_a_clear_error(tiny_teacher, tmp_path):
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps({"body": "some text " * 20}) + "\n")
+    overrides = tiny_overrides(tiny_teacher, tmp_path, **{"data.builtin": None, "data.files": [str(data)],
+                                                          "data.text_field": "content"})
+    with pytest.raises(ConfigError, match="data.text_field 'content' is not a column"):
+        self_distill(config=TINY, overrides=overrides)

@@ -1,0 +1,65 @@
+"""Kill a real process in the middle of training, rerun, and get exactly the uninterrupted result."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.artifacts import read_tensors
+from distill.config import load_config
+from distill.plan import open_store
+from storage import checkpoints
+
+from .conftest import TINY, tiny_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def start(overrides: dict, flow: str, until: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tests.pipeline.stage_runner", TINY, json.dumps(overrides), flow,
+                             until], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def finish(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def kill_after_first_checkpoint(overrides: dict, flow: str, run: str) -> None:
+    store = open_store(load_config(TINY, overrides))
+    proc = start(overrides, flow, "train")
+    deadline = time.monotonic() + 240
+    while checkpoints.latest_checkpoint(store, run) is None:
+        assert proc.poll() is None, f"finished before it could be killed: {proc.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("flow", ["self-distill", "superposition-distill"])
+def test_training_resumes_after_sigkill_and_matches_an_uninterrupted_run(tiny_teacher, tmp_path, flow):
+    settings = {"train.steps": 40, "train.checkpoint_every": 4, "train.eval_every": 20}
+    straight = tiny_overrides(tiny_teacher, tmp_path / "straight", **settings)
+    plan = finish(start(straight, flow, "train"))
+
+    killed = tiny_overrides(tiny_teacher, tmp_path / "killed", **settings)
+    kill_after_first_checkpoint(killed, flow, plan["train"]["checkpoint_run"])
+    assert finish(start(killed, flow, "train"))["train"] == plan["train"]
+
+    stores = [open_store(load_config(TINY, o)) for o in (straight, killed)]
+    histories = [s.read_json(plan["train"]["path"] + "/history.json") for s in stores]
+    assert [h["loss"] for h in histories[0]] == [h["loss"] for h in histories[1]]  # the curve continues exactly
+    weights = [read_tensors(s, plan["train"]["path"] + "/weights.safetensors") for s in stores]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
