@@ -63,3 +63,33 @@ def test_training_resumes_after_sigkill_and_matches_an_uninterrupted_run(tiny_te
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+def test_teacher_cache_stage_resumes_after_sigkill_and_matches_an_uninterrupted_build(tiny_teacher, tmp_path):
+    import zarr
+
+    from storage.cache_spec import GROUP_DIR, recorded_chunks
+
+    settings = {"cache.batch_size": 1, "data.max_train_rows": 60, "cache.topk": 4}
+    straight = tiny_overrides(tiny_teacher, tmp_path / "straight", **settings)
+    plan = finish(start(straight, "superposition-distill", "cache"))
+    train_cache = plan["cache_teacher"]["path"] + "/train"
+
+    killed = tiny_overrides(tiny_teacher, tmp_path / "killed", **settings)
+    store = open_store(load_config(TINY, killed))
+    proc = start(killed, "superposition-distill", "cache")
+    deadline = time.monotonic() + 240
+    while not recorded_chunks(store, train_cache):
+        assert proc.poll() is None and time.monotonic() < deadline, "the cache was built before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 0 < len(recorded_chunks(store, train_cache)) < 60
+    finish(start(killed, "superposition-distill", "cache"))
+
+    groups = [zarr.open_group(str(root / train_cache / GROUP_DIR), mode="r") for root in
+              (tmp_path / "straight", tmp_path / "killed")]
+    names = sorted(name for name, _ in groups[0].arrays())
+    assert names == sorted(name for name, _ in groups[1].arrays()) and "topk_values" in names
+    for name in names:
+        assert groups[0][name][:].tobytes() == groups[1][name][:].tobytes(), name
