@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         overrides = parse_sets(args.set)
+        cfg = load_config(getattr(args, "name", None) or args.config, overrides)  # fail before Prefect starts
         if args.command == "config":
-            cfg = load_config(args.name or args.config, overrides)
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
             return 0
         from flows import FLOWS

@@ -1,5 +1,6 @@
 """Both flows end to end under a temporary Prefect server, reuse across runs, and bad configurations."""
 
+import asyncio
 import json
 import math
 
@@ -7,8 +8,8 @@ import pytest
 import torch
 import transformers as tf
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.client.schemas.sorting import TaskRunSort
+from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, FlowRunFilterId, TaskRunFilter
+from prefect.client.schemas.sorting import ArtifactSort, TaskRunSort
 
 from bitnet import load_student
 from distill.config import ConfigError
@@ -21,10 +22,17 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 REQUIRED_METRICS = ["teacher", "ptq_ternary", "student", "packed_bytes", "fp16_bytes", "flow", "config", "fingerprints"]
 
 
+def read_api(method: str, flow_run_id, **kwargs):
+    """Read task runs or artifacts of a flow run back through the Prefect API."""
+    async def read():
+        async with get_client() as client:
+            only_this_run = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            return await getattr(client, method)(flow_run_filter=only_this_run, **kwargs)
+    return asyncio.run(read())
+
+
 def task_states(flow_run_id) -> dict[str, str]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=100)
+    runs = read_api("read_task_runs", flow_run_id, limit=100, sort=TaskRunSort.EXPECTED_START_TIME_ASC)
     return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
 
 
@@ -47,9 +55,25 @@ def check_metrics(root, result):
     return metrics
 
 
+def artifacts_of(flow_run_id) -> dict[str, list[str]]:
+    """Artifact type -> keys (or descriptions, for unkeyed ones) created by a flow run and its tasks."""
+    kinds: dict[str, list[str]] = {}
+    for artifact in read_api("read_artifacts", flow_run_id, limit=200, offset=0, sort=ArtifactSort.CREATED_DESC,
+                             artifact_filter=ArtifactFilter(), task_run_filter=TaskRunFilter()):
+        kinds.setdefault(artifact.type, []).append(artifact.key or artifact.description)
+    return kinds
+
+
 def test_superposition_flow_end_to_end(tiny_teacher, tmp_path):
-    result, _ = run_flow(superposition_distill, tiny_teacher, tmp_path)
+    result, flow_run_id = run_flow(superposition_distill, tiny_teacher, tmp_path)
     metrics = check_metrics(tmp_path, result)
+    artifacts = artifacts_of(flow_run_id)
+    assert "superposition-distill-tiny-report" in artifacts["markdown"]
+    assert "superposition-distill-tiny-metrics" in artifacts["table"]
+    links = {"superposition-distill-tiny-student", "superposition-distill-tiny-loss-curves"}  # links are markdown
+    assert links <= set(artifacts["markdown"])
+    assert any("cache teacher" in d for d in artifacts["progress"]) and any("superposition" in d for d in
+                                                                            artifacts["progress"])
     assert "student_via_teacher_head" in metrics
     student, projector = load_student(tmp_path / result["export"]["path"])
     assert projector is not None

@@ -93,3 +93,23 @@ def test_teacher_cache_stage_resumes_after_sigkill_and_matches_an_uninterrupted_
     assert names == sorted(name for name, _ in groups[1].arrays()) and "topk_values" in names
     for name in names:
         assert groups[0][name][:].tobytes() == groups[1][name][:].tobytes(), name
+
+
+def test_sigterm_writes_a_checkpoint_at_the_current_step(tiny_teacher, tmp_path):
+    import re
+
+    overrides = tiny_overrides(tiny_teacher, tmp_path, **{"train.steps": 2000, "train.checkpoint_every": 7,
+                                                          "train.eval_every": 1000})
+    store = open_store(load_config(TINY, overrides))
+    proc = start(overrides, "self-distill", "train")
+    deadline = time.monotonic() + 240
+    while not (found := [p for p in store.find("runs") if p.endswith("/step-7/_COMPLETE.json")]):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    plan_run = found[0].split("/")[1]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    stopped = re.search(r"stopped by signal 15 at step (\d+); a checkpoint was written, rerun to resume", err)
+    assert stopped, err[-2000:]
+    assert checkpoints.latest_checkpoint(store, plan_run).endswith(f"/step-{stopped.group(1)}")
