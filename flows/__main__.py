@@ -1,6 +1,7 @@
 """Command line: run a flow locally (on Prefect's embedded default or the configured server), or show the
 resolved configuration.
 
+    python -m flows run both --config quickstart          # both flows, then one summary table
     python -m flows run superposition-distill --config quickstart --set train.steps=20
     python -m flows run self-distill --config configs/tinyllama.yaml --set self_distill.delta=lora:16
     python -m flows config quickstart --set data.seq_len=64
@@ -26,17 +27,19 @@ def parse_sets(items: list[str]) -> dict[str, str]:
     return overrides
 
 
-def summary_table(result: dict) -> str:
-    m = result["metrics"]
-    rows = [("teacher perplexity", f"{m['teacher']['perplexity']:.3f}"),
-            ("naive ternary (PTQ) perplexity", f"{m['ptq_ternary']['perplexity']:.3f}"),
-            ("student perplexity", f"{m['student']['perplexity']:.3f}"),
-            ("student KL to teacher", f"{m['student']['kl_to_teacher']:.4f}"),
-            ("student top-1 agreement", f"{m['student']['top1_agreement']:.3f}"),
-            ("packed ternary size", f"{m['packed_bytes'] / 2**20:.2f} MiB ({m['fp16_bytes'] / max(m['packed_bytes'], 1):.1f}x "
-                                    "smaller than fp16)"),
-            ("report", result["links"]["report"]),
-            ("student", result["links"]["student"])]
+def summary_table(results: dict[str, dict]) -> str:
+    """The headline numbers of one or both flows, as aligned text."""
+    first = next(iter(results.values()))["metrics"]
+    rows = [("teacher perplexity", f"{first['teacher']['perplexity']:.3f}"),
+            ("naive ternary (PTQ) perplexity", f"{first['ptq_ternary']['perplexity']:.3f}")]
+    for flow, result in results.items():
+        m = result["metrics"]
+        label = "self-distilled student" if flow == "self-distill" else "superposition student"
+        rows += [(f"{label} perplexity", f"{m['student']['perplexity']:.3f}"),
+                 (f"{label} KL to teacher", f"{m['student']['kl_to_teacher']:.4f}"),
+                 (f"{label} packed size", f"{m['packed_bytes'] / 2**20:.2f} MiB "
+                                          f"({m['fp16_bytes'] / max(m['packed_bytes'], 1):.1f}x smaller than fp16)"),
+                 (f"{label} report", result["links"]["report"])]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a flow end to end (finished stages are reused)")
-    run.add_argument("flow", choices=["superposition-distill", "self-distill"])
+    run.add_argument("flow", choices=["superposition-distill", "self-distill", "both"])
     show = sub.add_parser("config", help="print the resolved configuration")
     for p in (run, show):
         p.add_argument("--config", "-c", default="quickstart", help="preset name in configs/ or a YAML path")
@@ -62,12 +65,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from flows import FLOWS
 
-        result = FLOWS[args.flow](config=args.config, overrides=overrides)
+        names = list(FLOWS) if args.flow == "both" else [args.flow]
+        results = {name: FLOWS[name](config=args.config, overrides=overrides) for name in names}
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"\n{args.flow} finished: run {result['run']}\n")
-    print(summary_table(result))
+    print(f"\nfinished: {', '.join(r['run'] for r in results.values())}\n")
+    print(summary_table(results))
     return 0
 
 

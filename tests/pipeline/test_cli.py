@@ -43,3 +43,17 @@ def test_4bit_loading_without_bitsandbytes_says_how_to_get_it(tiny_teacher):
         pass
     with pytest.raises(ConfigError, match="needs bitsandbytes: pip install 'bitnet-distill\\[quant4bit\\]'"):
         load_teacher(TeacherConfig(name_or_path=str(tiny_teacher), load_in_4bit=True))
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_run_both_prints_the_summary_table(tiny_teacher, tmp_path, capsys):
+    from .conftest import TINY
+
+    assert main(["run", "both", "--config", TINY, "--set", f"teacher.name_or_path={tiny_teacher}",
+                 "--set", f"storage.root={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    for label in ("teacher perplexity", "naive ternary (PTQ) perplexity", "self-distilled student perplexity",
+                  "superposition student perplexity", "superposition student packed size", "self-distilled student report"):
+        assert label in out, label
+    reports = [line.split()[-1] for line in out.splitlines() if " report " in line]
+    assert len(reports) == 2 and all(Path(r).read_text().startswith("# ") for r in reports)
