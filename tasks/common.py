@@ -13,6 +13,7 @@ import hashlib
 import time
 
 from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 
@@ -73,7 +74,10 @@ class PrefectReporter(Reporter):
             self._last = time.monotonic()
 
     def log(self, message: str) -> None:
-        get_run_logger().info(message)
+        try:
+            get_run_logger().info(message)
+        except MissingContextError:  # called outside a run (e.g. ``task.fn(...)``): the terminal will do
+            super().log(message)
 
     def close(self) -> None:
         if self._artifact is not None:
