@@ -13,6 +13,7 @@ import hashlib
 import time
 
 from prefect import get_run_logger, task
+from prefect.context import get_run_context
 from prefect.exceptions import MissingContextError
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
@@ -50,6 +51,14 @@ def result_storage(root: str, storage_options: dict | None = None):
     return block
 
 
+def _in_run() -> bool:
+    try:
+        get_run_context()
+        return True
+    except MissingContextError:
+        return False
+
+
 class PrefectReporter(Reporter):
     """The terminal progress bar, plus a progress artifact in the Prefect UI and logs in the run's logger."""
 
@@ -63,7 +72,7 @@ class PrefectReporter(Reporter):
     def start(self, total: int | None, description: str, initial: int = 0) -> None:
         super().start(total, description, initial)
         self._done, self._total, self._last = initial, max(total or 0, 1), time.monotonic()
-        if total:  # an unknown total has no percentage to show
+        if total and _in_run():  # an unknown total has no percentage to show
             self._artifact = create_progress_artifact(progress=100.0 * initial / self._total, description=description)
 
     def advance(self, n: int = 1, **metrics: float) -> None:
@@ -74,9 +83,9 @@ class PrefectReporter(Reporter):
             self._last = time.monotonic()
 
     def log(self, message: str) -> None:
-        try:
+        if _in_run():
             get_run_logger().info(message)
-        except MissingContextError:  # called outside a run (e.g. ``task.fn(...)``): the terminal will do
+        else:  # called outside a run (e.g. ``task.fn(...)``): the terminal will do
             super().log(message)
 
     def close(self) -> None:
