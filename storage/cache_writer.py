@@ -103,7 +103,7 @@ class TeacherCacheWriter:
             return
         try:  # the body failed: still record the chunks already handed over, but raise the body's error
             self.close()
-        except CacheError:
+        except Exception:  # secondary to the body's error, which propagates
             pass
 
     def missing_chunks(self) -> list[int]:

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from safetensors.torch import load_file, save_file
 
 from . import layout
 from .errors import IncompleteArtifactError, IntegrityError
-from .fingerprint import sha256_hex
+from .fingerprint import file_sha256
 
 TENSORS, STATE, METADATA = "tensors.safetensors", "state.safetensors", "metadata.json"
 _TENSOR, _NDARRAY, _TUPLE, _ITEMS = "__tensor__", "__ndarray__", "__tuple__", "__items__"
@@ -118,18 +119,25 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(store, run: str, step: int, tensors: dict[str, torch.Tensor], metadata: dict,
                     keep_last: int = 2) -> str:
     """Write checkpoint ``step`` of ``run`` atomically (files first, completion marker last), then delete all but
-    the ``keep_last`` highest complete steps (and debris of interrupted saves below them). Returns its path."""
+    the ``keep_last`` highest complete steps (and debris of interrupted saves below them). Returns its path.
+
+    The files go through a local temporary directory and are streamed to the store, so a checkpoint as large as the
+    model and its optimiser state is never held twice in memory."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     path = layout.checkpoint_dir(run, step)
     state: dict[str, torch.Tensor] = {}
     meta_json = {"step": int(step), "metadata": encode_tree(metadata, state)}
-    files = {TENSORS: save_safetensors(_serializable(tensors)), STATE: save_safetensors(_serializable(state)),
-             METADATA: json.dumps(meta_json, sort_keys=True).encode()}
     store.unmark_complete(path)  # rewriting a step: it must not look complete while half-replaced
-    for name, data in files.items():
-        store.write_bytes(f"{path}/{name}", data)
-    store.mark_complete(path, {"step": int(step), "sha256": {name: sha256_hex(data) for name, data in files.items()}})
+    hashes = {}
+    with tempfile.TemporaryDirectory(prefix="checkpoint-") as tmp:
+        save_file(_serializable(tensors), f"{tmp}/{TENSORS}")
+        save_file(_serializable(state), f"{tmp}/{STATE}")
+        Path(tmp, METADATA).write_text(json.dumps(meta_json, sort_keys=True))
+        for name in (TENSORS, STATE, METADATA):
+            hashes[name] = file_sha256(f"{tmp}/{name}")
+            store.put_file(f"{tmp}/{name}", f"{path}/{name}")
+    store.mark_complete(path, {"step": int(step), "sha256": hashes})
     _prune(store, run, keep_last)
     return path
 
@@ -169,11 +177,15 @@ def load_checkpoint(store, path: str) -> tuple[dict[str, torch.Tensor], dict]:
     except IncompleteArtifactError:
         raise IncompleteArtifactError(f"checkpoint {store.url(path)} is incomplete (its save was interrupted); "
                                       "load latest_checkpoint(store, run) instead") from None
-    data = {name: store.read_bytes(f"{path}/{name}") for name in (TENSORS, STATE, METADATA)}
-    for name, blob in data.items():
-        if sha256_hex(blob) != manifest["sha256"][name]:
-            raise IntegrityError(f"checkpoint file {store.url(path, name)} does not match the checksum recorded when "
-                                 "it was saved; delete this checkpoint to resume from the previous one")
-    meta_json = json.loads(data[METADATA])
-    metadata = decode_tree(meta_json["metadata"], load_safetensors(data[STATE]))
-    return load_safetensors(data[TENSORS]), metadata
+    with tempfile.TemporaryDirectory(prefix="checkpoint-") as tmp:
+        files = {}
+        for name in (TENSORS, STATE, METADATA):
+            files[name] = str(store.local_path(f"{path}/{name}")) if store.is_local else f"{tmp}/{name}"
+            if not store.is_local:
+                store.get_file(f"{path}/{name}", files[name])
+            if file_sha256(files[name]) != manifest["sha256"][name]:
+                raise IntegrityError(f"checkpoint file {store.url(path, name)} does not match the checksum recorded "
+                                     "when it was saved; delete this checkpoint to resume from the previous one")
+        meta_json = json.loads(Path(files[METADATA]).read_text())
+        metadata = decode_tree(meta_json["metadata"], load_file(files[STATE]))
+        return load_file(files[TENSORS]), metadata

@@ -80,15 +80,20 @@ def _plain(value: Any, where: str) -> Any:
 _FILE_HASHES: dict[tuple, str] = {}  # (path, size, mtime) -> sha256: hash each big weight file once per process
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, streamed (weights need not fit in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _file_sha256(path: Path) -> str:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _FILE_HASHES:
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            while block := f.read(8 << 20):
-                digest.update(block)
-        _FILE_HASHES[key] = digest.hexdigest()
+        _FILE_HASHES[key] = file_sha256(path)
     return _FILE_HASHES[key]
 
 

@@ -25,15 +25,21 @@ def start_worker(store, path: str, delay: float = 0, lock_timeout: float = 0, le
     command = [sys.executable, "-m", "tests.storage.cache_worker", describe(store), path, json.dumps(SPEC.to_dict()),
                str(delay), str(lock_timeout), str(lease_ttl), *([str(gate)] if gate else [])]
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert process.stdout.readline().strip() == "ready", process.communicate()
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout.readline().strip() == "ready", finish(process)
     return process
+
+
+def finish(process: subprocess.Popen, timeout: float = 120) -> str:
+    """The rest of the worker's output once it exits (read from the same buffered stream as ``ready``)."""
+    process.wait(timeout)
+    return process.stdout.read()
 
 
 def wait_for_records(store, path: str, count: int, process: subprocess.Popen, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while len(store.list(f"{path}/_chunks")) < count:
-        assert process.poll() is None, process.communicate()
+        assert process.poll() is None, finish(process)
         assert time.monotonic() < deadline, "the worker wrote nothing in time"
         time.sleep(0.05)
 
@@ -73,15 +79,14 @@ def test_two_writers_never_write_the_same_cache(store, reference, tmp_path):
     first = start_worker(store, "cache", gate=gate)
     wait_for_records(store, "cache", 1, first)  # it holds the lock and waits at the gate
     impatient = start_worker(store, "cache", lock_timeout=0)
-    out, _ = impatient.communicate(timeout=60)
+    out = finish(impatient)
     assert impatient.returncode == 3, out
     assert f"the teacher cache at {store.url('cache')} is being written by process {first.pid}" in out
     assert "wait for it to finish and rerun" in out
     patient = start_worker(store, "cache", lock_timeout=60)
     time.sleep(0.5)  # it is now waiting for the lock
     gate.touch()
-    first_out, first_err = first.communicate(timeout=120)
-    patient_out, patient_err = patient.communicate(timeout=120)
-    assert first.returncode == 0 and first_out.strip() == "wrote 12", first_err
-    assert patient.returncode == 0 and patient_out.strip() == "wrote 0", patient_err  # waited, found it done
+    first_out, patient_out = finish(first), finish(patient)
+    assert first.returncode == 0 and first_out.strip().endswith("wrote 12"), first_out
+    assert patient.returncode == 0 and patient_out.strip().endswith("wrote 0"), patient_out  # waited, found it done
     assert relative_tree(store, "cache") == reference
