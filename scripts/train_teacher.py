@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--warmup-steps", type=int, default=200)
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--max-steps", type=int, default=2000, help="length of the cosine schedule and step cap")
-    g.add_argument("--max-minutes", type=float, default=120.0,
+    g.add_argument("--max-minutes", type=float, default=240.0,
                    help="wall-clock safety cap (an idle 2-core CPU needs ~30 min for the defaults; a shared one more)")
     g.add_argument("--no-amp", action="store_true", help="train in float32 instead of bf16 autocast")
     g.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
