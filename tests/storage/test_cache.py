@@ -216,3 +216,20 @@ def test_reader_random_access_shuffling_and_bounded_memory(store):
     clone = pickle.loads(pickle.dumps(reader))  # DataLoader workers get their own copy
     loader = torch.utils.data.DataLoader(clone, batch_size=5)
     assert torch.equal(next(iter(loader))["input_ids"], everything[:5])
+
+
+def test_writer_that_lost_its_lease_records_nothing_more(s3_store):
+    writer = TeacherCacheWriter(s3_store, "cache", SPEC, lease_ttl=0.4)  # renewed every 0.1 s
+    writer.write_chunk(0, chunk_arrays(SPEC, 0))
+    deadline = time.monotonic() + 30
+    while not s3_store.exists("cache/_chunks/chunk-000000.json"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    intruder = b'{"owner": "someone else", "host": "elsewhere", "pid": 1, "expires": 1e12}'
+    s3_store.write_bytes("cache/_lease.json", intruder)  # as a contender does once it believes the lease expired
+    time.sleep(0.5)  # the next renewal finds the lease changed
+    writer.write_chunk(1, chunk_arrays(SPEC, 1))
+    with pytest.raises(CacheWriteError, match="lost the lease on the teacher cache at .* stop writing and rerun"):
+        writer.close()
+    assert not s3_store.exists("cache/_chunks/chunk-000001.json")
+    assert s3_store.read_bytes("cache/_lease.json") == intruder  # the new holder's lease is left alone
