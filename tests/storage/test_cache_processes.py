@@ -19,15 +19,20 @@ from .helpers import REPO, build_cache, describe, small_spec, tree_bytes
 SPEC = small_spec(num_samples=36, chunk_size=3)  # 12 chunks
 
 
-def start_worker(store, path: str, delay: float = 0, lock_timeout: float = 0, lease_ttl: float = 2,
-                 gate=None) -> subprocess.Popen:
-    """A writer process (see cache_worker.py); returns once it has imported everything and says ``ready``."""
-    command = [sys.executable, "-m", "tests.storage.cache_worker", describe(store), path, json.dumps(SPEC.to_dict()),
-               str(delay), str(lock_timeout), str(lease_ttl), *([str(gate)] if gate else [])]
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert process.stdout.readline().strip() == "ready", finish(process)
-    return process
+def start_workers(store, path: str, *settings: dict) -> list[subprocess.Popen]:
+    """Writer processes (see cache_worker.py), one per ``settings`` (delay, lock_timeout, lease_ttl, gate), started
+    together; returns once each has imported everything and said ``ready``."""
+    processes = []
+    for options in settings:
+        options = {"delay": 0, "lock_timeout": 0, "lease_ttl": 2, "gate": None, **options}
+        command = [sys.executable, "-m", "tests.storage.cache_worker", describe(store), path,
+                   json.dumps(SPEC.to_dict()), str(options["delay"]), str(options["lock_timeout"]),
+                   str(options["lease_ttl"]), *([str(options["gate"])] if options["gate"] else [])]
+        processes.append(subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for process in processes:
+        assert process.stdout.readline().strip() == "ready", finish(process)
+    return processes
 
 
 def finish(process: subprocess.Popen, timeout: float = 120) -> str:
@@ -56,7 +61,7 @@ def reference(store) -> dict[str, bytes]:
 
 
 def test_sigkill_mid_build_then_resume_is_byte_identical(store, reference):
-    worker = start_worker(store, "cache", delay=0.1)
+    worker, = start_workers(store, "cache", {"delay": 0.1})
     wait_for_records(store, "cache", 3, worker)
     worker.send_signal(signal.SIGKILL)
     worker.wait()
@@ -76,15 +81,14 @@ def test_sigkill_mid_build_then_resume_is_byte_identical(store, reference):
 
 def test_two_writers_never_write_the_same_cache(store, reference, tmp_path):
     gate = tmp_path / "go"
-    first = start_worker(store, "cache", gate=gate)
+    first, = start_workers(store, "cache", {"gate": gate})
     wait_for_records(store, "cache", 1, first)  # it holds the lock and waits at the gate
-    impatient = start_worker(store, "cache", lock_timeout=0)
+    impatient, patient = start_workers(store, "cache", {"lock_timeout": 0}, {"lock_timeout": 60})
     out = finish(impatient)
     assert impatient.returncode == 3, out
     assert f"the teacher cache at {store.url('cache')} is being written by process {first.pid}" in out
     assert "wait for it to finish and rerun" in out
-    patient = start_worker(store, "cache", lock_timeout=60)
-    time.sleep(0.5)  # it is now waiting for the lock
+    assert patient.poll() is None  # still waiting for the lock
     gate.touch()
     first_out, patient_out = finish(first), finish(patient)
     assert first.returncode == 0 and first_out.strip().endswith("wrote 12"), first_out
