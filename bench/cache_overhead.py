@@ -1,0 +1,190 @@
+"""Teacher caching: what the cache stage costs over the bare teacher forward pass, and its bytes per token on disk.
+
+Throughput ratio: the cache stage's path (``distill.teacher.teacher_outputs`` + ``TeacherCacheWriter`` writing the
+chosen layers and top-k logits into a real local ``ArtifactStore``, from opening the writer to closing it) against
+the bare teacher forward on the same batches, interleaved. A third variant, ``teacher_outputs`` without writing,
+separates the cost of asking for hidden states and top-k from the cost of the writer. Target: ratio >= 0.90.
+
+Sizes: the teacher's real outputs written once per storage dtype and codec; bytes per token of each cached layer
+and of top-k logits (values fp16 + indices int32) at k = 16, 64, 128, next to ``torch.save`` of the same tensors.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: python bench/cache_overhead.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from bench.common import compute_dtype, interleave, median, parser, ratio, report, setup, table, teacher, token_rows
+from distill.teacher import resolve_layers, teacher_outputs
+from storage import ArtifactStore
+from storage.cache import TeacherCacheSpec, TeacherCacheWriter
+
+TARGET = 0.90
+SIZE_DTYPES = ("float32", "float16", "bfloat16")
+SIZE_CODECS = ("none", "zstd", "blosc")
+TOPKS = (16, 64, 128)
+
+
+def split(ids: torch.Tensor, mask: torch.Tensor, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(ids[i:i + batch], mask[i:i + batch]) for i in range(0, len(ids), batch)]
+
+
+def chunk_arrays(ids: torch.Tensor, mask: torch.Tensor, outputs: dict) -> dict:
+    """What the cache stage hands the writer for one chunk (distill/teacher_cache.py)."""
+    return {"input_ids": ids.int(), "attention_mask": mask.to(torch.int8), **{k: v.cpu() for k, v in outputs.items()}}
+
+
+def spec_for(model, rows: int, batch: int, seq_len: int, layers: list[int], **kwargs) -> TeacherCacheSpec:
+    return TeacherCacheSpec(num_samples=rows, seq_len=seq_len, layers=layers, hidden_size=model.config.hidden_size,
+                            chunk_size=batch, fingerprint="bench", **kwargs)
+
+
+def throughput(model, info: dict, args, device, store: ArtifactStore, rows: int) -> dict:
+    ids, mask = token_rows(rows, args.seq_len)
+    batches = split(ids, mask, args.batch)
+    layers = resolve_layers(args.layers, model.config.num_hidden_layers)
+    spec = spec_for(model, rows, args.batch, args.seq_len, layers, dtype=args.dtype, codec=args.codec, topk=args.topk)
+
+    @torch.no_grad()
+    def bare():
+        for i, m in batches:
+            model(input_ids=i.to(device), attention_mask=m.to(device))
+
+    def outputs_only():
+        for i, m in batches:
+            chunk_arrays(i, m, teacher_outputs(model, i.to(device), m.to(device), layers, args.topk))
+
+    def cache_stage() -> float:
+        path = f"overhead-{uuid.uuid4().hex[:8]}"
+        start = time.perf_counter()
+        with TeacherCacheWriter(store, path, spec) as writer:
+            for chunk, (i, m) in enumerate(batches):
+                writer.write_chunk(chunk, chunk_arrays(i, m, teacher_outputs(model, i.to(device), m.to(device),
+                                                                             layers, args.topk)))
+        elapsed = time.perf_counter() - start
+        store.delete(path)
+        return elapsed
+
+    times = interleave({"bare forward": bare, "teacher_outputs": outputs_only, "cache stage": cache_stage},
+                       args.repeats, device)
+    tokens = int(mask.sum())
+    return {**info, "rows": rows, "tokens": tokens, "chunks": len(batches), "layers": layers, "topk": args.topk,
+            "dtype": args.dtype, "codec": args.codec,
+            "tokens_per_s": {name: tokens / median(t) for name, t in times.items()},
+            "ratio_cache_over_bare": ratio(times["bare forward"], times["cache stage"]),
+            "ratio_outputs_over_bare": ratio(times["bare forward"], times["teacher_outputs"]),
+            "seconds": times}
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def sizes(model, info: dict, args, device, store: ArtifactStore) -> dict:
+    """Bytes per token of each cached layer and of top-k logits, per storage dtype and codec."""
+    ids, mask = token_rows(args.size_rows, args.seq_len)
+    batches = split(ids, mask, args.batch)
+    n = model.config.num_hidden_layers
+    layers = [n // 2, n]
+    chunks = [chunk_arrays(i, m, teacher_outputs(model, i.to(device), m.to(device), layers, max(TOPKS)))
+              for i, m in batches]
+    tokens = args.size_rows * args.seq_len
+
+    def write(path: str, spec: TeacherCacheSpec, topk: int) -> Path:
+        names = spec.arrays()
+        with TeacherCacheWriter(store, path, spec) as writer:
+            for c, arrays in enumerate(chunks):
+                writer.write_chunk(c, {k: v[..., :topk] if k.startswith("topk_") else v
+                                       for k, v in arrays.items() if k in names})
+        return store.local_path(f"{path}/data.zarr")
+
+    def saved_bytes(tensors) -> int:
+        with tempfile.NamedTemporaryFile(dir=store.local_path()) as f:
+            torch.save(tensors, f.name)
+            return Path(f.name).stat().st_size
+
+    hidden = {f"layer {i}": {} for i in layers}
+    for dtype in SIZE_DTYPES:
+        for codec in SIZE_CODECS:
+            path = f"sizes-{dtype}-{codec}"
+            group = write(path, spec_for(model, args.size_rows, args.batch, args.seq_len, layers, dtype=dtype,
+                                         codec=codec), 0)
+            for i in layers:
+                hidden[f"layer {i}"][f"{dtype} {codec}"] = dir_bytes(group / f"hidden/layer_{i}") / tokens
+            store.delete(path)
+    for i in layers:
+        stacked = torch.cat([c[f"hidden/layer_{i}"] for c in chunks]).half().contiguous()
+        hidden[f"layer {i}"]["torch.save fp16"] = saved_bytes(stacked) / tokens
+    topk = {}
+    for k in TOPKS:
+        topk[k] = {}
+        for codec in SIZE_CODECS:
+            path = f"sizes-topk{k}-{codec}"
+            group = write(path, spec_for(model, args.size_rows, args.batch, args.seq_len, [n], dtype="float16",
+                                         codec=codec, topk=k), k)
+            topk[k][codec] = sum(dir_bytes(group / a) for a in ("topk_values", "topk_indices")) / tokens
+            store.delete(path)
+        values = torch.cat([c["topk_values"][..., :k] for c in chunks]).contiguous()
+        indices = torch.cat([c["topk_indices"][..., :k] for c in chunks]).contiguous()
+        topk[k]["torch.save"] = saved_bytes({"values": values, "indices": indices}) / tokens
+    return {**info, "tokens": tokens, "hidden_bytes_per_token": hidden, "topk_bytes_per_token": topk}
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument("--teachers", nargs="+", default=["quickstart", "large"], choices=["quickstart", "large"])
+    p.add_argument("--rows", type=int, default=128, help="rows per timed pass, quickstart teacher")
+    p.add_argument("--large-rows", type=int, default=48, help="rows per timed pass, large teacher")
+    p.add_argument("--size-rows", type=int, default=64, help="rows written for the bytes-per-token tables")
+    p.add_argument("--batch", type=int, default=16, help="teacher batch = cache chunk (quickstart preset: 16)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--layers", type=int, nargs="+", default=[-1], help="cached hidden states (quickstart: -1)")
+    p.add_argument("--topk", type=int, default=32, help="cached top-k logits (quickstart preset: 32)")
+    p.add_argument("--dtype", default="float16", help="cache dtype (quickstart preset: float16)")
+    p.add_argument("--codec", default="zstd", help="cache codec (default zstd)")
+    p.add_argument("--root", default=None, help="artifact store root (default: a temporary directory)")
+    # All cores by default: the writer thread's compression must then compete with the forward pass for the CPU,
+    # as it does in a real run (with one torch thread it would run on an otherwise idle core).
+    p.set_defaults(repeats=3, threads=0)
+    args = p.parse_args(argv)
+    device = setup(args)
+    root = args.root or tempfile.mkdtemp(prefix="bench-cache-")
+    store = ArtifactStore(root)
+    speed, size = [], []
+    for kind in args.teachers:
+        model, info = teacher(kind, device, compute_dtype(device))
+        rows = args.rows if kind == "quickstart" else args.large_rows
+        print(f"{kind}: {info['source']}, {info['parameters'] / 1e6:.1f}M parameters; timing {rows} rows x "
+              f"{args.repeats} rounds", flush=True)
+        speed.append(throughput(model, info, args, device, store, rows))
+        size.append(sizes(model, info, args, device, store))
+        del model
+
+    speed_rows = [[r["teacher"], r["source"], r["hidden_size"], r["tokens"], r["tokens_per_s"]["bare forward"],
+                   r["tokens_per_s"]["cache stage"], r["ratio_outputs_over_bare"]["median"],
+                   r["ratio_cache_over_bare"]["median"],
+                   f"{r['ratio_cache_over_bare']['min']:.3f}-{r['ratio_cache_over_bare']['max']:.3f}",
+                   "yes" if r["ratio_cache_over_bare"]["median"] >= TARGET else "no"] for r in speed]
+    tables = {"Cache stage throughput / bare teacher forward (target >= 0.90)": table(
+        ["teacher", "weights", "hidden", "tokens/pass", "bare tok/s", "cache tok/s", "teacher_outputs / bare",
+         "cache / bare (median)", "range", "meets target"], speed_rows)}
+    columns = [f"{d} {c}" for d in SIZE_DTYPES for c in SIZE_CODECS] + ["torch.save fp16"]
+    for s in size:
+        tables[f"Bytes per token per cached layer, {s['teacher']} teacher (hidden {s['hidden_size']})"] = table(
+            ["layer", *columns], [[name, *(v[c] for c in columns)] for name, v in s["hidden_bytes_per_token"].items()])
+        tables[f"Bytes per token of top-k logits (fp16 values + int32 indices), {s['teacher']} teacher"] = table(
+            ["k", *SIZE_CODECS, "torch.save"],
+            [[k, *(v[c] for c in (*SIZE_CODECS, "torch.save"))] for k, v in s["topk_bytes_per_token"].items()])
+    report("cache_overhead", args, device, tables, {"throughput": speed, "sizes": size, "store_root": root})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""What every benchmark shares: device and dtype, the teachers, token batches, interleaved timing, ratios,
+markdown tables and the JSON record.
+
+Every speed figure is a ratio of two variants timed side by side in one process: ``interleave`` runs one repeat of
+each variant per round (alternating the order every round), so drift in the machine's load hits both alike, and
+``ratio`` takes the median of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here downloads: teachers are local or built from configs
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+QUICKSTART = REPO / "assets" / "quickstart-teacher"
+
+# Llama shapes: "quickstart" is the embedded teacher's architecture (scripts/train_teacher.py defaults), "large" a
+# wider one whose linear layers dominate its size. Both use the quickstart tokenizer's 4096-token vocabulary.
+SHAPES = {
+    "quickstart": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
+    "large": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16),
+}
+VOCAB = 4096
+
+
+# ---- command line, device, environment -------------------------------------------------------------------------
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu or cuda")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per comparison (medians over these)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0: torch's default). 1 by default: on a shared, oversubscribed CPU a "
+                        "second thread waits on the first at every op and makes timings erratic")
+    p.add_argument("--out", default=None, help="JSON output (default bench/results/<name>.json)")
+    return p
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """The device to run on (``--device``); on CPU, ``--threads`` torch threads."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
+    return device
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 on CPU (CPU bf16 matmuls are slow and not what a CPU user runs)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def autocast(device: torch.device):
+    """Training runs under bf16 autocast on CUDA (as distill.loop.train does), plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine(device: torch.device | None = None) -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    import transformers
+
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "load_average": os.getloadavg(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "torchdynamo_disable": os.environ.get("TORCHDYNAMO_DISABLE")}
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ---- models and data -------------------------------------------------------------------------------------------
+
+def teacher(kind: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """``(model, info)``. ``quickstart`` is the trained embedded teacher when assets/quickstart-teacher holds one,
+    else a random-weight Llama of its shape; ``large`` is always random weights (hidden size 1024)."""
+    import transformers as tf
+
+    trained = kind == "quickstart" and (QUICKSTART / "model.safetensors").exists() and (QUICKSTART / "config.json").exists()
+    if trained:
+        model = tf.AutoModelForCausalLM.from_pretrained(QUICKSTART, dtype=dtype)
+        source = "trained (assets/quickstart-teacher)"
+    else:
+        torch.manual_seed(seed)
+        config = tf.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=1024, tie_word_embeddings=True,
+                                num_key_value_heads=SHAPES[kind]["num_attention_heads"], **SHAPES[kind])
+        model = tf.LlamaForCausalLM(config).to(dtype)
+        source = "random weights, tiny config"
+    model.to(device).eval().requires_grad_(False)
+    linears = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    info = {"teacher": kind, "source": source, "hidden_size": model.config.hidden_size,
+            "layers": model.config.num_hidden_layers, "vocab": model.config.vocab_size,
+            "parameters": sum(p.numel() for p in model.parameters()), "block_linear_parameters": linears}
+    return model, info
+
+
+@functools.lru_cache(maxsize=8)
+def token_rows(rows: int, seq_len: int = 128, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` packed rows of real tokens (the stdlib corpus through the quickstart tokenizer, as the tokenize stage
+    makes them): ``(input_ids int64 [rows, seq_len], attention_mask int64)``."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging
+
+    from distill.config import DataConfig
+    from distill.data import token_rows as packed_rows
+
+    logging.set_verbosity_error()  # "sequence longer than the maximum": documents are tokenized whole, then packed
+    tokenizer = AutoTokenizer.from_pretrained(QUICKSTART)
+    limits = {"max_train_rows": rows, "max_eval_rows": 1} if split == "train" else {"max_train_rows": 1, "max_eval_rows": rows}
+    cfg = DataConfig(builtin="stdlib", seq_len=seq_len, **limits)
+    parts = [b for s, b in packed_rows(cfg, tokenizer) if s == split]
+    ids = torch.from_numpy(np.concatenate([p["input_ids"] for p in parts])).long()
+    lengths = torch.from_numpy(np.concatenate([p["length"] for p in parts])).long()
+    if len(ids) < rows:
+        raise RuntimeError(f"the corpus gave {len(ids)} rows of {seq_len} tokens, fewer than the {rows} asked for")
+    mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
+    return ids, mask
+
+
+# ---- timing ----------------------------------------------------------------------------------------------------
+
+def interleave(variants: dict[str, Callable[[], float | None]], repeats: int, device: torch.device,
+               warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each variant, ``repeats`` rounds of one call each, order alternating every round.
+
+    A variant may return its own elapsed seconds (to leave set-up out of the timing); otherwise the whole call is
+    timed. ``warmup`` untimed rounds come first."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else reversed(names):
+            sync(device)
+            start = time.perf_counter()
+            own = variants[name]()
+            sync(device)
+            times[name].append(own if own is not None else time.perf_counter() - start)
+    return times
+
+
+def ratio(numerator: list[float], denominator: list[float]) -> dict:
+    """Median (and range) of the per-round ratios ``numerator[i] / denominator[i]``."""
+    per_round = [a / b for a, b in zip(numerator, denominator)]
+    return {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round),
+            "rounds": per_round}
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---- output ----------------------------------------------------------------------------------------------------
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        if value == 0 or 0.01 <= abs(value) < 1e5:
+            return f"{value:.3g}" if abs(value) < 10 else f"{value:,.1f}"
+        return f"{value:.3g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def command_line() -> str:
+    """How this run was started, as one would type it from the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    module = f"bench.{script.stem}" if script.parent == REPO / "bench" else str(script)
+    return " ".join([".venv/bin/python -m", module, *map(shlex.quote, sys.argv[1:])])
+
+
+def report(name: str, args: argparse.Namespace, device: torch.device, tables: dict[str, str], results: dict) -> Path:
+    """Print the tables and write ``{machine, command, args, tables, results}`` as JSON."""
+    for title, text in tables.items():
+        print(f"\n### {title}\n\n{text}")
+    out = Path(args.out) if args.out else RESULTS / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"benchmark": name, "command": command_line(), "machine": machine(device), "args": vars(args),
+              "tables": tables, "results": results}
+    out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(f"\nwrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
+    return out

@@ -1,0 +1,181 @@
+"""Training step cost, side by side in one process (forward + backward + clipping + AdamW, medians of interleaved
+rounds).
+
+1. BitLinear vs nn.Linear: the superposition student (``bitnet.SuperpositionStudent``, every block projection a
+   ``BitLinear``) against the very same architecture and weights with plain ``nn.Linear``. Target <= 1.3x.
+2. Self-distillation vs plain fine-tuning of the same Hugging Face model: the project's own self-distillation loss
+   (``distill.train_self.self_distill_trainable``: a teacher-mode forward, then the student forward through
+   ``bitnet.patch_model`` with CE + KL + hidden cosine, backward into dW) against full fine-tuning of an unpatched
+   copy with cross-entropy. A third variant, the patched student with cross-entropy alone, separates the cost of
+   ternary training from the cost of the teacher signal.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: python bench/train_step.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from torch import nn
+
+import torch.nn.functional as F
+
+from bench.common import (SHAPES, VOCAB, autocast, interleave, median, parser, ratio, report, setup, table, teacher,
+                          token_rows)
+from bitnet import BitLinear, SuperpositionStudent, next_token_cross_entropy, patch_model
+from bitnet.quant import int8_activation, ternary_weight
+from distill.config import load_config
+from distill.rows import Rows
+from distill.train_self import self_distill_trainable
+
+TARGET = 1.3
+
+
+def optimiser_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, loss_of, device) -> None:
+    """One step as distill.loop.train takes it: loss, backward, clip to norm 1, AdamW, zero the gradients."""
+    with autocast(device):
+        loss = loss_of()
+    loss.backward()
+    nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def stepper(params: list[nn.Parameter], loss_of, device, lr: float = 1e-4):
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    return lambda: optimiser_step(params, optimizer, loss_of, device)
+
+
+class FusedSTE(torch.autograd.Function):
+    """A proposal, measured here, not used by the project: BitLinear at full quantization as one autograd node.
+
+    Forward computes exactly what ``bitnet.quant.bitlinear`` computes (codes, integer matmul, both scales after);
+    backward writes the straight-through gradients directly: ``dx = s_w * (dy @ w_q)``, ``dW = (dy * s_x).T @ x_q``,
+    which is what autograd derives from ``x + (q - x).detach()``. It saves the int8 codes for backward instead of
+    fp32 copies, and skips the elementwise STE graph (~10 passes over x and W per layer, forward and backward)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        with torch.no_grad():
+            w_q, w_scale = ternary_weight(weight)
+            x_q, x_scale = int8_activation(x)
+            y = F.linear(x_q.to(x.dtype), w_q.to(x.dtype)).float().mul_(x_scale * w_scale)
+        ctx.save_for_backward(x_q.to(torch.int8), w_q.to(torch.int8), x_scale, w_scale)
+        ctx.dtypes = x.dtype, weight.dtype
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_q, w_q, x_scale, w_scale = ctx.saved_tensors
+        dx = (dy @ w_q.to(dy.dtype)).float().mul_(w_scale)
+        dw = (dy.float() * x_scale).flatten(0, -2).T @ x_q.float().flatten(0, -2)
+        return dx.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1])
+
+
+class FusedBitLinear(BitLinear):
+    def forward(self, x):
+        if self.quant_lambda != 1.0 or self.bias is not None:
+            return super().forward(x)
+        return FusedSTE.apply(x, self.weight)
+
+
+def twin(student: nn.Module, cls: type) -> nn.Module:
+    """A copy of ``student`` whose BitLinear layers are of class ``cls`` (same weights, same shapes)."""
+    copied = copy.deepcopy(student)
+    for module in copied.modules():
+        if isinstance(module, BitLinear):
+            module.__class__ = cls  # BitLinear subclasses nn.Linear and adds only its forward
+    return copied
+
+
+def bitlinear_vs_linear(kind: str, batch: int, args, device) -> dict:
+    shape = SHAPES[kind]
+    ids, mask = token_rows(batch, args.seq_len)
+    ids, mask = ids.to(device), mask.to(device)
+    torch.manual_seed(0)
+    bit = SuperpositionStudent(VOCAB, shape["hidden_size"], shape["num_hidden_layers"], shape["num_attention_heads"],
+                               mlp_hidden=shape["intermediate_size"], max_seq_len=args.seq_len).to(device)
+    models = {"nn.Linear": twin(bit, nn.Linear), "BitLinear": bit, "fused STE (proposal)": twin(bit, FusedBitLinear)}
+    steps = {name: stepper(list(m.parameters()), lambda m=m: next_token_cross_entropy(m(ids, mask).logits, ids, mask),
+                           device) for name, m in models.items()}
+    times = interleave(steps, args.repeats, device)
+    return {"model": f"superposition student ({kind} shape)", "dim": shape["hidden_size"], "batch": batch,
+            "tokens": batch * args.seq_len, "parameters": sum(p.numel() for p in bit.parameters()),
+            "seconds": times, "median_s": {k: median(v) for k, v in times.items()},
+            "ratio": ratio(times["BitLinear"], times["nn.Linear"]),
+            "ratio_fused": ratio(times["fused STE (proposal)"], times["nn.Linear"])}
+
+
+def self_distill_vs_finetune(kind: str, batch: int, args, device) -> dict:
+    model, info = teacher(kind, device, torch.float32)  # fp32 master weights; bf16 autocast on CUDA
+    ids, mask = token_rows(batch, args.seq_len)
+    rows = Rows(batch, lambda index: {"input_ids": ids[index], "attention_mask": mask[index]})
+    cfg = load_config("quickstart", {"train.batch_size": batch})  # default loss: CE + KL + hidden cosine, all layers
+    dev_ids, dev_mask = ids.to(device), mask.to(device)
+
+    finetune = copy.deepcopy(model).train().requires_grad_(True)
+    dual = patch_model(copy.deepcopy(model).train(), delta=args.delta)
+    trainable = self_distill_trainable(dual, cfg, rows, device)
+    counter = iter(range(10**9))
+
+    def student_ce():
+        with dual.student():
+            return next_token_cross_entropy(dual(input_ids=dev_ids, attention_mask=dev_mask).logits, dev_ids, dev_mask)
+
+    steps = {
+        "fine-tune (CE)": stepper(list(finetune.parameters()),
+                                  lambda: next_token_cross_entropy(finetune(input_ids=dev_ids, attention_mask=dev_mask)
+                                                                   .logits, dev_ids, dev_mask), device),
+        "ternary student (CE only)": stepper(dual.trainable_parameters(), student_ce, device),
+        "self-distill": stepper(trainable.parameters, lambda: trainable.loss(next(counter))[0], device),
+    }
+    times = interleave(steps, args.repeats, device)
+    sd = cfg.self_distill
+    return {**info, "batch": batch, "tokens": batch * args.seq_len, "delta": args.delta,
+            "loss": f"ce {sd.ce_weight} + kl {sd.kl_weight} + hidden {sd.hidden_weight} ({sd.hidden_layers} layers)",
+            "seconds": times, "median_s": {k: median(v) for k, v in times.items()},
+            "ratio_self_distill": ratio(times["self-distill"], times["fine-tune (CE)"]),
+            "ratio_student_only": ratio(times["ternary student (CE only)"], times["fine-tune (CE)"])}
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=["quickstart", "large"], choices=list(SHAPES))
+    p.add_argument("--batch", type=int, default=16, help="rows per step, quickstart shape (quickstart preset: 16)")
+    p.add_argument("--large-batch", type=int, default=4, help="rows per step, large shape")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--delta", default="full", help="self-distillation delta: full or lora:R")
+    p.set_defaults(repeats=7)
+    args = p.parse_args(argv)
+    device = setup(args)
+    bit, sd = [], []
+    for kind in args.shapes:
+        batch = args.batch if kind == "quickstart" else args.large_batch
+        print(f"{kind}: BitLinear vs nn.Linear, batch {batch} x {args.seq_len}", flush=True)
+        bit.append(bitlinear_vs_linear(kind, batch, args, device))
+        print(f"{kind}: self-distillation vs fine-tuning", flush=True)
+        sd.append(self_distill_vs_finetune(kind, batch, args, device))
+    tables = {
+        "BitLinear model step / nn.Linear model step (target <= 1.3x)": table(
+            ["model", "dim", "tokens/step", "nn.Linear s/step", "BitLinear s/step", "BitLinear / nn.Linear", "range",
+             "meets target", "fused STE proposal / nn.Linear"],
+            [[r["model"], r["dim"], r["tokens"], r["median_s"]["nn.Linear"], r["median_s"]["BitLinear"],
+              r["ratio"]["median"], f"{r['ratio']['min']:.2f}-{r['ratio']['max']:.2f}",
+              "yes" if r["ratio"]["median"] <= TARGET else "no", r["ratio_fused"]["median"]] for r in bit]),
+        "Self-distillation step / plain fine-tuning step of the same model": table(
+            ["teacher", "weights", "tokens/step", "fine-tune s/step", "ternary CE-only s/step", "self-distill s/step",
+             "CE-only / fine-tune", "self-distill / fine-tune", "range"],
+            [[r["teacher"], r["source"], r["tokens"], r["median_s"]["fine-tune (CE)"],
+              r["median_s"]["ternary student (CE only)"], r["median_s"]["self-distill"],
+              r["ratio_student_only"]["median"], r["ratio_self_distill"]["median"],
+              f"{r['ratio_self_distill']['min']:.2f}-{r['ratio_self_distill']['max']:.2f}"] for r in sd]),
+    }
+    report("train_step", args, device, tables, {"bitlinear_vs_linear": bit, "self_distill_vs_finetune": sd})
+
+
+if __name__ == "__main__":
+    main()
