@@ -27,6 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -160,6 +161,21 @@ def interleave(variants: dict[str, Callable[[], float | None]], repeats: int, de
             sync(device)
             times[name].append(own if own is not None else time.perf_counter() - start)
     return times
+
+
+def optimiser_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, loss_of, device) -> None:
+    """One step as distill.loop.train takes it: loss, backward, clip to norm 1, AdamW, zero the gradients."""
+    with autocast(device):
+        loss = loss_of()
+    loss.backward()
+    nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def stepper(params: list[nn.Parameter], loss_of, device, lr: float = 1e-4):
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    return lambda: optimiser_step(params, optimizer, loss_of, device)
 
 
 def ratio(numerator: list[float], denominator: list[float]) -> dict:

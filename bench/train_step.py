@@ -20,11 +20,10 @@ if __package__ in (None, ""):  # run as a script: python bench/train_step.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-import torch.nn.functional as F
-
-from bench.common import (SHAPES, VOCAB, autocast, interleave, median, parser, ratio, report, setup, table, teacher,
+from bench.common import (SHAPES, VOCAB, interleave, median, parser, ratio, report, setup, stepper, table, teacher,
                           token_rows)
 from bitnet import BitLinear, SuperpositionStudent, next_token_cross_entropy, patch_model
 from bitnet.quant import int8_activation, ternary_weight
@@ -33,21 +32,6 @@ from distill.rows import Rows
 from distill.train_self import self_distill_trainable
 
 TARGET = 1.3
-
-
-def optimiser_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, loss_of, device) -> None:
-    """One step as distill.loop.train takes it: loss, backward, clip to norm 1, AdamW, zero the gradients."""
-    with autocast(device):
-        loss = loss_of()
-    loss.backward()
-    nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def stepper(params: list[nn.Parameter], loss_of, device, lr: float = 1e-4):
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    return lambda: optimiser_step(params, optimizer, loss_of, device)
 
 
 class FusedSTE(torch.autograd.Function):

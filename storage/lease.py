@@ -85,10 +85,9 @@ class ObjectLease:
     """Expiring lease for object stores, renewed in the background while held."""
 
     def __init__(self, store, path: str, what: str, ttl: float = 120.0):
-        from .s3 import PreconditionFailed, delete_if_match, get_with_etag, put_if_absent, put_if_match
+        from . import s3  # imported here: s3fs is slow to import and local stores never need it
 
-        self._put_if_absent, self._put_if_match, self._get = put_if_absent, put_if_match, get_with_etag
-        self._delete_if_match, self._precondition_failed = delete_if_match, PreconditionFailed
+        self._s3 = s3
         self.fs, self.what, self.ttl = store.fs, what, ttl
         self.bucket, _, self.key = store.full_path(f"{path}/_lease.json").partition("/")
         self.record = _owner()
@@ -104,17 +103,17 @@ class ObjectLease:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.etag = self._put_if_absent(self.fs, self.bucket, self.key, self._body())
+                self.etag = self._s3.put_if_absent(self.fs, self.bucket, self.key, self._body())
                 break
-            except self._precondition_failed:
+            except self._s3.PreconditionFailed:
                 pass
-            current = self._get(self.fs, self.bucket, self.key)
+            current = self._s3.get_with_etag(self.fs, self.bucket, self.key)
             holder = json.loads(current[0]) if current else None
             if current and holder.get("expires", 0) < time.time():  # stale: its writer died or hung
                 try:
-                    self.etag = self._put_if_match(self.fs, self.bucket, self.key, self._body(), current[1])
+                    self.etag = self._s3.put_if_match(self.fs, self.bucket, self.key, self._body(), current[1])
                     break
-                except self._precondition_failed:
+                except self._s3.PreconditionFailed:
                     pass  # someone else took it (or renewed it) first
             if time.monotonic() >= deadline:
                 raise LockedError(_locked_message(self.what, holder, timeout))
@@ -125,8 +124,8 @@ class ObjectLease:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl / 4):
             try:
-                self.etag = self._put_if_match(self.fs, self.bucket, self.key, self._body(), self.etag)
-            except self._precondition_failed:
+                self.etag = self._s3.put_if_match(self.fs, self.bucket, self.key, self._body(), self.etag)
+            except self._s3.PreconditionFailed:
                 self._lost.set()
                 return
             except Exception:  # a transient network error: retry at the next beat, the ttl leaves room
@@ -143,8 +142,8 @@ class ObjectLease:
             self._thread.join()
         if self.etag is not None and not self._lost.is_set():
             try:
-                self._delete_if_match(self.fs, self.bucket, self.key, self.etag)
-            except self._precondition_failed:
+                self._s3.delete_if_match(self.fs, self.bucket, self.key, self.etag)
+            except self._s3.PreconditionFailed:
                 pass
         self.etag = None
 

@@ -82,6 +82,9 @@ def check_s3(url: str, bucket: str, prefix: str, options: dict, writable: bool) 
 # Conditional writes (S3 "If-None-Match: *" / "If-Match: <etag>", supported by AWS since 2024, MinIO and moto):
 # the only atomic compare-and-set an object store offers, which is what a lease needs.
 
+_LOST_RACE = ("PreconditionFailed", "ConditionalRequestConflict")
+
+
 class PreconditionFailed(Exception):
     """The object was created, changed or deleted by someone else since we last saw it."""
 
@@ -91,10 +94,11 @@ def _conditional(fs: s3fs.S3FileSystem, method: str, **kwargs) -> dict:
         return fs.call_s3(method, **kwargs)
     except FileExistsError:  # s3fs's translation of a failed If-None-Match
         raise PreconditionFailed() from None
+    except FileNotFoundError:  # the object was deleted: it is not the one we saw either
+        raise PreconditionFailed() from None
     except (OSError, ClientError) as exc:
-        cause = exc if isinstance(exc, ClientError) else exc.__cause__
-        code = getattr(cause, "response", {}).get("Error", {}).get("Code") if cause is not None else None
-        if code in ("PreconditionFailed", "NoSuchKey", "ConditionalRequestConflict") or isinstance(exc, FileNotFoundError):
+        cause = exc if isinstance(exc, ClientError) else exc.__cause__  # s3fs wraps other codes in OSError
+        if getattr(cause, "response", {}).get("Error", {}).get("Code") in _LOST_RACE:
             raise PreconditionFailed() from None
         raise
 

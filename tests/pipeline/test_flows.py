@@ -3,6 +3,7 @@
 import asyncio
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -31,9 +32,19 @@ def read_api(method: str, flow_run_id, **kwargs):
     return asyncio.run(read())
 
 
-def task_states(flow_run_id) -> dict[str, str]:
-    runs = read_api("read_task_runs", flow_run_id, limit=100, sort=TaskRunSort.EXPECTED_START_TIME_ASC)
-    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+def task_states(flow_run_id, expected: list[str], timeout: float = 30) -> dict[str, str]:
+    """Final state name of each task run of a flow run, by task name.
+
+    Task run states reach the server as events, written a moment after the flow returns: poll until every
+    ``expected`` task has a final state (or the timeout passes, and the caller's assertion shows what was seen).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = read_api("read_task_runs", flow_run_id, limit=100, sort=TaskRunSort.EXPECTED_START_TIME_ASC)
+        states = {run.name.rsplit("-", 1)[0]: run.state for run in runs if run.state}
+        if all(name in states and states[name].is_final() for name in expected) or time.monotonic() > deadline:
+            return {name: state.name for name, state in states.items()}
+        time.sleep(0.5)
 
 
 def run_flow(flow_fn, teacher, root, **extra):
@@ -97,16 +108,16 @@ def test_rerun_reuses_every_stage_and_a_change_reruns_from_the_first_affected(ti
     first, first_id = run_flow(superposition_distill, tiny_teacher, tmp_path)
     again, again_id = run_flow(superposition_distill, tiny_teacher, tmp_path)
     stages = ["tokenize", "cache-teacher", "train-superposition", "retrain-lm-head", "evaluate", "export"]
-    states = task_states(again_id)
+    states = task_states(again_id, stages)
     assert {s: states[s] for s in stages} == {s: "Cached" for s in stages}
     assert again["metrics"]["student"] == first["metrics"]["student"]
 
     _, changed_id = run_flow(superposition_distill, tiny_teacher, tmp_path, **{"data.seq_len": 24})
-    states = task_states(changed_id)
+    states = task_states(changed_id, stages)
     assert {s: states[s] for s in stages} == {s: "Completed" for s in stages}
 
     _, student_id = run_flow(superposition_distill, tiny_teacher, tmp_path, **{"student.n_layers": 1})
-    states = task_states(student_id)
+    states = task_states(student_id, stages)
     assert states["tokenize"] == states["cache-teacher"] == "Cached"
     assert states["train-superposition"] == states["evaluate"] == "Completed"
 

@@ -1,0 +1,90 @@
+"""The repository's prefect.yaml against a real `prefect server start`: deploy, run on a worker, read the run's
+state and UI artifacts back through the API; the same deployment on S3 (moto's server); bad input at the edges."""
+
+import boto3
+import pytest
+
+from ..pipeline.conftest import tiny_overrides
+from .conftest import CREDENTIALS, POOL, s3_env
+
+pytestmark = pytest.mark.slow
+
+NIGHTLY = "superposition-distill/nightly"
+MANUAL = "self-distill/manual"
+REPORT, METRICS = "superposition-distill-tiny-report", "superposition-distill-tiny-metrics"
+
+
+def assert_completed_with_report(server, flow_run_id: str, output: str) -> dict:
+    state = server.flow_run(flow_run_id)["state"]
+    assert state["type"] == "COMPLETED", f"{state['name']}: {state['message']}\n{output[-4000:]}"
+    artifacts = server.artifacts(flow_run_id)
+    assert artifacts[REPORT]["type"] == "markdown" and artifacts[REPORT]["data"].startswith("# ")
+    assert artifacts[METRICS]["type"] == "table" and "perplexity" in artifacts[METRICS]["data"]
+    return artifacts
+
+
+def test_prefect_yaml_deploys_a_nightly_schedule_and_a_manual_deployment(server):
+    nightly = server.api_call("GET", f"/deployments/name/{NIGHTLY}")
+    [schedule] = nightly["schedules"]
+    assert schedule["active"] and schedule["schedule"] == {"cron": "0 2 * * *", "timezone": "UTC", "day_or": True}
+    assert nightly["global_concurrency_limit"]["limit"] == 1
+    manual = server.api_call("GET", f"/deployments/name/{MANUAL}")
+    assert manual["schedules"] == []
+    for deployment in (nightly, manual):
+        assert deployment["work_pool_name"] == POOL
+        assert deployment["parameters"] == {"config": "tinyllama", "overrides": {}}
+    assert server.api_call("GET", f"/work_pools/{POOL}")["type"] == "process"
+
+
+def test_nightly_deployment_runs_on_a_worker(server, tiny_teacher, tmp_path):
+    flow_run_id = server.run_deployment(NIGHTLY, tiny_overrides(tiny_teacher, tmp_path, **{"train.steps": 4}))
+    worker = server.cli("worker", "start", "--pool", POOL, "--run-once", check=False)
+    artifacts = assert_completed_with_report(server, flow_run_id, worker.stdout)
+    assert "superposition-distill-tiny-student" in artifacts
+    assert list(tmp_path.glob("runs/tiny-superposition-*/eval/report.md"))
+
+
+def test_nightly_deployment_with_artifacts_and_results_on_s3(server, tiny_teacher, s3_endpoint, s3_bucket):
+    root = f"s3://{s3_bucket}/bitnet-distill"
+    flow_run_id = server.run_deployment(NIGHTLY, tiny_overrides(tiny_teacher, root, **{"train.steps": 4}))
+    run = server.cli("flow-run", "execute", flow_run_id, check=False, **s3_env(s3_endpoint))
+    artifacts = assert_completed_with_report(server, flow_run_id, run.stdout)
+    assert f"({root}/runs/tiny-superposition-" in artifacts["superposition-distill-tiny-student"]["data"]
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id=CREDENTIALS["key"],
+                      aws_secret_access_key=CREDENTIALS["secret"], region_name=CREDENTIALS["region"])
+    keys = [obj["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
+            for obj in page.get("Contents", [])]
+    assert any(key.endswith("/eval/report.md") for key in keys)
+    assert any(key.endswith("/prefect-result.json") for key in keys)  # Prefect's cached results live there too
+
+
+def test_unknown_or_mistyped_parameter_is_refused_when_the_run_is_created(server):
+    unknown = server.cli("deployment", "run", NIGHTLY, "--param", "steps=5", check=False)
+    assert unknown.returncode != 0
+    assert "specified but not found on the deployment: 'steps'" in unknown.stdout
+    assert "available on the deployment: 'config', 'overrides'" in unknown.stdout
+    mistyped = server.cli("deployment", "run", NIGHTLY, "--params", '{"overrides": "train.steps=5"}', check=False)
+    assert mistyped.returncode != 0 and "Validation failed for field 'overrides'" in mistyped.stdout
+
+
+def test_bad_input_fails_the_run_before_any_stage_with_the_reason_as_its_state_message(
+        server, tiny_teacher, tmp_path, s3_endpoint, s3_bucket):
+    cases = {  # overrides -> what the UI must show as the failure reason
+        "missing teacher": ({"teacher.name_or_path": str(tmp_path / "no-such-teacher")},
+                            f"ConfigError: teacher.name_or_path: {tmp_path / 'no-such-teacher'} does not exist"),
+        "Hub dataset offline": ({"data.builtin": None, "data.dataset": "roneneldan/TinyStories"},
+                                "ConfigError: cannot load dataset 'roneneldan/TinyStories'"),
+        "misspelt key": ({"train.stepz": 5}, "ConfigError: invalid configuration: train.stepz: Extra inputs"),
+        "S3 without credentials": ({"storage.root": f"s3://{s3_bucket}/x",
+                                    "storage.storage_options": {"endpoint_url": s3_endpoint}},
+                                   f"StoreError: no AWS credentials for s3://{s3_bucket}/x: set AWS_ACCESS_KEY_ID"),
+    }
+    runs = {name: server.run_deployment(MANUAL, tiny_overrides(tiny_teacher, tmp_path / "artifacts", **overrides))
+            for name, (overrides, _) in cases.items()}
+    worker = server.cli("worker", "start", "--pool", POOL, "--run-once", check=False)  # runs all four at once
+    for name, (_, message) in cases.items():
+        state = server.flow_run(runs[name])["state"]
+        assert state["type"] == "FAILED" and message in state["message"], f"{name}: {state}\n{worker.stdout[-3000:]}"
+        assert server.task_runs(runs[name]) == [], f"{name}: a stage started"
+    assert "Hugging Face Hub" in server.flow_run(runs["Hub dataset offline"])["state"]["message"]
+    assert not (tmp_path / "artifacts").exists()
