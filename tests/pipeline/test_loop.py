@@ -1,0 +1,48 @@
+"""The training schedule: batches are a pure function of (seed, step), cover every row each epoch, stay chunk-local."""
+
+import numpy as np
+import pytest
+
+from distill.loop import BatchSchedule, lr_factor
+
+
+def test_every_epoch_visits_every_row_once():
+    schedule = BatchSchedule(num_rows=40, batch_size=8, seed=3, chunk_size=16)
+    for epoch in range(3):
+        rows = np.concatenate([schedule.indices(epoch * 5 + i) for i in range(5)])
+        assert sorted(rows.tolist()) == list(range(40))
+
+
+def test_batches_depend_only_on_seed_and_step():
+    forward = BatchSchedule(num_rows=50, batch_size=7, seed=1, chunk_size=10)
+    seen = [forward.indices(i).tolist() for i in range(30)]
+    resumed = BatchSchedule(num_rows=50, batch_size=7, seed=1, chunk_size=10)  # a resumed run jumps straight to 17
+    assert [resumed.indices(i).tolist() for i in (17, 3, 29)] == [seen[17], seen[3], seen[29]]
+    other_seed = BatchSchedule(num_rows=50, batch_size=7, seed=2, chunk_size=10)
+    assert [other_seed.indices(i).tolist() for i in range(30)] != seen
+
+
+def test_a_batch_crossing_an_epoch_boundary_takes_the_end_of_one_and_the_start_of_the_next():
+    schedule = BatchSchedule(num_rows=10, batch_size=4, seed=0)
+    first, second = schedule._epoch_order(0).copy(), schedule._epoch_order(1).copy()
+    assert schedule.indices(2).tolist() == [*first[8:], *second[:2]]
+    assert not np.array_equal(first, second)  # reshuffled each epoch
+
+
+def test_rows_are_read_chunk_by_chunk():
+    schedule = BatchSchedule(num_rows=64, batch_size=16, seed=5, chunk_size=16)
+    for step in range(4):  # batch == chunk: each batch is one whole chunk, shuffled within
+        rows = schedule.indices(step)
+        assert len(set(rows // 16)) == 1 and sorted(rows % 16) == list(range(16))
+
+
+def test_no_rows_is_a_clear_error():
+    with pytest.raises(ValueError, match="no rows to train on.*data.seq_len"):
+        BatchSchedule(num_rows=0, batch_size=4, seed=0)
+
+
+def test_learning_rate_warms_up_then_decays():
+    factors = [lr_factor(step, warmup=10, total=100, min_ratio=0.1) for step in range(101)]
+    assert factors[0] == 0.1 and factors[4] == 0.5 and factors[9] == factors[10] == 1.0
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # cosine: never goes back up
+    assert factors[55] == pytest.approx(0.55) and factors[100] == pytest.approx(0.1)
