@@ -1,0 +1,180 @@
+"""Distillation quality on the embedded quickstart teacher, measured on held-out standard-library modules.
+
+Every row but the control is a real run of the pipeline's flows (the same code `python -m flows run` runs), on the
+quickstart preset plus the overrides written in the row; tokens are tokenized once and reused by every run (same
+fingerprint). Each row reports held-out perplexity, KL(teacher || student) and top-1 agreement with the teacher,
+as the evaluate stage computes them (the same ``eval.max_rows`` held-out rows for every row).
+
+Rows:
+- teacher, and naive post-training ternary quantization (dW = 0);
+- self-distillation: the default configuration over ``--seeds``; after N steps for each ``--steps``; the loss
+  ablation (CE only, CE + KL, CE + KL + hidden cosine, + magnitude, lambda warm-up); ``delta=lora:R``;
+- superposition student: before LM-head retraining (its tied head), after, and decoded through the teacher's head;
+- the control: a ternary student of the superposition student's size trained from scratch with plain
+  cross-entropy on the same training tokens for the same number of optimiser steps (train.steps + head.steps).
+
+    .venv/bin/python -m bench.quality                      # everything (about an hour on 2 CPU cores)
+    .venv/bin/python -m bench.quality --groups headline    # teacher, PTQ, default self-distill, superposition, control
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: python bench/quality.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, machine, parser, report, setup, table  # noqa: E402
+
+GROUPS = ("headline", "steps", "ablation", "delta")
+
+
+@dataclass
+class Variant:
+    row: str
+    group: str
+    flow: str
+    overrides: dict = field(default_factory=dict)
+
+
+def variants(args) -> list[Variant]:
+    """The runs behind the table; ``overrides`` are relative to the quickstart preset."""
+    out = [Variant(f"self-distill (default), seed {s}", "headline", "self-distill", {"seed": s}) for s in args.seeds]
+    out += [Variant(f"superposition, seed {s}", "headline", "superposition-distill", {"seed": s}) for s in args.seeds]
+    out += [Variant(f"self-distill, {n} steps", "steps", "self-distill", {"train.steps": n}) for n in args.steps]
+    ablation = {
+        "CE only": {"self_distill.kl_weight": 0, "self_distill.hidden_weight": 0},
+        "CE + KL": {"self_distill.hidden_weight": 0},
+        "CE + KL + hidden cosine": {},  # the default loss
+        "CE + KL + hidden + magnitude 0.1": {"self_distill.magnitude_weight": 0.1},
+        "CE + KL + hidden, lambda warm-up": {"self_distill.quant_warmup_steps": args.warmup},
+    }
+    out += [Variant(name, "ablation", "self-distill", o) for name, o in ablation.items()]
+    out += [Variant(f"delta={d}", "delta", "self-distill", {"self_distill.delta": d}) for d in ("full", args.lora)]
+    return [v for v in out if v.group in args.groups]
+
+
+def run_flow(v: Variant, args) -> dict:
+    from flows import FLOWS
+
+    overrides = {"storage.root": args.root, "name": "quality", **args.set, **v.overrides}
+    print(f"\n=== {v.row}: {v.flow} {overrides}", flush=True)
+    return FLOWS[v.flow](config=args.config, overrides=overrides)
+
+
+def extra_superposition_rows(args, seed: int) -> dict[str, dict]:
+    """The superposition student before LM-head retraining, and the from-scratch CE control of the same size."""
+    import torch
+
+    from bitnet import next_token_cross_entropy
+    from distill.config import load_config
+    from distill.data import load_split
+    from distill.loop import BatchSchedule, Trainable, train
+    from distill.metrics import Output, compare_to_teacher
+    from distill.plan import make_plan, open_store, preflight
+    from distill.progress import Reporter
+    from distill.rows import to_device
+    from distill.teacher import resolve_device
+    from distill.train_self import dual_forward, load_dual
+    from distill.train_superposition import build_student, load_trained_student
+    from storage.fingerprint import fingerprint
+
+    cfg = load_config(args.config, {"storage.root": args.root, "name": "quality", **args.set, "seed": seed})
+    plan = make_plan(cfg, "superposition-distill", preflight(cfg, "superposition-distill"))
+    store, device = open_store(cfg), resolve_device(cfg.teacher.device)
+    tokens = store.read_manifest(plan["tokenize"]["path"])
+    before, _ = load_trained_student(cfg, store, store.read_manifest(plan["train"]["path"]))
+    dual = load_dual(cfg, device)
+
+    # The control: same architecture, same tokens and batch order, CE from scratch for as many steps as the
+    # superposition student took in all (reconstruction + head); its checkpoints live under a fingerprint of that.
+    torch.manual_seed(seed)
+    control, _ = build_student(cfg, dual.model.config.vocab_size, dual.model.config.hidden_size)
+    control.to(device)
+    rows = load_split(store, tokens, "train")
+    schedule = BatchSchedule(rows.count, cfg.train.batch_size, cfg.seed, rows.chunk_size)
+
+    def ce(step: int):
+        batch = to_device(rows.fetch(schedule.indices(step)), device)
+        return next_token_cross_entropy(control(batch["input_ids"], batch["attention_mask"]).logits,
+                                        batch["input_ids"], batch["attention_mask"]), {}
+
+    optim = cfg.train.model_copy(update={"steps": cfg.train.steps + cfg.head.steps})
+    run = f"runs/quality-control/{fingerprint({'student': cfg.student.model_dump(), 'optim': optim.model_dump(), 'seed': seed}, tokens['fingerprint'])}"
+    trainable = Trainable(list(control.parameters()), ce, lambda: dict(control.state_dict()),
+                          control.load_state_dict)
+    train(trainable, optim, store, run, Reporter(), device, "control (CE from scratch)")
+
+    before.to(device).eval()
+    control.eval()
+    candidates = {"before_head": lambda ids, mask: Output(before(ids, mask).logits),
+                  "control": lambda ids, mask: Output(control(ids, mask).logits)}
+    eval_rows = load_split(store, tokens, "eval")
+    batches = ((b["input_ids"].to(device), b["attention_mask"].to(device))
+               for b in eval_rows.batches(cfg.eval.batch_size, limit=cfg.eval.max_rows))
+    return compare_to_teacher(dual_forward(dual, dual.teacher, []), candidates, batches)
+
+
+METRICS = ("perplexity", "kl_to_teacher", "top1_agreement")
+
+
+def summarise(name: str, results: list[dict], config: str) -> list:
+    """A table row: mean (± sample std over seeds when there are several) of each metric."""
+    cells = []
+    for key in METRICS:
+        values = [r[key] for r in results if key in r]
+        if not values:
+            cells.append("")
+        elif len(values) == 1:
+            cells.append(f"{values[0]:.4g}")
+        else:
+            cells.append(f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}")
+    return [name, len(results), *cells, config]
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="quickstart", help="preset every row starts from")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides applied to every row")
+    p.add_argument("--root", default=str(REPO / "artifacts" / "quality"), help="artifact root of the runs")
+    p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=GROUPS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", nargs="+", type=int, default=[100, 1000], help="extra self-distill lengths")
+    p.add_argument("--warmup", type=int, default=100, help="quant_warmup_steps of the lambda warm-up row")
+    p.add_argument("--lora", default="lora:16", help="the LoRA delta compared with full")
+    p.set_defaults(threads=0)
+    args = p.parse_args(argv)
+    args.set = dict(kv.split("=", 1) for kv in args.set)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    device = setup(args)
+
+    runs: dict[str, list[dict]] = {}  # row -> one metrics record per run (seed)
+    configs: dict[str, str] = {}
+    for v in variants(args):
+        metrics = run_flow(v, args)["metrics"]
+        runs.setdefault("teacher", [metrics["teacher"]])  # the same model and rows in every run
+        if v.flow == "self-distill":
+            family = v.row.split(", seed")[0]
+            configs[family] = ", ".join(f"{k}={val}" for k, val in v.overrides.items() if k != "seed") or "preset"
+            runs.setdefault("naive ternary (PTQ, dW = 0)", [metrics["ptq_ternary"]])
+            runs.setdefault(family, []).append(metrics["student"])
+        else:
+            extra = extra_superposition_rows(args, v.overrides["seed"])
+            for row, result in (("superposition, before LM-head retraining", extra["before_head"]),
+                                ("superposition, after LM-head retraining", metrics["student"]),
+                                ("superposition, through the teacher's head", metrics["student_via_teacher_head"]),
+                                ("control: same-size ternary student, CE from scratch", extra["control"])):
+                runs.setdefault(row, []).append(result)
+
+    rows = [summarise(name, results, configs.get(name, "preset")) for name, results in runs.items()]
+    tables = {"Held-out quality on the quickstart teacher": table(
+        ["row", "runs", "perplexity", "KL(teacher ‖ row)", "top-1 agreement", "overrides of the preset"], rows)}
+    report("quality", args, device, tables, {"runs": runs, "configs": configs, "machine": machine(device)})
+
+
+if __name__ == "__main__":
+    main()
