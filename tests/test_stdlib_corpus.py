@@ -1,0 +1,130 @@
+"""The stdlib quickstart corpus (split rules) and the committed quickstart teacher (loads offline, sane)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from storage import stdlib_corpus
+
+TEACHER = Path(__file__).resolve().parents[1] / "assets" / "quickstart-teacher"
+
+
+# ---------------------------------------------------------------- corpus
+
+def test_split_is_a_fixed_function_of_the_path():
+    # Pinned values: changing the hash or the fraction would silently move modules the committed
+    # teacher was trained on into the held-out split.
+    assert stdlib_corpus.split_of("chunk.py") == "eval"
+    assert stdlib_corpus.split_of("traceback.py") == "eval"
+    assert stdlib_corpus.split_of("os.py") == "train"
+    assert stdlib_corpus.split_of("json/decoder.py") == "train"
+    assert all(stdlib_corpus.split_of(p) == stdlib_corpus.split_of(p) for p in ("a.py", "b/c.py"))
+
+
+def test_eval_fraction_over_many_paths():
+    paths = [f"pkg{i % 37}/module_{i}.py" for i in range(20000)]
+    frac = sum(stdlib_corpus.split_of(p) == "eval" for p in paths) / len(paths)
+    assert abs(frac - stdlib_corpus.EVAL_FRACTION) < 0.01
+
+
+def test_real_stdlib_splits_are_disjoint_and_cover_every_file():
+    files = stdlib_corpus.list_files()
+    assert files == sorted(files) and len(files) == len(set(files)) and len(files) > 100
+    train = [p for p, _ in stdlib_corpus.iter_documents("train")]
+    evals = [p for p, _ in stdlib_corpus.iter_documents("eval")]
+    assert not set(train) & set(evals)
+    assert sorted(train + evals) == files
+    assert 0.02 < len(evals) / len(files) < 0.10
+    assert not [p for p in files if {"site-packages", "test", "tests", "idle_test"} & set(p.split("/"))]
+    assert "os.py" in files
+
+
+@pytest.fixture
+def fake_stdlib(tmp_path):
+    files = {
+        "os.py": "import sys\n",
+        "json/__init__.py": "x = 1\n",
+        "empty.py": "  \n",
+        "test/test_os.py": "assert True\n",
+        "lib2to3/tests/data/bad.py": "def (:\n",
+        "site-packages/pkg/mod.py": "y = 2\n",
+        "pydoc_data/topics.py": "topics = {}\n",
+        "_sysconfigdata__linux.py": "build_time_vars = {}\n",
+        "encodings/cp1252.py": "import codecs\ndecoding_table = (\n    '\\x00'\n)\n",
+        "encodings/utf_8.py": "import codecs\n",
+        "latin.py": b"# caf\xe9\nz = 3\n",  # not UTF-8: must not fail
+        "notes.txt": "not python\n",
+    }
+    for rel, text in files.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return tmp_path
+
+
+def test_exclusions_and_reading(fake_stdlib, tmp_path):
+    assert stdlib_corpus.list_files(fake_stdlib) == ["encodings/utf_8.py", "json/__init__.py", "latin.py", "os.py"]
+    docs = dict(stdlib_corpus.iter_documents("train", fake_stdlib)) | dict(
+        stdlib_corpus.iter_documents("eval", fake_stdlib))
+    assert docs["latin.py"].endswith("z = 3\n") and "\ufffd" in docs["latin.py"]
+    out = tmp_path / "out" / "train.jsonl"
+    n = stdlib_corpus.write_jsonl(out, "train", fake_stdlib)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert n == len(rows) and all(docs[r["path"]] == r["text"] for r in rows)
+    with pytest.raises(ValueError):
+        next(stdlib_corpus.iter_documents("test", fake_stdlib))
+
+
+# ---------------------------------------------------------------- committed teacher
+
+@pytest.fixture(scope="module")
+def teacher():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TEACHER, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(TEACHER, local_files_only=True, dtype=torch.float32).eval()
+    return tok, model
+
+
+def test_teacher_is_small_and_committed():
+    size = sum(f.stat().st_size for f in TEACHER.iterdir() if f.is_file())
+    assert size <= 20e6
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "loss_curve.json"):
+        assert (TEACHER / name).is_file(), name
+
+
+def test_teacher_config(teacher):
+    _, model = teacher
+    c = model.config
+    assert c.model_type == "llama"
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    assert c.hidden_size % c.num_attention_heads == 0
+    assert all(d % 4 == 0 for d in (c.hidden_size, c.intermediate_size, head_dim, c.vocab_size))
+    assert c.max_position_embeddings >= 512
+    assert 1e6 < sum(p.numel() for p in model.parameters()) < 20e6
+
+
+def test_teacher_tokenizer_round_trips_code(teacher):
+    tok, model = teacher
+    code = 'def fibonacci(n):\n    """Return F(n)."""\n\tif n < 2:  # base\n        return n\n    return "é" * n\n'
+    ids = tok(code, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == code
+    assert len(ids) < len(code) / 2  # BPE merges actually learned
+    assert None not in (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id)
+    assert tok.eos_token_id == model.config.eos_token_id
+    assert len(tok) == model.config.vocab_size
+
+
+def test_teacher_forward_is_finite_and_trained(teacher):
+    tok, model = teacher
+    # A held-out module, so the check also says the teacher learned code, not this text.
+    text = dict(stdlib_corpus.iter_documents("eval"))
+    ids = torch.tensor([tok(next(iter(text.values())), add_special_tokens=False)["input_ids"][:256]])
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    assert out.logits.shape == (1, ids.shape[1], model.config.vocab_size)
+    assert torch.isfinite(out.logits).all()
+    assert out.loss.item() < 0.6 * math.log(model.config.vocab_size)  # far below a uniform guess
