@@ -203,7 +203,9 @@ def token_rows(cfg: DataConfig, tokenizer, batch_rows: int = 1024,
             if all(full(s) for s in builders):
                 break
             continue
-        builders[doc.split].add(tokenizer(doc.text, add_special_tokens=False)["input_ids"], doc_id)
+        # Whole documents: packing cuts them into seq_len rows, so "longer than the maximum" does not apply.
+        ids = tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"]
+        builders[doc.split].add(ids, doc_id)
         rows = builders[doc.split].rows
         if len(rows) >= batch_rows:
             batch = _limit(rows.take(), limits[doc.split], emitted[doc.split])
