@@ -14,7 +14,7 @@ class CharTokenizer:
 
     eos_token_id, pad_token_id, name_or_path = 2, 0, "chars"
 
-    def __call__(self, text, add_special_tokens=False):
+    def __call__(self, text, add_special_tokens=False, verbose=True):
         return {"input_ids": [3 + (ord(c) % 90) for c in text]}
 
 
