@@ -33,6 +33,8 @@ def publish_report(config: dict, flow: str, metrics: dict, exported: dict) -> di
     if metrics.get("checkpoints"):
         links["checkpoints"] = metrics["checkpoints"]
     for name, path in links.items():
-        create_link_artifact(store.url(path), link_text=name, key=artifact_key(key, name),
+        # The report's link must not take the markdown report's own key (the UI shows the latest artifact of a key).
+        link_key = artifact_key(key, "report-md" if name == "report" else name)
+        create_link_artifact(store.url(path), link_text=name, key=link_key,
                              description=f"{name} of {flow} / {cfg.name}")
     return {name: store.url(path) for name, path in links.items()}

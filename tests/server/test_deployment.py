@@ -41,6 +41,7 @@ def test_nightly_deployment_runs_on_a_worker(server, tiny_teacher, tmp_path):
     worker = server.cli("worker", "start", "--pool", POOL, "--run-once", check=False)
     artifacts = assert_completed_with_report(server, flow_run_id, worker.stdout)
     assert "superposition-distill-tiny-student" in artifacts
+    assert "/eval/report.md)" in artifacts["superposition-distill-tiny-report-md"]["data"]  # its own key, not REPORT's
     assert list(tmp_path.glob("runs/tiny-superposition-*/eval/report.md"))
 
 
