@@ -71,6 +71,50 @@ def ste_int8_codes(x: torch.Tensor, lam: float = 1.0) -> tuple[torch.Tensor, tor
     return _straight_through(x.float() / scale, x_q, lam), scale
 
 
+def bitlinear_graph(x: torch.Tensor, weight: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+    """``bitlinear`` without bias, composed from the straight-through quantizers (autograd derives the backward).
+
+    Handles any ``lam`` (the warm-up blend); at ``lam == 1`` ``bitlinear`` uses ``_BitLinearSTE`` instead, which
+    computes the same values and gradients but saves int8 codes for backward where this graph saves fp32 copies of
+    the quantized weight and activations (4x the memory, a full weight-sized tensor per layer).
+    """
+    w_codes, w_scale = ste_ternary_codes(weight, lam)
+    x_codes, x_scale = ste_int8_codes(x, lam)
+    y = F.linear(x_codes.to(x.dtype), w_codes.to(x.dtype))
+    return (y.float() * (x_scale * w_scale)).to(x.dtype)
+
+
+class _BitLinearSTE(torch.autograd.Function):
+    """``bitlinear_graph`` at full quantization as one autograd node.
+
+    Forward: the same codes, matmul and scales. Backward: the straight-through gradients autograd derives from the
+    graph, in the same order of operations (``g = dy * s_x * s_w`` in the matmul dtype, ``dx = (g @ w_q) / s_x``,
+    ``dW = (g.T @ x_q) / s_w``), from the int8 codes saved in forward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        w_q, w_scale = ternary_weight(weight)
+        x_q, x_scale = int8_activation(x)
+        y = F.linear(x_q.to(x.dtype), w_q.to(x.dtype))  # under autocast: the autocast dtype
+        ctx.save_for_backward(x_q.to(torch.int8), w_q.to(torch.int8), x_scale, w_scale)
+        ctx.dtypes = y.dtype, x.dtype, weight.dtype
+        return (y.float() * (x_scale * w_scale)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x_q, w_q, x_scale, w_scale = ctx.saved_tensors
+        mm_dtype, x_dtype, w_dtype = ctx.dtypes
+        g = (dy.float() * (x_scale * w_scale)).to(mm_dtype)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = (g @ w_q.to(mm_dtype)).float().div_(x_scale).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            dw = g.reshape(-1, g.shape[-1]).T @ x_q.reshape(-1, x_q.shape[-1]).to(mm_dtype)
+            dw = dw.float().div_(w_scale).to(w_dtype)
+        return dx, dw
+
+
 def bitlinear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -80,12 +124,13 @@ def bitlinear(
     """``act_quant(x) @ ternary(weight).T * (s_x * s_w) (+ bias)``, trainable through the STE.
 
     The matmul runs in ``x.dtype`` (bf16 on GPU under autocast); codes are small integers, exact in any
-    float format, and the scales are applied afterwards in fp32.
+    float format, and the scales are applied afterwards in fp32. At full quantization (``lam >= 1``) with
+    gradients needed, one fused autograd node (``_BitLinearSTE``) keeps only int8 codes for backward.
     """
-    w_codes, w_scale = ste_ternary_codes(weight, lam)
-    x_codes, x_scale = ste_int8_codes(x, lam)
-    y = F.linear(x_codes.to(x.dtype), w_codes.to(x.dtype))
-    y = (y.float() * (x_scale * w_scale)).to(x.dtype)
+    if lam >= 1.0 and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        y = _BitLinearSTE.apply(x, weight)
+    else:
+        y = bitlinear_graph(x, weight, lam)
     if bias is not None:
         y = y + bias
     return y

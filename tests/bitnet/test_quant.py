@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from bitnet import BitLinear, bitlinear, int8_activation, ternary_weight
+from bitnet.quant import bitlinear_graph
 
 
 def reference_bitlinear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -104,3 +105,24 @@ def test_bitlinear_bf16_runs_in_bf16():
     y = bitlinear(x, w)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.double(), reference_bitlinear(x, w), rtol=2e-2, atol=2e-2)
+
+
+def test_fused_straight_through_matches_the_composed_graph():
+    """bitlinear's fused node (int8 codes saved for backward) gives the values and gradients of the STE graph."""
+    torch.manual_seed(5)
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    w = torch.randn(12, 32, requires_grad=True)
+    upstream = torch.randn(3, 7, 12)
+    y = bitlinear(x, w)
+    assert y.grad_fn is not None and "BitLinearSTE" in type(y.grad_fn).__name__
+    (y * upstream).sum().backward()
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y2 = bitlinear_graph(x2, w2)
+    (y2 * upstream).sum().backward()
+    torch.testing.assert_close(y, y2, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-5)
+    # only the weight needs a gradient (a frozen input): no input gradient is computed
+    w.grad = None
+    bitlinear(x.detach(), w).sum().backward()
+    assert w.grad is not None
