@@ -7,12 +7,21 @@ self-distillation loss (``distill.train_self.self_distill_trainable``: teacher f
 loss code: ``TwoModels`` plays the ``DualModel`` role, teacher mode calling the frozen copy, student mode the
 student (the teacher's architecture with every block ``nn.Linear`` a trainable ``BitLinear`` on its own copy of the
 weights; the same parameters train as with ``delta=full``). Target: ``delta=lora:R`` <= 0.4x of two-model.
+
+Two "(before)" configurations run BitLinear's straight-through step as the autograd graph it was before the fused
+node (``bitnet.quant.bitlinear_graph``), to show what saving int8 codes instead of fp32 copies buys.
+
+Children run with ``MALLOC_MMAP_THRESHOLD_=65536`` by default (``--malloc mmap``): every large tensor is its own
+mapping, returned to the system when freed, so the peak RSS follows the tensors alive at the peak. glibc's default
+(``--malloc default``) raises that threshold as tensors are freed, then serves them from the heap, where freed
+memory stays resident: peaks come out 30-50% higher and depend on the order of frees more than on the method.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -24,14 +33,16 @@ if __package__ in (None, ""):  # run as a script: python bench/memory.py
 import torch
 from torch import nn
 
-from bench.common import REPO, VOCAB, compute_dtype, parser, peak_rss_mib, report, setup, stepper, table, teacher
+from bench.common import (REPO, VOCAB, compute_dtype, optimiser_step, parser, peak_rss_mib, report, setup, table,
+                          teacher)
 from bitnet import BitLinear, find_block_linears, patch_model
 from distill.config import load_config
 from distill.rows import Rows
 from distill.train_self import self_distill_trainable
 
 TARGET_LORA = 0.4
-CONFIGS = ("two-model", "dual full", "dual full, bf16 dW", "dual lora")
+CONFIGS = ("two-model", "dual full", "dual full, bf16 dW", "dual lora", "two-model, STE graph (before)",
+           "dual lora, STE graph (before)")
 
 
 class TwoModels:
@@ -83,42 +94,81 @@ def separate_student(model: nn.Module) -> nn.Module:
     return student.train()
 
 
+def use_ste_graph() -> None:
+    """Make every BitLinear and DualModeLinear run the composed straight-through graph (the code before the fused
+    autograd node)."""
+    import bitnet.layers
+    from bitnet.quant import bitlinear_graph
+
+    def graph(x, weight, bias=None, lam=1.0):
+        y = bitlinear_graph(x, weight, lam)
+        return y + bias if bias is not None else y
+
+    bitnet.layers.bitlinear = graph
+
+
+def unique_bytes(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
 def child(args) -> dict:
     """One configuration in this (fresh) process; prints its measurements as one JSON line."""
     device = setup(args)
+    if "STE graph" in args.child:
+        use_ste_graph()
     # Random token ids (memory does not depend on their values): tokenizing the corpus here would raise the peak
     # before the baseline is taken.
     ids = torch.randint(4, VOCAB, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
+    import transformers  # imported (with the Llama modeling code) before the baseline: not part of any method's cost
+
+    transformers.LlamaForCausalLM  # noqa: B018 (lazy module: this loads it)
     baseline = peak_rss_mib()
     model, info = teacher(args.teacher, device, compute_dtype(device))
-    if args.child == "two-model":
+    if args.child.startswith("two-model"):
         trained = TwoModels(model, separate_student(model))
+        models = [trained.teacher_model, trained.model]
     else:
-        delta = f"lora:{args.rank}" if args.child == "dual lora" else "full"
+        delta = f"lora:{args.rank}" if args.child.startswith("dual lora") else "full"
         delta_dtype = torch.bfloat16 if "bf16" in args.child else torch.float32
         trained = patch_model(model.train(), delta=delta, delta_dtype=delta_dtype)
+        models = [trained.model]
     built = peak_rss_mib()
     rows = Rows(args.batch, lambda index: {"input_ids": ids[index], "attention_mask": mask[index]})
     cfg = load_config("quickstart", {"train.batch_size": args.batch})
     trainable = self_distill_trainable(trained, cfg, rows, device)
-    counter = iter(range(args.steps))
-    step = stepper(trainable.parameters, lambda: trainable.loss(next(counter))[0], device)
-    for _ in range(args.steps):
-        step()
-    result = {"config": args.child, **info, "baseline_mib": baseline, "built_mib": built, "peak_mib": peak_rss_mib(),
-              "trainable_parameters": sum(p.numel() for p in trainable.parameters)}
+    optimizer = torch.optim.AdamW(trainable.parameters, lr=1e-4)
+    for step in range(args.steps):
+        optimiser_step(trainable.parameters, optimizer, lambda: trainable.loss(step)[0], device)
+    weights = unique_bytes([t for m in models for t in (*m.parameters(), *m.buffers())])
+    trainable_bytes = unique_bytes(trainable.parameters)
+    optimizer_bytes = unique_bytes([v for state in optimizer.state.values() for v in state.values()
+                                    if torch.is_tensor(v) and v.numel() > 1])
+    result = {"config": args.child, **info, "batch": args.batch, "baseline_mib": baseline, "built_mib": built,
+              "peak_mib": peak_rss_mib(), "trainable_parameters": sum(p.numel() for p in trainable.parameters),
+              # what must be alive at the peak whatever the activations: every weight (frozen and trainable), one
+              # gradient per trainable parameter, AdamW's two moments
+              "weights_mib": weights / 2**20, "gradients_mib": trainable_bytes / 2**20,
+              "optimizer_mib": optimizer_bytes / 2**20, "malloc": os.environ.get("MALLOC_MMAP_THRESHOLD_", "default")}
+    result["state_mib"] = result["weights_mib"] + result["gradients_mib"] + result["optimizer_mib"]
     if device.type == "cuda":
         result["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     print(json.dumps(result))
     return result
 
 
-def run_child(config: str, args) -> dict:
+def run_child(config: str, batch: int, args) -> dict:
     command = [sys.executable, "-m", "bench.memory", "--child", config, "--teacher", args.teacher,
-               "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
+               "--batch", str(batch), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
                "--steps", str(args.steps), "--device", args.device, "--threads", str(args.threads)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if args.malloc == "mmap":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False, env=env)
     if done.returncode:
         raise RuntimeError(f"{config} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -127,37 +177,49 @@ def run_child(config: str, args) -> dict:
 def main(argv=None) -> None:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--teachers", nargs="+", default=["quickstart", "large"], choices=["quickstart", "large"])
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="rows per step (each batch size in turn)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--rank", type=int, default=16, help="LoRA rank R of delta=lora:R")
     p.add_argument("--steps", type=int, default=3, help="optimiser steps per configuration (peak by step 2)")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    p.add_argument("--malloc", default="mmap", choices=["mmap", "default"],
+                   help="mmap: children run with MALLOC_MMAP_THRESHOLD_=65536 (RSS follows live tensors); default: "
+                        "glibc's dynamic threshold")
     p.add_argument("--child", choices=CONFIGS, help="(internal) run one configuration in this process")
     p.add_argument("--teacher", default="quickstart", help="(with --child) which teacher")
     args = p.parse_args(argv)
     if args.child:
+        args.batch = args.batch[0]
         child(args)
         return
     device = setup(args)
+    configs = ["two-model", *(c for c in args.configs if c != "two-model")]
     measured, rows = [], []
     for kind in args.teachers:
         args.teacher = kind
-        results = {}
-        for config in CONFIGS:
-            print(f"{kind}: {config}", flush=True)
-            results[config] = run_child(config, args)
-        base = results["two-model"]
-        for config, r in results.items():
-            name = f"dual lora:{args.rank}" if config == "dual lora" else config
-            net = (r["peak_mib"] - r["baseline_mib"]) / (base["peak_mib"] - base["baseline_mib"])
-            rows.append([kind, r["source"], name, r["trainable_parameters"], r["baseline_mib"], r["peak_mib"],
-                         r["peak_mib"] - r["baseline_mib"], r["peak_mib"] / base["peak_mib"], net,
-                         *([r["cuda_peak_mib"] / base["cuda_peak_mib"]] if device.type == "cuda" else [])])
-            measured.append({**r, "name": name, "ratio_peak": r["peak_mib"] / base["peak_mib"], "ratio_net": net})
-    headers = ["teacher", "weights", "configuration", "trainable params", "baseline MiB", "peak RSS MiB",
-               "peak - baseline MiB", "peak / two-model", "(peak - baseline) / two-model",
-               *(["CUDA peak / two-model"] if device.type == "cuda" else [])]
-    title = (f"Peak memory of self-distillation, batch {args.batch} x {args.seq_len}, {args.steps} AdamW steps, "
-             f"each in a fresh process (target: lora <= {TARGET_LORA}x two-model)")
+        for batch in args.batch:
+            results = {}
+            for config in configs:
+                print(f"{kind}, batch {batch}: {config}", flush=True)
+                results[config] = run_child(config, batch, args)
+            base = results["two-model"]
+            base_net = base["peak_mib"] - base["baseline_mib"]
+            for config, r in results.items():
+                name = config.replace("dual lora", f"dual lora:{args.rank}")
+                net = r["peak_mib"] - r["baseline_mib"]
+                rows.append([kind, batch, name, r["trainable_parameters"], r["weights_mib"],
+                             r["gradients_mib"] + r["optimizer_mib"], net, net - r["state_mib"], r["peak_mib"],
+                             net / base_net, r["peak_mib"] / base["peak_mib"],
+                             *([r["cuda_peak_mib"], r["cuda_peak_mib"] / base["cuda_peak_mib"]]
+                               if device.type == "cuda" else [])])
+                measured.append({**r, "name": name, "ratio_net": net / base_net,
+                                 "ratio_peak": r["peak_mib"] / base["peak_mib"]})
+    headers = ["teacher", "batch", "configuration", "trainable params", "weights MiB", "grads + AdamW MiB",
+               "peak - baseline MiB", "of which activations etc. MiB", "peak RSS MiB",
+               "(peak - baseline) / two-model", "peak / two-model",
+               *(["CUDA peak MiB", "CUDA peak / two-model"] if device.type == "cuda" else [])]
+    title = (f"Peak memory of self-distillation, seq {args.seq_len}, {args.steps} AdamW steps, each configuration in "
+             f"a fresh process, malloc {args.malloc} (target: lora <= {TARGET_LORA}x two-model)")
     report("memory", args, device, {title: table(headers, rows)}, {"configurations": measured})
 
 

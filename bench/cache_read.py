@@ -1,0 +1,139 @@
+"""Reading the teacher cache: training-loop throughput with batches from the Zarr cache through the reader vs the
+same batches from tensors already in memory, side by side in one process.
+
+The consumer is the superposition stage's own training step (``distill.train_superposition.superposition_trainable``
+with the quickstart preset's student: every step fetches a batch, reconstructs the teacher's cached hidden state,
+backward, clipping, AdamW). It is the cheapest step that reads the cache, so the one where reading weighs most.
+Both variants train their own copy of the same student on the same schedule of rows: one through
+``distill.teacher_cache.cached_rows`` (``TeacherCacheReader``: chunk decode, checksum check, stacking, as the stage
+runs it), the other through a ``Rows`` that indexes tensors read out of the same cache beforehand. The cache is
+written first, with the cache stage's writer and the teacher's real outputs (quickstart preset: last layer, float16,
+zstd, top-k 32, chunk = batch = 16 rows). Its files sit in the OS page cache, as they do after the cache stage:
+this measures decoding and checking, not a cold disk. Target: cache / in-memory >= 0.9.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: python bench/cache_read.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from bench.common import (compute_dtype, interleave, median, optimiser_step, parser, ratio, report, setup, table,
+                          teacher, token_rows)
+from distill.config import load_config
+from distill.rows import Rows
+from distill.teacher import resolve_layers, teacher_outputs
+from distill.teacher_cache import cached_rows
+from distill.train_superposition import build_student, superposition_trainable
+from storage import ArtifactStore
+from storage.cache import TeacherCacheReader, TeacherCacheSpec, TeacherCacheWriter
+
+TARGET = 0.9
+
+
+def build_cache(model, store: ArtifactStore, path: str, rows: int, cfg, device) -> str:
+    """The cache stage's writes, with the teacher's outputs on ``rows`` real rows; returns the target key."""
+    ids, mask = token_rows(rows, cfg.data.seq_len)
+    layers = resolve_layers(cfg.cache.layers, model.config.num_hidden_layers)
+    spec = TeacherCacheSpec(num_samples=rows, seq_len=cfg.data.seq_len, layers=layers,
+                            hidden_size=model.config.hidden_size, dtype=cfg.cache.dtype, codec=cfg.cache.codec,
+                            chunk_size=cfg.cache.batch_size, topk=cfg.cache.topk, fingerprint="bench")
+    with TeacherCacheWriter(store, path, spec) as writer:
+        for chunk in writer.missing_chunks():
+            i, m = (t[chunk * spec.chunk_size:(chunk + 1) * spec.chunk_size] for t in (ids, mask))
+            out = teacher_outputs(model, i.to(device), m.to(device), layers, cfg.cache.topk)
+            writer.write_chunk(chunk, {"input_ids": i.int(), "attention_mask": m.to(torch.int8),
+                                       **{k: v.cpu() for k, v in out.items()}})
+    return f"hidden/layer_{layers[-1]}"
+
+
+def in_memory(store: ArtifactStore, path: str) -> Rows:
+    """The whole cache read into tensors once (as ``cached_rows`` converts them), indexed per batch."""
+    reader = TeacherCacheReader(store, path)
+    data = reader.get_batch(np.arange(len(reader)))
+    data["input_ids"], data["attention_mask"] = data["input_ids"].long(), data["attention_mask"].long()
+    return Rows(len(reader), lambda index: {k: v[torch.from_numpy(index)] for k, v in data.items()},
+                chunk_size=reader.spec.chunk_size)
+
+
+def compare(kind: str, args, device, store: ArtifactStore) -> dict:
+    cfg = load_config("quickstart", {"train.batch_size": args.batch, "cache.batch_size": args.batch})
+    model, info = teacher(kind, device, compute_dtype(device))
+    path = f"read-{kind}"
+    target = build_cache(model, store, path, args.rows, cfg, device)
+    del model
+    cache = {"splits": {"train": {"path": path}}}
+    sources = {"in-memory tensors": in_memory(store, path), "Zarr cache (reader)": cached_rows(store, cache, "train",
+                                                                                               "bench")}
+    steps = {}
+    for name, rows in sources.items():
+        student, projector = build_student(cfg, info["vocab"], info["hidden_size"])  # same seed: same weights
+        trainable = superposition_trainable(student, projector, cfg, rows, target, device)
+        optimizer = torch.optim.AdamW(trainable.parameters, lr=cfg.train.lr)
+        counter = iter(range(10**9))
+
+        def one_pass(trainable=trainable, optimizer=optimizer, counter=counter):
+            for _ in range(args.steps):
+                step = next(counter)
+                optimiser_step(trainable.parameters, optimizer, lambda: trainable.loss(step)[0], device)
+        steps[name] = one_pass
+    times = interleave(steps, args.repeats, device)
+
+    # the fetch alone (no training), same schedule, to say what the reader costs per batch
+    def fetch_only(rows: Rows) -> float:
+        from distill.loop import BatchSchedule
+
+        schedule = BatchSchedule(rows.count, args.batch, cfg.seed, rows.chunk_size)
+        start = time.perf_counter()
+        for step in range(args.steps):
+            rows.fetch(schedule.indices(step))
+        return (time.perf_counter() - start) / args.steps
+
+    fresh = cached_rows(store, cache, "train", "bench")  # a new reader: nothing decoded yet
+    fetch = {"in-memory tensors": fetch_only(sources["in-memory tensors"]), "Zarr cache (reader)": fetch_only(fresh)}
+    store.delete(path)
+    tokens = args.steps * args.batch * cfg.data.seq_len
+    return {**info, "student_dim": cfg.student.dim, "batch": args.batch, "steps_per_pass": args.steps,
+            "cache_rows": args.rows, "chunks": -(-args.rows // args.batch), "dtype": cfg.cache.dtype,
+            "codec": cfg.cache.codec, "topk": cfg.cache.topk, "target": target, "seconds": times,
+            "tokens_per_s": {k: tokens / median(v) for k, v in times.items()},
+            "fetch_s_per_batch": fetch,
+            "ratio": ratio(times["in-memory tensors"], times["Zarr cache (reader)"])}
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument("--teachers", nargs="+", default=["quickstart", "large"], choices=["quickstart", "large"])
+    p.add_argument("--rows", type=int, default=256, help="rows in the cache (256 = 16 chunks, 4 stay decoded)")
+    p.add_argument("--batch", type=int, default=16, help="training batch = cache chunk (quickstart preset: 16)")
+    p.add_argument("--steps", type=int, default=16, help="optimiser steps per timed pass (16: every chunk once)")
+    p.add_argument("--root", default=None, help="artifact store root (default: a temporary directory)")
+    p.set_defaults(repeats=5)
+    args = p.parse_args(argv)
+    device = setup(args)
+    store = ArtifactStore(args.root or tempfile.mkdtemp(prefix="bench-read-"))
+    results = []
+    for kind in args.teachers:
+        print(f"{kind}: cache of {args.rows} rows, {args.steps} steps x {args.repeats} rounds", flush=True)
+        results.append(compare(kind, args, device, store))
+    rows = [[r["teacher"], r["hidden_size"], r["student_dim"], r["batch"], r["tokens_per_s"]["in-memory tensors"],
+             r["tokens_per_s"]["Zarr cache (reader)"], 1000 * r["fetch_s_per_batch"]["in-memory tensors"],
+             1000 * r["fetch_s_per_batch"]["Zarr cache (reader)"], r["ratio"]["median"],
+             f"{r['ratio']['min']:.3f}-{r['ratio']['max']:.3f}", "yes" if r["ratio"]["median"] >= TARGET else "no"]
+            for r in results]
+    tables = {f"Superposition training step, batches from the cache / from memory (target >= {TARGET})": table(
+        ["teacher (cached hidden)", "hidden", "student dim", "batch", "in-memory tok/s", "cache tok/s",
+         "fetch ms/batch, memory", "fetch ms/batch, cache", "cache / in-memory (median)", "range", "meets target"],
+        rows)}
+    report("cache_read", args, device, tables, {"results": results})
+
+
+if __name__ == "__main__":
+    main()
