@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from bitnet import BitLinear
+from storage import layout
 
 from .config import PipelineConfig
 from .data import load_split
@@ -94,10 +95,11 @@ def run_evaluate(cfg: PipelineConfig, store, stage: dict, reporter, flow: str, s
     store.write_bytes(f"{path}/loss_curves.json", loss_curves_json(curves))
     store.write_bytes(f"{path}/report.md", markdown_report(metrics, samples, {k: store.url(v) for k, v in locations.items()}).encode())
     store.write_json(f"{path}/metrics.json", metrics)
+    checkpoint_run = student.get("checkpoint_run")  # a run name; the link in the UI needs its directory
     manifest = {**{k: v for k, v in metrics.items() if k not in ("config", "samples")},
                 "stage": "evaluate", "path": path, "metrics_path": f"{path}/metrics.json",
                 "report_path": f"{path}/report.md", "curves_png": f"{path}/loss_curves.png",
-                "checkpoints": student.get("checkpoint_run")}
+                "checkpoints": checkpoint_run and layout.checkpoints_dir(checkpoint_run)}
     store.mark_complete(path, manifest)
     return manifest
 

@@ -1,6 +1,8 @@
 """The repository's prefect.yaml against a real `prefect server start`: deploy, run on a worker, read the run's
 state and UI artifacts back through the API; the same deployment on S3 (moto's server); bad input at the edges."""
 
+from pathlib import Path
+
 import boto3
 import pytest
 
@@ -42,6 +44,8 @@ def test_nightly_deployment_runs_on_a_worker(server, tiny_teacher, tmp_path):
     artifacts = assert_completed_with_report(server, flow_run_id, worker.stdout)
     assert "superposition-distill-tiny-student" in artifacts
     assert "/eval/report.md)" in artifacts["superposition-distill-tiny-report-md"]["data"]  # its own key, not REPORT's
+    checkpoints = artifacts["superposition-distill-tiny-checkpoints"]["data"]  # "[checkpoints](<directory>)"
+    assert list(Path(checkpoints.partition("](")[2].removesuffix(")")).glob("step-*"))
     assert list(tmp_path.glob("runs/tiny-superposition-*/eval/report.md"))
 
 
