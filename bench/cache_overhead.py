@@ -151,6 +151,7 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float16", help="cache dtype (quickstart preset: float16)")
     p.add_argument("--codec", default="zstd", help="cache codec (default zstd)")
     p.add_argument("--root", default=None, help="artifact store root (default: a temporary directory)")
+    p.add_argument("--no-sizes", action="store_true", help="throughput only (skip the bytes-per-token tables)")
     # All cores by default: the writer thread's compression must then compete with the forward pass for the CPU,
     # as it does in a real run (with one torch thread it would run on an otherwise idle core).
     p.set_defaults(repeats=3, threads=0)
@@ -165,7 +166,8 @@ def main(argv=None) -> None:
         print(f"{kind}: {info['source']}, {info['parameters'] / 1e6:.1f}M parameters; timing {rows} rows x "
               f"{args.repeats} rounds", flush=True)
         speed.append(throughput(model, info, args, device, store, rows))
-        size.append(sizes(model, info, args, device, store))
+        if not args.no_sizes:
+            size.append(sizes(model, info, args, device, store))
         del model
 
     speed_rows = [[r["teacher"], r["source"], r["hidden_size"], r["tokens"], r["tokens_per_s"]["bare forward"],
