@@ -104,7 +104,7 @@ def extra_superposition_rows(args, seed: int) -> dict[str, dict]:
                                         batch["input_ids"], batch["attention_mask"]), {}
 
     optim = cfg.train.model_copy(update={"steps": cfg.train.steps + cfg.head.steps})
-    run = f"runs/quality-control/{fingerprint({'student': cfg.student.model_dump(), 'optim': optim.model_dump(), 'seed': seed}, tokens['fingerprint'])}"
+    run = f"quality-control-{fingerprint({'student': cfg.student.model_dump(), 'optim': optim.model_dump(), 'seed': seed}, tokens['fingerprint'])}"
     trainable = Trainable(list(control.parameters()), ce, lambda: dict(control.state_dict()),
                           control.load_state_dict)
     train(trainable, optim, store, run, Reporter(), device, "control (CE from scratch)")
