@@ -1,6 +1,7 @@
 """Task functions called directly (``.fn``): each returns a small JSON manifest and reuses finished work."""
 
 import json
+import math
 
 import pytest
 
@@ -25,3 +26,22 @@ def test_stage_task_functions_return_small_manifests(tiny_teacher, tmp_path):
     assert trained["steps"] == cfg.train.steps and trained["num_patched"] == 14
     assert (tmp_path / trained["weights"]).stat().st_size > 0
     assert stages.tokenize.fn(config, plan["tokenize"]) == tokens  # complete: returned as stored, no work
+
+
+@pytest.mark.parametrize("signal", ["online", "cache"])
+def test_self_distill_trains_every_loss_term_from_either_teacher_signal(tiny_teacher, tmp_path, signal):
+    every_term = {"self_distill.ce_weight": 1.0, "self_distill.hidden_weight": 1.0,
+                  "self_distill.magnitude_weight": 0.1, "self_distill.teacher_signal": signal,
+                  "cache.layers": [1, 2]}  # the cached signal needs every hidden state it matches
+    cfg = load_config(TINY, tiny_overrides(tiny_teacher, tmp_path, **every_term))
+    plan = make_plan(cfg, "self-distill", preflight(cfg, "self-distill"))
+    config = cfg.model_dump(mode="json")
+    tokens = stages.tokenize.fn(config, plan["tokenize"])
+    cache = stages.cache_teacher.fn(config, plan["cache_teacher"], tokens) if signal == "cache" else None
+    trained = stages.train_self_distill.fn(config, plan["train"], tokens, cache)
+    history = json.loads((tmp_path / trained["history"]).read_text())
+    assert len(history) == cfg.train.steps
+    for record in history:
+        assert {"ce", "kl", "hidden"} <= set(record)
+        assert record["loss"] == pytest.approx(record["ce"] + record["kl"] + record["hidden"], rel=1e-5)
+        assert all(math.isfinite(record[k]) and record[k] >= 0 for k in ("ce", "kl", "hidden"))
