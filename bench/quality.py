@@ -65,6 +65,7 @@ def variants(args) -> list[Variant]:
         "KL only": loss(0, 1, 0),
         "CE + KL": loss(1, 1, 0),
         "CE + KL + hidden cosine": loss(1, 1, 1),
+        "KL + hidden cosine": loss(0, 1, 1),
         "CE + KL + hidden + magnitude 0.1": loss(1, 1, 1, **{"self_distill.magnitude_weight": 0.1}),
         "CE + KL + hidden, lambda warm-up": loss(1, 1, 1, **{"self_distill.quant_warmup_steps": args.warmup}),
         f"CE + KL + hidden, delta={args.lora}": loss(1, 1, 1, **{"self_distill.delta": args.lora}),
