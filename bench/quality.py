@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: python bench/quality.py
 
 from bench.common import REPO, machine, parser, report, setup, table  # noqa: E402
 
-GROUPS = ("headline", "steps", "lr", "ablation")
+GROUPS = ("headline", "search", "ablation")
 
 
 @dataclass
@@ -43,10 +43,11 @@ class Variant:
     overrides: dict = field(default_factory=dict)
 
 
-# The loss ablation and the delta comparison run at one fixed budget, the quickstart preset before the search
-# that picked today's default (300 steps at lr 5e-4), with every loss weight written out, so that they do not move
-# when the preset does and rerunning this script reuses their finished runs.
-ABLATION_BUDGET = {"train.steps": 300, "self_distill.lr": 5e-4}
+# The quickstart preset before the search that set today's default: 2048 training rows, 300 steps (about 2.3
+# epochs). The search rows and the ablation start from it, written out, so that they do not move when the preset
+# does and rerunning this script reuses their finished runs. The ablation keeps that search's first learning rate.
+PREVIOUS_DEFAULT = {"data.max_train_rows": 2048, "train.steps": 300}
+ABLATION_BUDGET = {**PREVIOUS_DEFAULT, "self_distill.lr": 5e-4}
 
 
 def loss(ce: float, kl: float, hidden: float, **extra) -> dict:
@@ -57,9 +58,14 @@ def loss(ce: float, kl: float, hidden: float, **extra) -> dict:
 def variants(args) -> list[Variant]:
     """The runs behind the table; ``overrides`` are relative to the quickstart preset."""
     out = [Variant(f"self-distill (default), seed {s}", "headline", "self-distill", {"seed": s}) for s in args.seeds]
-    out += [Variant(f"self-distill, {n} steps", "steps", "self-distill", {"train.steps": n}) for n in args.steps]
     out += [Variant(f"superposition, seed {s}", "headline", "superposition-distill", {"seed": s}) for s in args.seeds]
-    out += [Variant(f"self-distill, lr {lr:g}", "lr", "self-distill", {"self_distill.lr": lr}) for lr in args.lrs]
+    previous = "self-distill, 2048 rows"
+    out += [Variant(f"{previous}, 300 steps (previous default), seed {s}", "search", "self-distill",
+                    {**PREVIOUS_DEFAULT, "seed": s}) for s in args.seeds]
+    out += [Variant(f"{previous}, {n} steps", "search", "self-distill", {**PREVIOUS_DEFAULT, "train.steps": n})
+            for n in args.steps]
+    out += [Variant(f"{previous}, 300 steps, lr {lr:g}", "search", "self-distill",
+                    {**PREVIOUS_DEFAULT, "self_distill.lr": lr}) for lr in args.lrs]
     ablation = {
         "CE only": loss(1, 0, 0),
         "KL only": loss(0, 1, 0),
@@ -159,8 +165,10 @@ def main(argv=None) -> None:
     p.add_argument("--root", default=str(REPO / "artifacts" / "quality"), help="artifact root of the runs")
     p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=GROUPS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", nargs="+", type=int, default=[100, 1000], help="other self-distill lengths (one seed)")
-    p.add_argument("--lrs", nargs="+", type=float, default=[5e-4, 2e-3], help="other self_distill.lr (one seed)")
+    p.add_argument("--steps", nargs="+", type=int, default=[100, 1000],
+                   help="other self-distill lengths on the previous default's 2048 rows (one seed)")
+    p.add_argument("--lrs", nargs="+", type=float, default=[5e-4, 2e-3],
+                   help="other self_distill.lr at the previous default (one seed)")
     p.add_argument("--warmup", type=int, default=100, help="quant_warmup_steps of the lambda warm-up row")
     p.add_argument("--lora", default="lora:16", help="the LoRA delta compared with full")
     p.set_defaults(threads=0)
