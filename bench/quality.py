@@ -7,16 +7,20 @@ as the evaluate stage computes them (the same ``eval.max_rows`` held-out rows fo
 
 Rows:
 - teacher, and naive post-training ternary quantization (dW = 0);
-- self-distillation: the default configuration (the quickstart preset) over ``--seeds``; after N steps for each
-  ``--steps`` and at each other learning rate in ``--lrs``;
-- the loss ablation (CE only, KL only, CE + KL, CE + KL + hidden cosine, + magnitude, lambda warm-up) and
-  ``delta=lora:R`` vs full, all at the fixed ``ABLATION_BUDGET``;
+- self-distillation: the default configuration (the quickstart preset) over ``--seeds``;
+- the search that set that default, from the previous default (``PREVIOUS_DEFAULT``: 2048 training rows, 300
+  steps) over ``--seeds``: other lengths (``--steps``) and learning rates (``--lrs``);
+- the loss ablation (CE only, KL only, CE + KL, CE + KL + hidden cosine, KL + hidden cosine, + magnitude, lambda
+  warm-up), ``delta=lora:R`` vs full and dW stored in bf16, all at the fixed ``ABLATION_BUDGET``;
 - superposition student: before LM-head retraining (its tied head), after, and decoded through the teacher's head;
 - the control: a ternary student of the superposition student's size trained from scratch with plain
   cross-entropy on the same training tokens for the same number of optimiser steps (train.steps + head.steps).
 
-    .venv/bin/python -m bench.quality                      # everything (about an hour on 2 CPU cores)
+    .venv/bin/python -m bench.quality                      # everything (about 3 hours of one CPU core)
     .venv/bin/python -m bench.quality --groups headline    # teacher, PTQ, default self-distill, superposition, control
+
+Finished runs are reused (every stage is cached by fingerprint under ``--root``), so a rerun only evaluates the
+superposition rows again; two processes with different ``--groups`` (and ``PREFECT_HOME``) can share the root.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ class Variant:
 # The quickstart preset before the search that set today's default: 2048 training rows, 300 steps (about 2.3
 # epochs). The search rows and the ablation start from it, written out, so that they do not move when the preset
 # does and rerunning this script reuses their finished runs. The ablation keeps that search's first learning rate.
-PREVIOUS_DEFAULT = {"data.max_train_rows": 2048, "train.steps": 300}
+PREVIOUS_DEFAULT = {"data.max_train_rows": 2048, "self_distill.steps": 300}
 ABLATION_BUDGET = {**PREVIOUS_DEFAULT, "self_distill.lr": 5e-4}
 
 
@@ -62,7 +66,7 @@ def variants(args) -> list[Variant]:
     previous = "self-distill, 2048 rows"
     out += [Variant(f"{previous}, 300 steps (previous default), seed {s}", "search", "self-distill",
                     {**PREVIOUS_DEFAULT, "seed": s}) for s in args.seeds]
-    out += [Variant(f"{previous}, {n} steps", "search", "self-distill", {**PREVIOUS_DEFAULT, "train.steps": n})
+    out += [Variant(f"{previous}, {n} steps", "search", "self-distill", {**PREVIOUS_DEFAULT, "self_distill.steps": n})
             for n in args.steps]
     out += [Variant(f"{previous}, 300 steps, lr {lr:g}", "search", "self-distill",
                     {**PREVIOUS_DEFAULT, "self_distill.lr": lr}) for lr in args.lrs]
@@ -75,6 +79,7 @@ def variants(args) -> list[Variant]:
         "CE + KL + hidden + magnitude 0.1": loss(1, 1, 1, **{"self_distill.magnitude_weight": 0.1}),
         "CE + KL + hidden, lambda warm-up": loss(1, 1, 1, **{"self_distill.quant_warmup_steps": args.warmup}),
         f"CE + KL + hidden, delta={args.lora}": loss(1, 1, 1, **{"self_distill.delta": args.lora}),
+        "KL only, dW in bf16": loss(0, 1, 0, **{"self_distill.delta_dtype": "bfloat16"}),  # half dW's memory
     }
     out += [Variant(f"ablation: {name}", "ablation", "self-distill", o) for name, o in ablation.items()]
     return [v for v in out if v.group in args.groups]
@@ -118,7 +123,8 @@ def extra_superposition_rows(args, seed: int) -> dict[str, dict]:
     control, _ = build_student(cfg, dual.model.config.vocab_size, dual.model.config.hidden_size)
     control.to(device)
     rows = load_split(store, tokens, "train")
-    schedule = BatchSchedule(rows.count, cfg.train.batch_size, cfg.seed, rows.chunk_size)
+    count = min(rows.count, cfg.cache.max_samples or rows.count)  # the rows the superposition student saw
+    schedule = BatchSchedule(count, cfg.train.batch_size, cfg.seed, rows.chunk_size)
 
     def ce(step: int):
         batch = to_device(rows.fetch(schedule.indices(step)), device)

@@ -111,6 +111,7 @@ class SelfDistillConfig(Section):
     quant_warmup_steps: int = Field(default=0, ge=0)  # lambda warm-up of the quantizers (0 = off)
     teacher_signal: Literal["online", "cache"] = "online"
     lr: float | None = Field(default=None, gt=0)  # overrides train.lr: dW of a pretrained model wants a smaller one
+    steps: int | None = Field(default=None, gt=0)  # overrides train.steps (the superposition flow keeps train.steps)
 
     @field_validator("delta")
     @classmethod
@@ -169,8 +170,9 @@ class PipelineConfig(Section):
         return value
 
     def self_distill_optim(self) -> OptimConfig:
-        """The optimiser settings of the self-distillation flow (``train`` with ``self_distill.lr``)."""
-        return self.train.model_copy(update={"lr": self.self_distill.lr or self.train.lr})
+        """The optimiser settings of the self-distillation flow (``train`` with ``self_distill.lr`` and ``.steps``)."""
+        sd = self.self_distill
+        return self.train.model_copy(update={"lr": sd.lr or self.train.lr, "steps": sd.steps or self.train.steps})
 
     def head_optim(self) -> OptimConfig:
         """The optimiser settings of LM-head retraining (``train`` with the ``head`` section's values)."""

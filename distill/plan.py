@@ -105,7 +105,10 @@ def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> dict[str
         last = add("lm_head", {"head": d["head"]}, train, layout.run_dir(run) + "/lm-head")
         stages["lm_head"].checkpoint_run = f"{run}/lm-head"
     else:
-        train = add("train", {"teacher": teacher.identity, "self_distill": d["self_distill"],
+        # self_distill.steps reaches the fingerprint resolved into the optimiser settings; left out of the section
+        # itself so that adding the field kept the fingerprints of earlier runs
+        own = {k: v for k, v in d["self_distill"].items() if k != "steps"}
+        train = add("train", {"teacher": teacher.identity, "self_distill": own,
                               "train": cfg.self_distill_optim().model_dump(), "seed": cfg.seed}, upstream)
         run = f"{cfg.name}-self-distill-{train[:10]}"
         stages["train"].path = layout.run_dir(run) + "/train"

@@ -53,3 +53,23 @@ def test_unknown_preset_lists_the_known_ones():
 def test_override_through_a_value_is_an_error():
     with pytest.raises(ConfigError, match="'name' is not a section"):
         load_config("reference", {"name.x": 1})
+
+
+def test_self_distill_steps_and_lr_override_train_for_that_flow_only():
+    from distill.plan import make_plan, preflight
+
+    def train_fingerprints(overrides):
+        cfg = load_config("quickstart", overrides)
+        return [make_plan(cfg, flow, preflight(cfg, flow))["train"]["fingerprint"]
+                for flow in ("self-distill", "superposition-distill")]
+
+    cfg = load_config("quickstart", {"train.steps": 40, "train.lr": 1e-2, "self_distill.steps": 7})
+    optim = cfg.self_distill_optim()
+    assert (optim.steps, optim.lr, cfg.train.steps, cfg.train.lr) == (7, cfg.self_distill.lr, 40, 1e-2)
+    assert load_config("quickstart", {"self_distill.steps": None, "train.steps": 40}).self_distill_optim().steps == 40
+
+    self_fp, super_fp = train_fingerprints({"self_distill.steps": 7})
+    other_self_fp, other_super_fp = train_fingerprints({"self_distill.steps": 8})
+    assert self_fp != other_self_fp and super_fp == other_super_fp
+    # the same resolved schedule is the same run, however it was spelled
+    assert train_fingerprints({"self_distill.steps": None, "train.steps": 7})[0] == self_fp
