@@ -38,7 +38,8 @@ def test_yaml_file_path(tmp_path):
     ({"train.stepz": 3}, "train.stepz: Extra inputs are not permitted"),
     ({"data.files": ["x.txt"]}, "exactly one of data.builtin, data.dataset or data.files"),
     ({"name": "a/b"}, "name: .*letters, digits"),
-    ({"self_distill.kl_weight": 0}, "self_distill: .*all 0: nothing would train dW"),
+    ({"self_distill.kl_weight": 0, "self_distill.hidden_weight": 0},
+     "self_distill: .*all 0: nothing would train dW"),
 ])
 def test_invalid_configurations_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):
