@@ -103,11 +103,11 @@ def extra_superposition_rows(args, seed: int) -> dict[str, dict]:
     from bitnet import next_token_cross_entropy
     from distill.config import load_config
     from distill.data import load_split
-    from distill.loop import BatchSchedule, Trainable, train
+    from distill.loop import ScheduledBatches, Trainable, train
     from distill.metrics import Output, compare_to_teacher
     from distill.plan import make_plan, open_store, preflight
     from distill.progress import Reporter
-    from distill.rows import to_device
+    from distill.rows import Rows, to_device
     from distill.teacher import resolve_device
     from distill.train_self import dual_forward, load_dual
     from distill.train_superposition import build_student, load_trained_student
@@ -127,10 +127,10 @@ def extra_superposition_rows(args, seed: int) -> dict[str, dict]:
     control.to(device)
     rows = load_split(store, tokens, "train")
     count = min(rows.count, cfg.cache.max_samples or rows.count)  # the rows the superposition student saw
-    schedule = BatchSchedule(count, cfg.train.batch_size, cfg.seed, rows.chunk_size)
+    batches = ScheduledBatches(Rows(count, rows.fetch, rows.chunk_size), cfg.train.batch_size, cfg.seed)
 
     def ce(step: int):
-        batch = to_device(rows.fetch(schedule.indices(step)), device)
+        batch = to_device(batches(step), device)
         return next_token_cross_entropy(control(batch["input_ids"], batch["attention_mask"]).logits,
                                         batch["input_ids"], batch["attention_mask"]), {}
 

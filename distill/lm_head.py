@@ -13,7 +13,7 @@ import torch
 from bitnet import SuperpositionStudent, next_token_cross_entropy, sparse_topk_kl
 
 from .config import ConfigError, PipelineConfig
-from .loop import BatchSchedule, Trainable
+from .loop import ScheduledBatches, Trainable
 from .rows import Rows, to_device
 
 
@@ -32,7 +32,7 @@ def lm_head_trainable(student: SuperpositionStudent, cfg: PipelineConfig, rows: 
                       eval_rows: Rows | None = None) -> Trainable:
     head = cfg.head
     params = head_parameters(student, head.untied)
-    schedule = BatchSchedule(rows.count, head.batch_size, cfg.seed + 1, rows.chunk_size)
+    batches = ScheduledBatches(rows, head.batch_size, cfg.seed + 1)
     student.to(device).eval()
 
     def logits_of(batch):
@@ -44,7 +44,7 @@ def lm_head_trainable(student: SuperpositionStudent, cfg: PipelineConfig, rows: 
         return student(ids, mask).logits
 
     def loss(micro_step: int):
-        batch = to_device(rows.fetch(schedule.indices(micro_step)), device)
+        batch = to_device(batches(micro_step), device)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         logits = logits_of(batch)
         ce = next_token_cross_entropy(logits, ids, mask)

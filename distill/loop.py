@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from storage import checkpoints
 
 from .config import OptimConfig
 from .progress import Reporter
+from .rows import Rows
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -66,6 +68,33 @@ class BatchSchedule:
             here = positions // self.num_rows == epoch
             out[here] = self._epoch_order(int(epoch))[positions[here] % self.num_rows]
         return out
+
+
+class ScheduledBatches:
+    """The training batches of ``rows`` by micro-step (a ``BatchSchedule``), read ``ahead`` steps in advance.
+
+    Batches are a pure function of the step, so reading ahead changes only *when* a batch is read: decoding the
+    teacher cache overlaps the training step instead of preceding it (on a GPU a step can be shorter than the
+    decode). Indices are computed on the caller's thread (the schedule is not thread-safe); only ``rows.fetch``
+    runs on the background threads. A step that was not read ahead (the first, a resumed run) is read at once.
+    """
+
+    def __init__(self, rows: Rows, batch_size: int, seed: int, ahead: int = 2):
+        self.rows, self.ahead = rows, ahead
+        self.schedule = BatchSchedule(rows.count, batch_size, seed, rows.chunk_size)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, ahead), thread_name_prefix="batch-read-ahead")
+        self._pending: dict[int, Future] = {}
+
+    def _read(self, micro_step: int) -> Future:
+        return self._pool.submit(self.rows.fetch, self.schedule.indices(micro_step))
+
+    def __call__(self, micro_step: int) -> dict[str, torch.Tensor]:
+        current = self._pending.pop(micro_step, None) or self._read(micro_step)
+        self._pending = {s: f for s, f in self._pending.items() if s > micro_step}  # a jump back drops the rest
+        for later in range(micro_step + 1, micro_step + 1 + self.ahead):
+            if later not in self._pending:
+                self._pending[later] = self._read(later)
+        return current.result()
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from bitnet import DualModel, hidden_cosine_loss, kl_to_teacher, next_token_cross_entropy, sparse_topk_kl
 
 from .config import ConfigError, PipelineConfig
-from .loop import BatchSchedule, Trainable
+from .loop import ScheduledBatches, Trainable
 from .metrics import Output, compare_to_teacher
 from .rows import Rows, to_device
 from .teacher import resolve_layers
@@ -41,7 +41,7 @@ def self_distill_trainable(dual: DualModel, cfg: PipelineConfig, rows: Rows, dev
         raise ConfigError("self_distill.magnitude_weight needs self_distill.hidden_weight > 0 (it refines the "
                           "hidden-state term)")
     layers = hidden_layers(sd.hidden_layers, dual.model.config.num_hidden_layers) if sd.hidden_weight else []
-    schedule = BatchSchedule(rows.count, optim.batch_size, cfg.seed, rows.chunk_size)
+    batches = ScheduledBatches(rows, optim.batch_size, cfg.seed)
     teacher = dual_forward(dual, dual.teacher, layers)
     student = dual_forward(dual, dual.student, layers)
 
@@ -58,7 +58,7 @@ def self_distill_trainable(dual: DualModel, cfg: PipelineConfig, rows: Rows, dev
     def loss(micro_step: int):
         if sd.quant_warmup_steps:
             dual.set_quant_lambda(min(1.0, (micro_step // optim.grad_accum) / sd.quant_warmup_steps))
-        batch = to_device(rows.fetch(schedule.indices(micro_step)), device)
+        batch = to_device(batches(micro_step), device)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         target, cached = teacher_signal(batch, ids, mask)
         out = student(ids, mask)

@@ -8,7 +8,7 @@ import torch
 from bitnet import Decompressor, SuperpositionStudent, hidden_cosine_loss
 
 from .config import PipelineConfig
-from .loop import BatchSchedule, Trainable
+from .loop import ScheduledBatches, Trainable
 from .rows import Rows, to_device
 
 
@@ -38,12 +38,12 @@ def reconstruction_loss(student, projector, batch: dict, target_key: str) -> tor
 
 def superposition_trainable(student: SuperpositionStudent, projector: Decompressor, cfg: PipelineConfig,
                             rows: Rows, target_key: str, device: torch.device, eval_rows: Rows | None = None) -> Trainable:
-    schedule = BatchSchedule(rows.count, cfg.train.batch_size, cfg.seed, rows.chunk_size)
+    batches = ScheduledBatches(rows, cfg.train.batch_size, cfg.seed)
     student.to(device).train()
     projector.to(device).train()
 
     def loss(micro_step: int):
-        batch = to_device(rows.fetch(schedule.indices(micro_step)), device)
+        batch = to_device(batches(micro_step), device)
         return reconstruction_loss(student, projector, batch, target_key), {}
 
     @torch.no_grad()

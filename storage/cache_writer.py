@@ -2,7 +2,8 @@
 
 The producer (the teacher's forward pass) hands over one chunk's arrays and goes on computing; a background thread
 converts them to the storage dtype, compresses and writes them, makes them durable, and only then writes the
-chunk's completion record. A crash at any point leaves the chunk without a record, so it is "missing" on reopen and
+chunk's completion record. Several writer threads take chunks from one queue: compression, checksums and fsync
+release the GIL, and a GPU teacher produces chunks faster than one thread can store them. A crash at any point leaves the chunk without a record, so it is "missing" on reopen and
 a rerun rewrites exactly the missing chunks. One writer at a time per cache: the constructor takes a lock (local
 ``flock``) or lease (object stores) and waits up to ``lock_timeout`` seconds for another writer to finish.
 """
@@ -69,11 +70,14 @@ class TeacherCacheWriter:
             for chunk in writer.missing_chunks():
                 writer.write_chunk(chunk, {"input_ids": ..., "attention_mask": ..., "hidden/layer_3": ..., ...})
 
-    ``queue_size`` chunks may wait for the thread; only when that many are waiting does ``write_chunk`` block.
+    ``threads`` writer threads store chunks in parallel (each chunk is written by exactly one of them);
+    ``queue_size`` chunks may wait for them; only when that many are waiting does ``write_chunk`` block.
     """
 
-    def __init__(self, store, path: str, spec: TeacherCacheSpec, *, queue_size: int = 2,
+    def __init__(self, store, path: str, spec: TeacherCacheSpec, *, threads: int = 4, queue_size: int | None = None,
                  lock_timeout: float = 3600.0, lease_ttl: float = 120.0):
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
         self.store, self.path, self.spec = store, path, spec
         self.url = store.url(path)
         self._lock = acquire_lock(store, path, f"the teacher cache at {self.url}", lock_timeout, lease_ttl)
@@ -88,11 +92,13 @@ class TeacherCacheWriter:
             raise
         self._handed_over: set[int] = set()
         self._done_lock = threading.Lock()
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size or 2 * threads)
         self._error: tuple[int, BaseException] | None = None
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="teacher-cache-writer", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"teacher-cache-writer-{i}", daemon=True)
+                         for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
 
     def __enter__(self) -> TeacherCacheWriter:
         return self
@@ -173,8 +179,10 @@ class TeacherCacheWriter:
         if self._closed:
             return
         self._closed = True
-        self._queue.put(None)
-        self._thread.join()
+        for thread in self._threads:
+            self._queue.put(None)  # one stop sign per thread, after every chunk handed over
+        for thread in self._threads:
+            thread.join()
         try:
             self._raise_failure()
             if not self.missing_chunks() and not self.store.is_complete(self.path):

@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
-from distill.loop import BatchSchedule, lr_factor
+import threading
+
+import torch
+
+from distill.loop import BatchSchedule, ScheduledBatches, lr_factor
+from distill.rows import Rows
 
 
 def test_every_epoch_visits_every_row_once():
@@ -46,3 +51,23 @@ def test_learning_rate_warms_up_then_decays():
     assert factors[0] == 0.1 and factors[4] == 0.5 and factors[9] == factors[10] == 1.0
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # cosine: never goes back up
     assert factors[55] == pytest.approx(0.55) and factors[100] == pytest.approx(0.1)
+
+
+def test_scheduled_batches_read_ahead_on_another_thread_and_equal_the_schedule():
+    calls = []
+
+    def fetch(index):
+        calls.append((tuple(index.tolist()), threading.current_thread().name))
+        return {"input_ids": torch.from_numpy(index.copy())}
+
+    rows = Rows(count=50, fetch=fetch, chunk_size=10)
+    batches = ScheduledBatches(rows, batch_size=7, seed=1, ahead=2)
+    schedule = BatchSchedule(num_rows=50, batch_size=7, seed=1, chunk_size=10)
+    for step in [0, 1, 2, 3, 17, 18, 4]:  # in order, then a jump forward (a resume) and one back
+        assert batches(step)["input_ids"].tolist() == schedule.indices(step).tolist()
+    batches._pool.shutdown(wait=True)
+    read = [index for index, _ in calls]
+    assert tuple(schedule.indices(19).tolist()) in read  # read ahead of the last step in order
+    assert all(name.startswith("batch-read-ahead") for _, name in calls)
+    for step in (1, 2, 3, 18):  # read ahead once, then served from that read: never fetched twice
+        assert read.count(tuple(schedule.indices(step).tolist())) == 1, step

@@ -197,6 +197,21 @@ def test_write_chunk_hands_over_without_waiting_for_io(local_store):
     assert handed_over < 0.05 and local_store.is_complete("cache")
 
 
+def test_parallel_writer_threads_build_the_same_cache_as_one(local_store):
+    """Chunks finish out of order on several threads; the stored bytes and records are those of one thread."""
+    from .helpers import tree_bytes
+
+    spec = small_spec(num_samples=40, chunk_size=2, hidden_size=64)
+    build_cache(local_store, "one", spec, threads=1)
+    build_cache(local_store, "four", spec, threads=4, queue_size=8)
+    relative = {path: {name.split("/", 1)[1]: data for name, data in tree_bytes(local_store, path).items()}
+                for path in ("one", "four")}
+    assert relative["four"] == relative["one"] and len(relative["one"]) > spec.num_chunks
+    assert TeacherCacheReader(local_store, "four").verify().ok
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        TeacherCacheWriter(local_store, "none", spec, threads=0)
+
+
 def test_reader_random_access_shuffling_and_bounded_memory(store):
     build_cache(store, "cache", SPEC)
     reader = TeacherCacheReader(store, "cache", cached_chunks=2)
