@@ -66,9 +66,9 @@ def variants(args) -> list[Variant]:
     previous = "self-distill, 2048 rows"
     out += [Variant(f"{previous}, 300 steps (previous default), seed {s}", "search", "self-distill",
                     {**PREVIOUS_DEFAULT, "seed": s}) for s in args.seeds]
-    # the default without the hidden cosine: the comparison that added it (two seeds, for time)
-    out += [Variant(f"self-distill, KL only (default otherwise), seed {s}", "search", "self-distill",
-                    {"self_distill.hidden_weight": 0, "seed": s}) for s in args.seeds[:2]]
+    # the default plus the per-layer hidden cosine: the comparison that left it out of the default
+    out += [Variant(f"self-distill, KL + hidden cosine (default otherwise), seed {s}", "search", "self-distill",
+                    {"self_distill.hidden_weight": 1, "seed": s}) for s in args.seeds]
     out += [Variant(f"{previous}, {n} steps", "search", "self-distill", {**PREVIOUS_DEFAULT, "self_distill.steps": n})
             for n in args.steps]
     out += [Variant(f"{previous}, 300 steps, lr {lr:g}", "search", "self-distill",
