@@ -15,6 +15,11 @@ identical to integer arithmetic while the gradients are those of the usual fake-
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -94,25 +99,75 @@ class _BitLinearSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        w_q, w_scale = ternary_weight(weight)
-        x_q, x_scale = int8_activation(x)
-        y = F.linear(x_q.to(x.dtype), w_q.to(x.dtype))  # under autocast: the autocast dtype
-        ctx.save_for_backward(x_q.to(torch.int8), w_q.to(torch.int8), x_scale, w_scale)
+        mm_dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+        ops = _elementwise(x)
+        x_mm, w_mm, x_q, w_q, x_scale, w_scale = ops.operands(x, weight, mm_dtype)
+        y = F.linear(x_mm, w_mm)
+        ctx.save_for_backward(x_q, w_q, x_scale, w_scale)
         ctx.dtypes = y.dtype, x.dtype, weight.dtype
-        return (y.float() * (x_scale * w_scale)).to(x.dtype)
+        return ops.scaled(y, x_scale * w_scale, x.dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x_q, w_q, x_scale, w_scale = ctx.saved_tensors
         mm_dtype, x_dtype, w_dtype = ctx.dtypes
-        g = (dy.float() * (x_scale * w_scale)).to(mm_dtype)
+        ops = _elementwise(dy)
+        g = ops.scaled(dy, x_scale * w_scale, mm_dtype)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = (g @ w_q.to(mm_dtype)).float().div_(x_scale).to(x_dtype)
+            dx = ops.unscaled(g @ w_q.to(mm_dtype), x_scale, x_dtype)
         if ctx.needs_input_grad[1]:
             dw = g.reshape(-1, g.shape[-1]).T @ x_q.reshape(-1, x_q.shape[-1]).to(mm_dtype)
-            dw = dw.float().div_(w_scale).to(w_dtype)
+            dw = ops.unscaled(dw, w_scale, w_dtype)
         return dx, dw
+
+
+# ---- the elementwise work around the matmuls, eager or fused ------------------------------------------------------
+
+def _operands(x: torch.Tensor, weight: torch.Tensor, mm_dtype: torch.dtype):
+    """Both operands' codes for the matmul (in ``mm_dtype``) and for backward (int8), and their scales."""
+    w_q, w_scale = ternary_weight(weight)
+    x_q, x_scale = int8_activation(x)
+    return x_q.to(mm_dtype), w_q.to(mm_dtype), x_q.to(torch.int8), w_q.to(torch.int8), x_scale, w_scale
+
+
+def _scaled(y: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (y.float() * scale).to(dtype)
+
+
+def _unscaled(y: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (y.float() / scale).to(dtype)
+
+
+class _Elementwise(NamedTuple):
+    operands: Callable
+    scaled: Callable
+    unscaled: Callable
+
+
+_EAGER = _Elementwise(_operands, _scaled, _unscaled)
+
+
+@functools.cache
+def _fused() -> _Elementwise:
+    """The same functions compiled by ``torch.compile`` (Inductor fuses each into one or two GPU kernels).
+
+    On a GPU the matmuls of a ternary layer are cheap and the quantizers' elementwise passes over activations and
+    weights (abs, max, scale, round, clamp, casts: about ten kernels each way) cost as much again; fused, a BitLinear
+    step costs little more than an ``nn.Linear`` step (docs/RESULTS.md). Integer codes are unchanged; the scale
+    ``mean|W|`` is a float reduction whose summation order may differ in the last bit, as between CPU and CUDA.
+    """
+    compile = functools.partial(torch.compile, dynamic=True)
+    return _Elementwise(compile(_operands), compile(_scaled), compile(_unscaled))
+
+
+def fused_on_cuda() -> bool:
+    """Whether CUDA tensors take the compiled path: yes unless ``BITNET_FUSED=0`` (or dynamo is disabled)."""
+    return os.environ.get("BITNET_FUSED", "1") != "0"
+
+
+def _elementwise(t: torch.Tensor) -> _Elementwise:
+    return _fused() if t.is_cuda and fused_on_cuda() else _EAGER
 
 
 def bitlinear(
@@ -124,10 +179,10 @@ def bitlinear(
     """``act_quant(x) @ ternary(weight).T * (s_x * s_w) (+ bias)``, trainable through the STE.
 
     The matmul runs in ``x.dtype`` (bf16 on GPU under autocast); codes are small integers, exact in any
-    float format, and the scales are applied afterwards in fp32. At full quantization (``lam >= 1``) with
-    gradients needed, one fused autograd node (``_BitLinearSTE``) keeps only int8 codes for backward.
+    float format, and the scales are applied afterwards in fp32. At full quantization (``lam >= 1``) one
+    autograd node (``_BitLinearSTE``) keeps only int8 codes for backward; on CUDA its elementwise work is compiled.
     """
-    if lam >= 1.0 and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if lam >= 1.0:
         y = _BitLinearSTE.apply(x, weight)
     else:
         y = bitlinear_graph(x, weight, lam)

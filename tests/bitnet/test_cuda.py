@@ -156,3 +156,28 @@ def test_superposition_student_trains_under_autocast_and_generates():
     assert losses[-1] < 0.8 * losses[0], losses
     out = student.eval().generate(ids[:, :3], 5, temperature=0)
     assert out.shape == (4, 8) and out.is_cuda
+
+
+def test_fused_elementwise_kernels_match_eager(monkeypatch):
+    """On CUDA the quantizers and scalings run compiled (``bitnet.quant._fused``): the same codes and values."""
+    from bitnet import quant
+
+    torch.manual_seed(2)
+    x, w = torch.randn(3, 40, 688, device=CUDA), torch.randn(256, 688, device=CUDA)
+    for dtype in (torch.float32, torch.bfloat16):
+        eager, fused = quant._EAGER.operands(x, w, dtype), quant._fused().operands(x, w, dtype)
+        for a, b in zip(eager, fused, strict=True):  # codes must be identical; scales to the last bit or so
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+    def step():
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = bitlinear(xg, wg)
+        y.float().square().mean().backward()
+        return y, xg.grad, wg.grad
+
+    fused_results = step()
+    monkeypatch.setenv("BITNET_FUSED", "0")
+    for a, b in zip(fused_results, step(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
