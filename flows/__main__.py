@@ -10,7 +10,12 @@ resolved configuration.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# The temporary Prefect server this command starts would send usage telemetry, and log an error every ten minutes
+# where there is no network; a server of your own keeps its own setting.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import yaml
 
