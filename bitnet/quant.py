@@ -99,13 +99,15 @@ class _BitLinearSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        mm_dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+        # Under CUDA autocast the matmul takes bf16 codes and, like any autocast linear, the output stays in bf16.
+        autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
+        mm_dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
         ops = _elementwise(x)
         x_mm, w_mm, x_q, w_q, x_scale, w_scale = ops.operands(x, weight, mm_dtype)
         y = F.linear(x_mm, w_mm)
         ctx.save_for_backward(x_q, w_q, x_scale, w_scale)
         ctx.dtypes = y.dtype, x.dtype, weight.dtype
-        return ops.scaled(y, x_scale * w_scale, x.dtype)
+        return ops.scaled(y, x_scale * w_scale, mm_dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
