@@ -11,6 +11,7 @@ and of top-k logits (values fp16 + indices int32) at k = 16, 64, 128, next to ``
 
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
 import time
@@ -62,10 +63,10 @@ def throughput(model, info: dict, args, device, store: ArtifactStore, rows: int)
         for i, m in batches:
             chunk_arrays(i, m, teacher_outputs(model, i.to(device), m.to(device), layers, args.topk))
 
-    def cache_stage() -> float:
+    def cache_stage(threads: int) -> float:
         path = f"overhead-{uuid.uuid4().hex[:8]}"
         start = time.perf_counter()
-        with TeacherCacheWriter(store, path, spec) as writer:
+        with TeacherCacheWriter(store, path, spec, threads=threads) as writer:
             for chunk, (i, m) in enumerate(batches):
                 writer.write_chunk(chunk, chunk_arrays(i, m, teacher_outputs(model, i.to(device), m.to(device),
                                                                              layers, args.topk)))
@@ -73,15 +74,22 @@ def throughput(model, info: dict, args, device, store: ArtifactStore, rows: int)
         store.delete(path)
         return elapsed
 
-    times = interleave({"bare forward": bare, "teacher_outputs": outputs_only, "cache stage": cache_stage},
-                       args.repeats, device)
+    # the first entry of --writer-threads is "the cache stage"; the others are compared beside it
+    stages = {stage_name(n, args): functools.partial(cache_stage, n) for n in args.writer_threads}
+    times = interleave({"bare forward": bare, "teacher_outputs": outputs_only, **stages}, args.repeats, device)
     tokens = int(mask.sum())
     return {**info, "rows": rows, "tokens": tokens, "chunks": len(batches), "layers": layers, "topk": args.topk,
-            "dtype": args.dtype, "codec": args.codec,
+            "dtype": args.dtype, "codec": args.codec, "writer_threads": args.writer_threads,
             "tokens_per_s": {name: tokens / median(t) for name, t in times.items()},
             "ratio_cache_over_bare": ratio(times["bare forward"], times["cache stage"]),
             "ratio_outputs_over_bare": ratio(times["bare forward"], times["teacher_outputs"]),
+            "ratio_other_writers_over_bare": {name: ratio(times["bare forward"], times[name])
+                                              for name in list(stages)[1:]},
             "seconds": times}
+
+
+def stage_name(threads: int, args) -> str:
+    return "cache stage" if threads == args.writer_threads[0] else f"cache stage, {threads} writer thread(s)"
 
 
 def dir_bytes(path: Path) -> int:
@@ -152,6 +160,9 @@ def main(argv=None) -> None:
     p.add_argument("--codec", default="zstd", help="cache codec (default zstd)")
     p.add_argument("--root", default=None, help="artifact store root (default: a temporary directory)")
     p.add_argument("--no-sizes", action="store_true", help="throughput only (skip the bytes-per-token tables)")
+    p.add_argument("--writer-threads", type=int, nargs="+", default=[4, 1],
+                   help="writer threads of the cache stage (the first is the stage's default); the others are timed "
+                        "beside it")
     # All cores by default: the writer thread's compression must then compete with the forward pass for the CPU,
     # as it does in a real run (with one torch thread it would run on an otherwise idle core).
     p.set_defaults(repeats=3, threads=0)
@@ -174,10 +185,13 @@ def main(argv=None) -> None:
                    r["tokens_per_s"]["cache stage"], r["ratio_outputs_over_bare"]["median"],
                    r["ratio_cache_over_bare"]["median"],
                    f"{r['ratio_cache_over_bare']['min']:.3f}-{r['ratio_cache_over_bare']['max']:.3f}",
-                   "yes" if r["ratio_cache_over_bare"]["median"] >= TARGET else "no"] for r in speed]
+                   "yes" if r["ratio_cache_over_bare"]["median"] >= TARGET else "no",
+                   *(r["ratio_other_writers_over_bare"][stage_name(n, args)]["median"] for n in args.writer_threads[1:])]
+                  for r in speed]
     tables = {"Cache stage throughput / bare teacher forward (target >= 0.90)": table(
         ["teacher", "weights", "hidden", "tokens/pass", "bare tok/s", "cache tok/s", "teacher_outputs / bare",
-         "cache / bare (median)", "range", "meets target"], speed_rows)}
+         f"cache / bare (median), {args.writer_threads[0]} writer threads", "range", "meets target",
+         *(f"cache / bare, {n} writer thread(s)" for n in args.writer_threads[1:])], speed_rows)}
     columns = [f"{d} {c}" for d in SIZE_DTYPES for c in SIZE_CODECS] + ["torch.save fp16"]
     for s in size:
         tables[f"Bytes per token per cached layer, {s['teacher']} teacher (hidden {s['hidden_size']})"] = table(
