@@ -1,7 +1,8 @@
 # Two entry points for a fresh machine: `make quickstart` and `make test`.
 # Both create .venv on first use. torch is installed first, and only when the
 # venv has none, so that pip does not pull the CUDA build as a dependency; on a
-# GPU machine install your CUDA torch into .venv first and it is kept.
+# GPU machine install your CUDA torch into .venv first and it is kept. TORCH_SPEC
+# may carry pip options: "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +15,7 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_SPEC)
 	$(PY) -m pip install -e ".[dev]"
 	touch $@
 

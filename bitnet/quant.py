@@ -185,8 +185,10 @@ def bitlinear(
     float format, and the scales are applied afterwards in fp32. At full quantization (``lam >= 1``) one
     autograd node (``_BitLinearSTE``) keeps only int8 codes for backward; on CUDA its elementwise work is compiled.
     """
-    if lam >= 1.0:
+    if lam == 1.0:
         y = _BitLinearSTE.apply(x, weight)
+    elif not 0.0 <= lam < 1.0:
+        raise ValueError(f"bitlinear: the warm-up blend lam must lie in [0, 1], got {lam}")
     else:
         y = bitlinear_graph(x, weight, lam)
     if bias is not None:

@@ -125,6 +125,8 @@ class SelfDistillConfig(Section):
         if not (self.ce_weight or self.kl_weight or self.hidden_weight):
             raise ValueError("ce_weight, kl_weight and hidden_weight are all 0: nothing would train dW "
                              "(the default is kl_weight: 1)")
+        if self.magnitude_weight and not self.hidden_weight:
+            raise ValueError("magnitude_weight refines the hidden-state term: it needs hidden_weight > 0")
         return self
 
 

@@ -16,8 +16,8 @@ from .data import load_split
 from .lm_head import load_final_student
 from .metrics import Output, compare_to_teacher
 from .report import loss_curves_json, loss_curves_png, markdown_report
-from .teacher import load_tokenizer, resolve_device
-from .train_self import dual_forward, hidden_layers, load_dual
+from .teacher import hidden_layers, load_tokenizer, resolve_device
+from .train_self import dual_forward, load_dual
 
 
 def packed_sizes(shapes: list[tuple[int, int]]) -> tuple[int, int]:
@@ -69,12 +69,18 @@ def run_evaluate(cfg: PipelineConfig, store, stage: dict, reporter, flow: str, s
         shapes = [(layer.out_features, layer.in_features) for layer in dual.layers.values()]
         curves = {"self-distill": student_history(store, student)}
     else:
-        teacher = dual_forward(dual, dual.teacher, [])
+        # the hidden cosine of the layer the student was trained to reconstruct, through its decompressor
+        teacher = dual_forward(dual, dual.teacher, [int(student["target"].removeprefix("hidden/layer_"))])
         small, projector = load_final_student(cfg, store, student)
         small.to(device)
         projector.to(device)
         head = model.get_output_embeddings()
-        candidates["student"] = lambda ids, mask: Output(small(ids, mask).logits)
+
+        def superposition_student(ids, mask) -> Output:
+            out = small(ids, mask)
+            return Output(out.logits, [projector(out.last_hidden)])
+
+        candidates["student"] = superposition_student
         candidates["student_via_teacher_head"] = lambda ids, mask: Output(
             head(projector(small(ids, mask, compute_logits=False).last_hidden).to(head.weight.dtype)))
         generators["student"] = lambda ids, n: small.generate(ids, n, temperature=0)
@@ -95,11 +101,13 @@ def run_evaluate(cfg: PipelineConfig, store, stage: dict, reporter, flow: str, s
     store.write_bytes(f"{path}/loss_curves.json", loss_curves_json(curves))
     store.write_bytes(f"{path}/report.md", markdown_report(metrics, samples, {k: store.url(v) for k, v in locations.items()}).encode())
     store.write_json(f"{path}/metrics.json", metrics)
-    checkpoint_run = student.get("checkpoint_run")  # a run name; the link in the UI needs its directory
+    # run names; the links in the UI need their directories (superposition: the LM head's, then the student's)
+    checkpoint_run, train_run = student.get("checkpoint_run"), student.get("train_checkpoint_run")
     manifest = {**{k: v for k, v in metrics.items() if k not in ("config", "samples")},
                 "stage": "evaluate", "path": path, "metrics_path": f"{path}/metrics.json",
                 "report_path": f"{path}/report.md", "curves_png": f"{path}/loss_curves.png",
-                "checkpoints": checkpoint_run and layout.checkpoints_dir(checkpoint_run)}
+                "checkpoints": checkpoint_run and layout.checkpoints_dir(checkpoint_run),
+                "training_checkpoints": train_run and layout.checkpoints_dir(train_run)}
     store.mark_complete(path, manifest)
     return manifest
 

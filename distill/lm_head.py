@@ -94,7 +94,8 @@ def run_lm_head(cfg: PipelineConfig, store, stage: dict, reporter, trained: dict
     history = train(trainable, cfg.head_optim(), store, stage["checkpoint_run"], reporter, device, "lm head")
     return finish_training(store, stage, history, prefixed_state(student=student, projector=projector),
                            vocab_size=trained["vocab_size"], teacher_dim=trained["teacher_dim"],
-                           target=trained["target"], train_history=trained["history"])
+                           target=trained["target"], train_history=trained["history"],
+                           train_checkpoint_run=trained["checkpoint_run"])
 
 
 def load_final_student(cfg: PipelineConfig, store, manifest: dict):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from storage import ArtifactStore, fingerprint, model_identity
+from storage import ArtifactStore, fingerprint, model_identity, tokenizer_identity
 from storage import layout
 
 from .config import ConfigError, PipelineConfig
 from .data import check_source
-from .teacher import load_teacher_config, load_tokenizer, model_source, resolve_device, resolve_dtype, resolve_layers
+from .teacher import (check_4bit_loading, hidden_layers, load_teacher_config, load_tokenizer, model_source,
+                      resolve_device, resolve_dtype, resolve_layers)
 
 FLOWS = ("superposition-distill", "self-distill")
 
@@ -25,6 +26,7 @@ class TeacherFacts:
     """What the plan needs to know about the teacher, read from its config and tokenizer."""
 
     identity: dict
+    tokenizer_identity: dict  # the tokenizer files only: retrained weights keep the token shards
     compute_dtype: str
     vocab_size: int
     hidden_size: int
@@ -45,6 +47,7 @@ def preflight(cfg: PipelineConfig, flow: str) -> TeacherFacts:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     facts = TeacherFacts(
         identity=model_identity(model_source(cfg.teacher.name_or_path), revision=cfg.teacher.revision),
+        tokenizer_identity=tokenizer_identity(model_source(cfg.teacher.name_or_path), revision=cfg.teacher.revision),
         compute_dtype=str(resolve_dtype(cfg.teacher.dtype, resolve_device(cfg.teacher.device))).removeprefix("torch."),
         vocab_size=max(text_config.vocab_size, len(tokenizer)),
         hidden_size=text_config.hidden_size,
@@ -54,16 +57,41 @@ def preflight(cfg: PipelineConfig, flow: str) -> TeacherFacts:
     if facts.max_positions is not None and cfg.data.seq_len > facts.max_positions:
         raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds the teacher's maximum positions "
                           f"({facts.max_positions}); use data.seq_len <= {facts.max_positions}")
+    check_4bit_loading(cfg.teacher)
     resolve_layers(cfg.cache.layers, facts.num_hidden_layers)
     if flow == "self-distill" and cfg.self_distill.hidden_layers != "all":
         try:
             resolve_layers(cfg.self_distill.hidden_layers, facts.num_hidden_layers)
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("cache.layers", "self_distill.hidden_layers")) from None
+    if flow == "self-distill" and cfg.self_distill.teacher_signal == "cache":
+        _check_cache_holds_teacher_signal(cfg, facts.num_hidden_layers)
+    if flow == "superposition-distill":
+        if len(cfg.cache.layers) > 1:
+            raise ConfigError(f"cache.layers {cfg.cache.layers}: the superposition student reconstructs one teacher "
+                              "layer; list only that one (e.g. cache.layers: [-1])")
+        if cfg.head.topk_kl_weight and not cfg.cache.topk:
+            raise ConfigError("head.topk_kl_weight > 0 needs cached top-k teacher logits: set cache.topk > 0 "
+                              "(e.g. 64) or head.topk_kl_weight: 0")
     check_source(cfg.data)
     if tokenizer.eos_token_id is None and cfg.data.packing == "pack":
         raise ConfigError("data.packing 'pack' needs a tokenizer with an EOS token; use data.packing: pad")
     return facts
+
+
+def _check_cache_holds_teacher_signal(cfg: PipelineConfig, num_hidden_layers: int) -> None:
+    """``teacher_signal: cache`` trains from cached outputs only: the cache must hold every term the loss reads."""
+    sd = cfg.self_distill
+    if sd.kl_weight and not cfg.cache.topk:
+        raise ConfigError("self_distill.teacher_signal 'cache' with kl_weight > 0 reads the teacher's top-k logits "
+                          "from the cache: set cache.topk > 0 (e.g. 64), or use teacher_signal: online")
+    if sd.hidden_weight:
+        cached = resolve_layers(cfg.cache.layers, num_hidden_layers)
+        missing = [i for i in hidden_layers(sd.hidden_layers, num_hidden_layers) if i not in cached]
+        if missing:
+            raise ConfigError(f"self_distill.teacher_signal 'cache' with hidden_weight > 0 matches hidden states "
+                              f"{missing}, which cache.layers {cfg.cache.layers} does not hold: add them to "
+                              "cache.layers, or use teacher_signal: online")
 
 
 @dataclass
@@ -89,9 +117,10 @@ def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> dict[str
         stages[name] = Stage(name, fp, path or "")
         return fp
 
-    tokens = add("tokenize", {"data": d["data"], "tokenizer": teacher.identity}, None)
+    tokens = add("tokenize", {"data": d["data"], "tokenizer": teacher.tokenizer_identity}, None)
     stages["tokenize"].path = layout.tokens_dir(tokens)
-    cache_own = {"teacher": teacher.identity, "compute_dtype": teacher.compute_dtype, "cache": d["cache"],
+    loaded = {"teacher": teacher.identity, "compute_dtype": teacher.compute_dtype}  # what its outputs depend on
+    cache_own = {**loaded, "load_in_4bit": cfg.teacher.load_in_4bit, "cache": d["cache"],
                  "eval_rows": cfg.eval.max_rows}
     uses_cache = flow == "superposition-distill" or cfg.self_distill.teacher_signal == "cache"
     upstream = tokens
@@ -108,7 +137,7 @@ def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> dict[str
         # self_distill.steps reaches the fingerprint resolved into the optimiser settings; left out of the section
         # itself so that adding the field kept the fingerprints of earlier runs
         own = {k: v for k, v in d["self_distill"].items() if k != "steps"}
-        train = add("train", {"teacher": teacher.identity, "self_distill": own,
+        train = add("train", {**loaded, "self_distill": own,
                               "train": cfg.self_distill_optim().model_dump(), "seed": cfg.seed}, upstream)
         run = f"{cfg.name}-self-distill-{train[:10]}"
         stages["train"].path = layout.run_dir(run) + "/train"

@@ -65,6 +65,12 @@ def load_teacher_config(cfg: TeacherConfig):
         raise _hub_error(cfg, "config", exc) from None
 
 
+def check_4bit_loading(cfg: TeacherConfig) -> None:
+    if cfg.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("teacher.load_in_4bit needs bitsandbytes: pip install 'bitnet-distill[quant4bit]' "
+                          "(CUDA only), or set teacher.load_in_4bit: false")
+
+
 def load_teacher(cfg: TeacherConfig, device: torch.device | None = None, dtype: torch.dtype | None = None):
     """The teacher in eval mode on ``device`` (auto-detected by default), weights frozen."""
     from transformers import AutoModelForCausalLM
@@ -73,9 +79,7 @@ def load_teacher(cfg: TeacherConfig, device: torch.device | None = None, dtype: 
     dtype = dtype or resolve_dtype(cfg.dtype, device)
     kwargs = dict(revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.load_in_4bit:
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError("teacher.load_in_4bit needs bitsandbytes: pip install 'bitnet-distill[quant4bit]' "
-                              "(CUDA only), or set teacher.load_in_4bit: false")
+        check_4bit_loading(cfg)
         from transformers import BitsAndBytesConfig
 
         kwargs.update(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype),
@@ -97,6 +101,13 @@ def resolve_layers(layers: list[int], num_hidden_layers: int) -> list[int]:
         raise ConfigError(f"cache.layers {bad} do not exist: the teacher has hidden states 0..{num_hidden_layers} "
                           f"(or -1..-{count})")
     return sorted({i % count for i in layers})
+
+
+def hidden_layers(spec: list[int] | str, num_hidden_layers: int) -> list[int]:
+    """Hidden-state indices to match; ``"all"`` is every block's output (the embeddings are shared anyway)."""
+    if spec == "all":
+        return list(range(1, num_hidden_layers + 1))
+    return resolve_layers(spec, num_hidden_layers)
 
 
 @torch.no_grad()

@@ -15,14 +15,7 @@ from .config import ConfigError, PipelineConfig
 from .loop import ScheduledBatches, Trainable
 from .metrics import Output, compare_to_teacher
 from .rows import Rows, to_device
-from .teacher import resolve_layers
-
-
-def hidden_layers(spec: list[int] | str, num_hidden_layers: int) -> list[int]:
-    """Hidden-state indices to match; ``"all"`` is every block's output (the embeddings are shared anyway)."""
-    if spec == "all":
-        return list(range(1, num_hidden_layers + 1))
-    return resolve_layers(spec, num_hidden_layers)
+from .teacher import hidden_layers
 
 
 def dual_forward(dual: DualModel, mode, layers: list[int]):
@@ -37,9 +30,6 @@ def dual_forward(dual: DualModel, mode, layers: list[int]):
 def self_distill_trainable(dual: DualModel, cfg: PipelineConfig, rows: Rows, device: torch.device,
                            eval_rows: Rows | None = None) -> Trainable:
     sd, optim = cfg.self_distill, cfg.train
-    if sd.magnitude_weight and not sd.hidden_weight:
-        raise ConfigError("self_distill.magnitude_weight needs self_distill.hidden_weight > 0 (it refines the "
-                          "hidden-state term)")
     layers = hidden_layers(sd.hidden_layers, dual.model.config.num_hidden_layers) if sd.hidden_weight else []
     batches = ScheduledBatches(rows, optim.batch_size, cfg.seed)
     teacher = dual_forward(dual, dual.teacher, layers)
@@ -96,7 +86,9 @@ def load_dual(cfg: PipelineConfig, device: torch.device) -> DualModel:
 
     from .teacher import DTYPES, load_teacher, resolve_dtype
 
-    model = load_teacher(cfg.teacher, device, resolve_dtype(cfg.teacher.dtype, device))
+    # patching wraps the full-precision weights: teacher.load_in_4bit is for the cache stage's forward passes only
+    teacher = cfg.teacher.model_copy(update={"load_in_4bit": False})
+    model = load_teacher(teacher, device, resolve_dtype(teacher.dtype, device))
     sd = cfg.self_distill
     return patch_model(model, delta=sd.delta, delta_dtype=DTYPES[sd.delta_dtype])
 

@@ -32,6 +32,8 @@ def publish_report(config: dict, flow: str, metrics: dict, exported: dict) -> di
              "metrics.json": metrics["metrics_path"]}
     if metrics.get("checkpoints"):
         links["checkpoints"] = metrics["checkpoints"]
+    if metrics.get("training_checkpoints"):  # superposition: "checkpoints" are the LM head's
+        links["student checkpoints"] = metrics["training_checkpoints"]
     for name, path in links.items():
         # The report's link must not take the markdown report's own key (the UI shows the latest artifact of a key).
         link_key = artifact_key(key, "report-md" if name == "report" else name)

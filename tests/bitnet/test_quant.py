@@ -82,6 +82,9 @@ def test_lambda_warmup_blends_between_full_precision_and_quantized():
     torch.testing.assert_close(bitlinear(x, w, lam=0.0), F.linear(x, w), rtol=1e-5, atol=1e-5)
     half = F.linear(x + 0.5 * (x_q * s_x - x), w + 0.5 * (w_q * s_w - w))
     torch.testing.assert_close(bitlinear(x, w, lam=0.5), half, rtol=1e-5, atol=1e-5)
+    for lam in (-0.1, 1.5):  # a blend outside [0, 1] would extrapolate past the quantizer
+        with pytest.raises(ValueError, match="lam must lie in \\[0, 1\\]"):
+            bitlinear(x, w, lam=lam)
 
 
 def test_bitlinear_module_trains_latent_weights():

@@ -1,5 +1,7 @@
 """Configuration: presets, overrides, and invalid values rejected before any work, naming the field."""
 
+import importlib.util
+
 import pytest
 
 from distill.config import ConfigError, load_config
@@ -40,6 +42,7 @@ def test_yaml_file_path(tmp_path):
     ({"name": "a/b"}, "name: .*letters, digits"),
     ({"self_distill.kl_weight": 0, "self_distill.hidden_weight": 0},
      "self_distill: .*all 0: nothing would train dW"),
+    ({"self_distill.magnitude_weight": 0.1}, "self_distill: .*magnitude_weight .*needs hidden_weight > 0"),
 ])
 def test_invalid_configurations_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -74,3 +77,36 @@ def test_self_distill_steps_and_lr_override_train_for_that_flow_only():
     assert self_fp != other_self_fp and super_fp == other_super_fp
     # the same resolved schedule is the same run, however it was spelled
     assert train_fingerprints({"self_distill.steps": None, "train.steps": 7})[0] == self_fp
+
+
+def test_new_teacher_weights_keep_the_token_shards_and_4bit_loading_recomputes_the_cache(tiny_teacher, tmp_path):
+    import shutil
+
+    import torch
+    import transformers as tf
+
+    from distill.plan import make_plan, preflight
+
+    from .conftest import TINY, tiny_overrides
+
+    retrained = tmp_path / "retrained" / tiny_teacher.name  # a local teacher is known by its name and files
+    shutil.copytree(tiny_teacher, retrained)
+    model = tf.AutoModelForCausalLM.from_pretrained(retrained)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(2)
+    model.save_pretrained(retrained)  # same tokenizer files, new weights
+
+    def fingerprints(teacher, **overrides):
+        cfg = load_config(TINY, tiny_overrides(teacher, tmp_path, **overrides))
+        plan = make_plan(cfg, "superposition-distill", preflight(cfg, "superposition-distill"))
+        return plan["tokenize"]["fingerprint"], plan["cache_teacher"]["fingerprint"]
+
+    tokens, cache = fingerprints(tiny_teacher)
+    new_tokens, new_cache = fingerprints(retrained)
+    assert new_tokens == tokens and new_cache != cache
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ConfigError, match="teacher.load_in_4bit needs bitsandbytes"):
+            fingerprints(tiny_teacher, **{"teacher.load_in_4bit": True})
+    else:
+        four_bit_tokens, four_bit_cache = fingerprints(tiny_teacher, **{"teacher.load_in_4bit": True})
+        assert four_bit_tokens == tokens and four_bit_cache != cache

@@ -81,11 +81,14 @@ def test_superposition_flow_end_to_end(tiny_teacher, tmp_path):
     artifacts = artifacts_of(flow_run_id)
     assert "superposition-distill-tiny-report" in artifacts["markdown"]
     assert "superposition-distill-tiny-metrics" in artifacts["table"]
-    links = {"superposition-distill-tiny-student", "superposition-distill-tiny-loss-curves"}  # links are markdown
+    links = {"superposition-distill-tiny-student", "superposition-distill-tiny-loss-curves",  # links are markdown
+             "superposition-distill-tiny-checkpoints", "superposition-distill-tiny-student-checkpoints"}
     assert links <= set(artifacts["markdown"])
     assert any("cache teacher" in d for d in artifacts["progress"]) and any("superposition" in d for d in
                                                                             artifacts["progress"])
     assert "student_via_teacher_head" in metrics
+    [cosine] = metrics["student"]["hidden_cosine"]  # the reconstructed layer, through the decompressor
+    assert -1 <= cosine <= 1
     student, projector = load_student(tmp_path / result["export"]["path"])
     assert projector is not None
     ids = torch.randint(0, 300, (1, 8))
@@ -122,15 +125,24 @@ def test_rerun_reuses_every_stage_and_a_change_reruns_from_the_first_affected(ti
     assert states["train-superposition"] == states["evaluate"] == "Completed"
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"data.seq_len": 128}, "data.seq_len 128 exceeds the teacher's maximum positions \\(64\\)"),
-    ({"cache.layers": [5]}, "cache.layers \\[5\\] do not exist: the teacher has hidden states 0..2"),
-    ({"self_distill.hidden_layers": [9]}, "self_distill.hidden_layers \\[9\\] do not exist"),
-    ({"train.steps": 0}, "train.steps: Input should be greater than 0"),
+CACHED_SIGNAL = {"self_distill.teacher_signal": "cache"}
+
+
+@pytest.mark.parametrize("flow,overrides,message", [
+    (self_distill, {"data.seq_len": 128}, "data.seq_len 128 exceeds the teacher's maximum positions \\(64\\)"),
+    (self_distill, {"cache.layers": [5]}, "cache.layers \\[5\\] do not exist: the teacher has hidden states 0..2"),
+    (self_distill, {"self_distill.hidden_layers": [9]}, "self_distill.hidden_layers \\[9\\] do not exist"),
+    (self_distill, {"train.steps": 0}, "train.steps: Input should be greater than 0"),
+    # the cached teacher signal must hold every term of the loss: found out before tokenizing, not at step 1
+    (self_distill, {**CACHED_SIGNAL, "cache.topk": 0}, "kl_weight > 0 reads the teacher's top-k logits.*cache.topk > 0"),
+    (self_distill, {**CACHED_SIGNAL, "self_distill.hidden_weight": 1.0},
+     "hidden_weight > 0 matches hidden states \\[1\\], which cache.layers \\[-1\\] does not hold"),
+    (superposition_distill, {"cache.layers": [1, 2]}, "reconstructs one teacher layer"),
+    (superposition_distill, {"cache.topk": 0, "head.topk_kl_weight": 0.5}, "head.topk_kl_weight > 0 needs cached top-k"),
 ])
-def test_bad_configurations_fail_before_any_work(tiny_teacher, tmp_path, overrides, message):
+def test_bad_configurations_fail_before_any_work(tiny_teacher, tmp_path, flow, overrides, message):
     with pytest.raises(ConfigError, match=message):
-        self_distill(config=TINY, overrides=tiny_overrides(tiny_teacher, tmp_path, **overrides))
+        flow(config=TINY, overrides=tiny_overrides(tiny_teacher, tmp_path, **overrides))
     assert not (tmp_path / "tokens").exists()
 
 
