@@ -13,15 +13,19 @@ pytestmark = pytest.mark.slow
 
 NIGHTLY = "superposition-distill/nightly"
 MANUAL = "self-distill/manual"
-REPORT, METRICS = "superposition-distill-tiny-report", "superposition-distill-tiny-metrics"
+# the quickstart preset reduced to a handful of steps on a few rows
+QUICKSTART_IN_SECONDS = {"data.max_train_rows": 64, "data.max_eval_rows": 16, "cache.max_samples": 32,
+                         "train.steps": 4, "train.warmup_steps": 1, "train.eval_every": 2, "train.checkpoint_every": 2,
+                         "head.steps": 2, "eval.max_rows": 16, "eval.max_new_tokens": 4}
 
 
-def assert_completed_with_report(server, flow_run_id: str, output: str) -> dict:
+def assert_completed_with_report(server, flow_run_id: str, output: str, run_name: str = "tiny") -> dict:
     state = server.flow_run(flow_run_id)["state"]
     assert state["type"] == "COMPLETED", f"{state['name']}: {state['message']}\n{output[-4000:]}"
     artifacts = server.artifacts(flow_run_id)
-    assert artifacts[REPORT]["type"] == "markdown" and artifacts[REPORT]["data"].startswith("# ")
-    assert artifacts[METRICS]["type"] == "table" and "perplexity" in artifacts[METRICS]["data"]
+    report, metrics = (f"superposition-distill-{run_name}-{kind}" for kind in ("report", "metrics"))
+    assert artifacts[report]["type"] == "markdown" and artifacts[report]["data"].startswith("# ")
+    assert artifacts[metrics]["type"] == "table" and "perplexity" in artifacts[metrics]["data"]
     return artifacts
 
 
@@ -38,15 +42,18 @@ def test_prefect_yaml_deploys_a_nightly_schedule_and_a_manual_deployment(server)
     assert server.api_call("GET", f"/work_pools/{POOL}")["type"] == "process"
 
 
-def test_nightly_deployment_runs_on_a_worker(server, tiny_teacher, tmp_path):
-    flow_run_id = server.run_deployment(NIGHTLY, tiny_overrides(tiny_teacher, tmp_path, **{"train.steps": 4}))
+def test_nightly_deployment_runs_the_quickstart_on_a_worker(server, tmp_path):
+    overrides = {"storage.root": str(tmp_path), **QUICKSTART_IN_SECONDS}
+    flow_run_id = server.run_deployment(NIGHTLY, overrides, config="quickstart")
     worker = server.cli("worker", "start", "--pool", POOL, "--run-once", check=False)
-    artifacts = assert_completed_with_report(server, flow_run_id, worker.stdout)
-    assert "superposition-distill-tiny-student" in artifacts
-    assert "/eval/report.md)" in artifacts["superposition-distill-tiny-report-md"]["data"]  # its own key, not REPORT's
-    checkpoints = artifacts["superposition-distill-tiny-checkpoints"]["data"]  # "[checkpoints](<directory>)"
-    assert list(Path(checkpoints.partition("](")[2].removesuffix(")")).glob("step-*"))
-    assert list(tmp_path.glob("runs/tiny-superposition-*/eval/report.md"))
+    artifacts = assert_completed_with_report(server, flow_run_id, worker.stdout, run_name="quickstart")
+    assert "superposition-distill-quickstart-student" in artifacts
+    # the report's link has its own key, not the markdown report's
+    assert "/eval/report.md)" in artifacts["superposition-distill-quickstart-report-md"]["data"]
+    for key in ("checkpoints", "student-checkpoints"):  # the LM head's and the student's: "[name](<directory>)"
+        link = artifacts[f"superposition-distill-quickstart-{key}"]["data"]
+        assert list(Path(link.partition("](")[2].removesuffix(")")).glob("step-*"))
+    assert list(tmp_path.glob("runs/quickstart-superposition-*/eval/report.md"))
 
 
 def test_nightly_deployment_with_artifacts_and_results_on_s3(server, tiny_teacher, s3_endpoint, s3_bucket):
