@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,8 +97,6 @@ def test_teacher_cache_stage_resumes_after_sigkill_and_matches_an_uninterrupted_
 
 
 def test_sigterm_writes_a_checkpoint_at_the_current_step(tiny_teacher, tmp_path):
-    import re
-
     overrides = tiny_overrides(tiny_teacher, tmp_path, **{"train.steps": 2000, "train.checkpoint_every": 7,
                                                           "train.eval_every": 1000})
     store = open_store(load_config(TINY, overrides))
@@ -113,3 +112,32 @@ def test_sigterm_writes_a_checkpoint_at_the_current_step(tiny_teacher, tmp_path)
     stopped = re.search(r"stopped by signal 15 at step (\d+); a checkpoint was written, rerun to resume", err)
     assert stopped, err[-2000:]
     assert checkpoints.latest_checkpoint(store, plan_run).endswith(f"/step-{stopped.group(1)}")
+
+
+@pytest.mark.slow
+def test_a_killed_flow_resumes_from_its_checkpoint_when_the_flow_runs_again(tiny_teacher, tmp_path):
+    """The whole flow, not only its stage functions: `python -m flows run` killed mid-training, then run again."""
+    overrides = tiny_overrides(tiny_teacher, tmp_path, **{"train.steps": 60, "train.checkpoint_every": 4,
+                                                          "train.eval_every": 30, "eval.max_new_tokens": 0})
+    command = [sys.executable, "-m", "flows", "run", "self-distill", "--config", TINY,
+               *(arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}"))]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect")}
+    store = open_store(load_config(TINY, overrides))
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (found := [p for p in store.find("runs") if "/checkpoints/step-" in p and p.endswith("_COMPLETE.json")]):
+        assert proc.poll() is None, "the flow ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run = found[0].split("/")[1]
+    killed_at = int(checkpoints.latest_checkpoint(store, run).rsplit("-", 1)[1])
+    assert killed_at < 60
+
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = re.search(r"self-distill: resuming from step (\d+)", again.stdout + again.stderr)
+    assert resumed and int(resumed.group(1)) >= killed_at, (again.stdout + again.stderr)[-3000:]
+    history = store.read_json(f"runs/{run}/train/history.json")
+    assert [h["step"] for h in history] == list(range(1, 61))
