@@ -15,8 +15,9 @@ from storage import layout
 
 from .config import ConfigError, PipelineConfig
 from .data import check_source
-from .teacher import (check_4bit_loading, hidden_layers, load_teacher_config, load_tokenizer, model_source,
-                      resolve_device, resolve_dtype, resolve_layers)
+from .teacher import (check_4bit_loading, load_teacher_config, load_tokenizer, model_source, resolve_device,
+                      resolve_dtype, resolve_layers)
+from .train_self import check_cache_holds_teacher_signal
 
 FLOWS = ("superposition-distill", "self-distill")
 
@@ -65,7 +66,7 @@ def preflight(cfg: PipelineConfig, flow: str) -> TeacherFacts:
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("cache.layers", "self_distill.hidden_layers")) from None
     if flow == "self-distill" and cfg.self_distill.teacher_signal == "cache":
-        _check_cache_holds_teacher_signal(cfg, facts.num_hidden_layers)
+        check_cache_holds_teacher_signal(cfg, facts.num_hidden_layers)
     if flow == "superposition-distill":
         if len(cfg.cache.layers) > 1:
             raise ConfigError(f"cache.layers {cfg.cache.layers}: the superposition student reconstructs one teacher "
@@ -77,21 +78,6 @@ def preflight(cfg: PipelineConfig, flow: str) -> TeacherFacts:
     if tokenizer.eos_token_id is None and cfg.data.packing == "pack":
         raise ConfigError("data.packing 'pack' needs a tokenizer with an EOS token; use data.packing: pad")
     return facts
-
-
-def _check_cache_holds_teacher_signal(cfg: PipelineConfig, num_hidden_layers: int) -> None:
-    """``teacher_signal: cache`` trains from cached outputs only: the cache must hold every term the loss reads."""
-    sd = cfg.self_distill
-    if sd.kl_weight and not cfg.cache.topk:
-        raise ConfigError("self_distill.teacher_signal 'cache' with kl_weight > 0 reads the teacher's top-k logits "
-                          "from the cache: set cache.topk > 0 (e.g. 64), or use teacher_signal: online")
-    if sd.hidden_weight:
-        cached = resolve_layers(cfg.cache.layers, num_hidden_layers)
-        missing = [i for i in hidden_layers(sd.hidden_layers, num_hidden_layers) if i not in cached]
-        if missing:
-            raise ConfigError(f"self_distill.teacher_signal 'cache' with hidden_weight > 0 matches hidden states "
-                              f"{missing}, which cache.layers {cfg.cache.layers} does not hold: add them to "
-                              "cache.layers, or use teacher_signal: online")
 
 
 @dataclass

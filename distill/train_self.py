@@ -15,7 +15,7 @@ from .config import ConfigError, PipelineConfig
 from .loop import ScheduledBatches, Trainable
 from .metrics import Output, compare_to_teacher
 from .rows import Rows, to_device
-from .teacher import hidden_layers
+from .teacher import hidden_layers, resolve_layers
 
 
 def dual_forward(dual: DualModel, mode, layers: list[int]):
@@ -27,10 +27,28 @@ def dual_forward(dual: DualModel, mode, layers: list[int]):
     return forward
 
 
+def check_cache_holds_teacher_signal(cfg: PipelineConfig, num_hidden_layers: int) -> None:
+    """``teacher_signal: cache`` trains from cached outputs only: the cache must hold every term the loss reads."""
+    sd = cfg.self_distill
+    if sd.kl_weight and not cfg.cache.topk:
+        raise ConfigError("self_distill.teacher_signal 'cache' with kl_weight > 0 reads the teacher's top-k logits "
+                          "from the cache: set cache.topk > 0 (e.g. 64), or use teacher_signal: online")
+    if sd.hidden_weight:
+        cached = resolve_layers(cfg.cache.layers, num_hidden_layers)
+        missing = [i for i in hidden_layers(sd.hidden_layers, num_hidden_layers) if i not in cached]
+        if missing:
+            raise ConfigError(f"self_distill.teacher_signal 'cache' with hidden_weight > 0 matches hidden states "
+                              f"{missing}, which cache.layers {cfg.cache.layers} does not hold: add them to "
+                              "cache.layers, or use teacher_signal: online")
+
+
 def self_distill_trainable(dual: DualModel, cfg: PipelineConfig, rows: Rows, device: torch.device,
                            eval_rows: Rows | None = None) -> Trainable:
     sd, optim = cfg.self_distill, cfg.train
-    layers = hidden_layers(sd.hidden_layers, dual.model.config.num_hidden_layers) if sd.hidden_weight else []
+    num_hidden_layers = dual.model.config.num_hidden_layers
+    if sd.teacher_signal == "cache":
+        check_cache_holds_teacher_signal(cfg, num_hidden_layers)
+    layers = hidden_layers(sd.hidden_layers, num_hidden_layers) if sd.hidden_weight else []
     batches = ScheduledBatches(rows, optim.batch_size, cfg.seed)
     teacher = dual_forward(dual, dual.teacher, layers)
     student = dual_forward(dual, dual.student, layers)
@@ -39,10 +57,6 @@ def self_distill_trainable(dual: DualModel, cfg: PipelineConfig, rows: Rows, dev
         if sd.teacher_signal == "online":
             with torch.no_grad():
                 return teacher(ids, mask), {}
-        missing = [f"hidden/layer_{i}" for i in layers if f"hidden/layer_{i}" not in batch]
-        if missing or (sd.kl_weight and "topk_values" not in batch):
-            raise ConfigError(f"self_distill.teacher_signal 'cache' needs the cache to hold {missing or 'top-k logits'}; "
-                              "set cache.layers to include them and cache.topk > 0, or use teacher_signal: online")
         return Output(None, [batch[f"hidden/layer_{i}"] for i in layers]), batch
 
     def loss(micro_step: int):
