@@ -7,17 +7,19 @@ as the evaluate stage computes them (the same ``eval.max_rows`` held-out rows fo
 
 Rows:
 - teacher, and naive post-training ternary quantization (dW = 0);
-- self-distillation over ``--seeds``: the quickstart preset (300 steps) and the default recipe's 1000 steps, and
-  that recipe with the per-layer hidden cosine added (``--hidden-seeds``);
+- self-distillation over ``--seeds``: the quickstart preset (300 steps) and the default recipe's 1000 steps; the
+  recipe with the learning rate decayed to 0.1x instead of 0 (the earlier default), alone and with the per-layer
+  hidden cosine added (``--hidden-seeds``);
 - the search behind the recipe, from an earlier preset (``PREVIOUS_DEFAULT``: 2048 training rows, 300 steps), one
-  seed: other lengths (``--steps``) and learning rates (``--lrs``);
+  seed: other lengths (``--steps``) and learning rates (``--lrs``); then at 1000 steps: twice the steps and rows,
+  lr 2e-3, temperature 2;
 - the loss ablation (CE only, KL only, CE + KL, CE + KL + hidden cosine, KL + hidden cosine, + magnitude, lambda
   warm-up), ``delta=lora:R`` vs full and dW stored in bf16, all at the fixed ``ABLATION_BUDGET``;
 - superposition student: before LM-head retraining (its tied head), after, and decoded through the teacher's head;
 - the control: a ternary student of the superposition student's size trained from scratch with plain
   cross-entropy on the same training tokens for the same number of optimiser steps (train.steps + head.steps).
 
-    .venv/bin/python -m bench.quality                      # everything (about 5 hours of 2 CPU cores)
+    .venv/bin/python -m bench.quality                      # everything (about 7 hours of 2 CPU cores)
     .venv/bin/python -m bench.quality --groups headline    # teacher, PTQ, self-distill, superposition, control
     .venv/bin/python -m bench.quality --groups search ablation --threads 1   # beside it, on the other core
 
@@ -49,14 +51,17 @@ class Variant:
     overrides: dict = field(default_factory=dict)
 
 
-# The default self-distillation recipe: the library's loss (KL to the teacher), lr 1e-3, 1000 steps of 16 rows over the
-# quickstart's 8192 training rows. The quickstart preset stops it at QUICKSTART_STEPS to fit its 15 minutes.
+# The default self-distillation recipe: the library's loss (KL to the teacher), lr 1e-3 decayed to 0, 1000 steps of 16
+# rows over the quickstart's 8192 training rows. The quickstart preset stops it at QUICKSTART_STEPS to fit its 15 minutes.
 QUICKSTART_STEPS, RECIPE_STEPS, RECIPE_ROWS = 300, 1000, 8192  # RECIPE_ROWS: the preset's data.max_train_rows
 RECIPE = {"self_distill.steps": RECIPE_STEPS}
+# The learning rate's floor before the default became 0 (train.min_lr_ratio's): the rows measured with it keep it
+EARLIER_DECAY = {"self_distill.min_lr_ratio": 0.1}
 # An earlier quickstart preset: KL alone on 2048 training rows, 300 steps (about 2.3 epochs). The search rows and the
 # ablation start from it, written out, so that they do not move when the preset does and rerunning this script reuses
 # their finished runs. The ablation keeps that search's first learning rate.
-PREVIOUS_DEFAULT = {"data.max_train_rows": 2048, "self_distill.steps": 300, "self_distill.hidden_weight": 0}
+PREVIOUS_DEFAULT = {"data.max_train_rows": 2048, "self_distill.steps": 300, "self_distill.hidden_weight": 0,
+                    **EARLIER_DECAY}
 ABLATION_BUDGET = {**PREVIOUS_DEFAULT, "self_distill.lr": 5e-4}
 
 
@@ -71,9 +76,12 @@ def variants(args) -> list[Variant]:
     for s in args.seeds:  # the comparison that sets the default first, seed by seed
         out.append(Variant(f"self-distill, {RECIPE_STEPS} steps (default recipe), seed {s}", "headline",
                            "self-distill", {**RECIPE, "seed": s}))
-        if s in args.seeds[:args.hidden_seeds]:  # the recipe plus the per-layer hidden cosine
-            out.append(Variant(f"self-distill, {RECIPE_STEPS} steps, KL + hidden cosine, seed {s}", "headline",
-                               "self-distill", {**RECIPE, "self_distill.hidden_weight": 1, "seed": s}))
+        earlier = {**RECIPE, **EARLIER_DECAY, "seed": s}
+        out.append(Variant(f"self-distill, {RECIPE_STEPS} steps, lr decayed to 0.1x, seed {s}", "headline",
+                           "self-distill", earlier))
+        if s in args.seeds[:args.hidden_seeds]:  # that recipe plus the per-layer hidden cosine
+            out.append(Variant(f"self-distill, {RECIPE_STEPS} steps, lr decayed to 0.1x, KL + hidden cosine, seed {s}",
+                               "headline", "self-distill", {**earlier, "self_distill.hidden_weight": 1}))
     out += [Variant(f"self-distill, quickstart preset ({QUICKSTART_STEPS} steps), seed {s}", "headline",
                     "self-distill", {"seed": s}) for s in args.seeds]
     out += [Variant(f"superposition, seed {s}", "headline", "superposition-distill", {"seed": s}) for s in args.seeds]
@@ -81,8 +89,14 @@ def variants(args) -> list[Variant]:
     out += [Variant(f"{previous}, {n} steps", "search", "self-distill", {**PREVIOUS_DEFAULT, "self_distill.steps": n})
             for n in args.steps]
     # twice the recipe's steps on twice its rows (fresh rows beat more epochs): what reaching 5% costs
-    out += [Variant(f"self-distill, {2 * RECIPE_STEPS} steps on {2 * RECIPE_ROWS} rows", "search", "self-distill",
-                    {"data.max_train_rows": 2 * RECIPE_ROWS, "self_distill.steps": 2 * RECIPE_STEPS})]
+    out += [Variant(f"self-distill, {2 * RECIPE_STEPS} steps on {2 * RECIPE_ROWS} rows, lr decayed to 0.1x", "search",
+                    "self-distill", {"data.max_train_rows": 2 * RECIPE_ROWS, "self_distill.steps": 2 * RECIPE_STEPS,
+                                     **EARLIER_DECAY})]
+    recipe_search = {"temperature 2, lr decayed to 0.1x": {"self_distill.temperature": 2, **EARLIER_DECAY},
+                     "lr 2e-3, decayed to 0.1x": {"self_distill.lr": 2e-3, **EARLIER_DECAY},
+                     "lr 2e-3": {"self_distill.lr": 2e-3}}
+    out += [Variant(f"self-distill, {RECIPE_STEPS} steps, {name}", "search", "self-distill", {**RECIPE, **o})
+            for name, o in recipe_search.items()]
     out += [Variant(f"{previous}, 300 steps, lr {lr:g}", "search", "self-distill",
                     {**PREVIOUS_DEFAULT, "self_distill.lr": lr}) for lr in args.lrs]
     ablation = {

@@ -120,9 +120,9 @@ def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> dict[str
         last = add("lm_head", {"head": d["head"]}, train, layout.run_dir(run) + "/lm-head")
         stages["lm_head"].checkpoint_run = f"{run}/lm-head"
     else:
-        # self_distill.steps reaches the fingerprint resolved into the optimiser settings; left out of the section
-        # itself so that adding the field kept the fingerprints of earlier runs
-        own = {k: v for k, v in d["self_distill"].items() if k != "steps"}
+        # self_distill.steps and .min_lr_ratio reach the fingerprint resolved into the optimiser settings; left out
+        # of the section itself so that adding the fields kept the fingerprints of earlier runs
+        own = {k: v for k, v in d["self_distill"].items() if k not in ("steps", "min_lr_ratio")}
         train = add("train", {**loaded, "self_distill": own,
                               "train": cfg.self_distill_optim().model_dump(), "seed": cfg.seed}, upstream)
         run = f"{cfg.name}-self-distill-{train[:10]}"

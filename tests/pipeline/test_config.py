@@ -59,7 +59,7 @@ def test_override_through_a_value_is_an_error():
         load_config("reference", {"name.x": 1})
 
 
-def test_self_distill_steps_and_lr_override_train_for_that_flow_only():
+def test_self_distill_steps_lr_and_lr_floor_override_train_for_that_flow_only():
     from distill.plan import make_plan, preflight
 
     def train_fingerprints(overrides):
@@ -71,10 +71,15 @@ def test_self_distill_steps_and_lr_override_train_for_that_flow_only():
     optim = cfg.self_distill_optim()
     assert (optim.steps, optim.lr, cfg.train.steps, cfg.train.lr) == (7, cfg.self_distill.lr, 40, 1e-2)
     assert load_config("quickstart", {"self_distill.steps": None, "train.steps": 40}).self_distill_optim().steps == 40
+    # self-distillation decays its lr to 0 whatever train.min_lr_ratio (the superposition stages') says
+    assert (optim.min_lr_ratio, cfg.train.min_lr_ratio) == (0.0, 0.1)
+    assert load_config("quickstart", {"self_distill.min_lr_ratio": 0.1}).self_distill_optim().min_lr_ratio == 0.1
 
     self_fp, super_fp = train_fingerprints({"self_distill.steps": 7})
     other_self_fp, other_super_fp = train_fingerprints({"self_distill.steps": 8})
     assert self_fp != other_self_fp and super_fp == other_super_fp
+    floor_self_fp, floor_super_fp = train_fingerprints({"self_distill.steps": 7, "self_distill.min_lr_ratio": 0.1})
+    assert floor_self_fp != self_fp and floor_super_fp == super_fp
     # the same resolved schedule is the same run, however it was spelled
     assert train_fingerprints({"self_distill.steps": None, "train.steps": 7})[0] == self_fp
 
