@@ -88,7 +88,7 @@ def variants(args) -> list[Variant]:
     previous = "self-distill, 2048 rows"
     out += [Variant(f"{previous}, {n} steps", "search", "self-distill", {**PREVIOUS_DEFAULT, "self_distill.steps": n})
             for n in args.steps]
-    # twice the recipe's steps on twice its rows (fresh rows beat more epochs): what reaching 5% costs
+    # twice the recipe's steps on twice its rows, to test whether fresh rows beat more epochs
     out += [Variant(f"self-distill, {2 * RECIPE_STEPS} steps on {2 * RECIPE_ROWS} rows, lr decayed to 0.1x", "search",
                     "self-distill", {"data.max_train_rows": 2 * RECIPE_ROWS, "self_distill.steps": 2 * RECIPE_STEPS,
                                      **EARLIER_DECAY})]
