@@ -12,7 +12,7 @@ Rows:
   hidden cosine added (``--hidden-seeds``);
 - the search behind the recipe, from an earlier preset (``PREVIOUS_DEFAULT``: 2048 training rows, 300 steps), one
   seed: other lengths (``--steps``) and learning rates (``--lrs``); then at 1000 steps: twice the steps and rows,
-  lr 2e-3, temperature 2;
+  lr 2e-3, temperature 2; and the default recipe cut short (``--recipe-steps``);
 - the loss ablation (CE only, KL only, CE + KL, CE + KL + hidden cosine, KL + hidden cosine, + magnitude, lambda
   warm-up), ``delta=lora:R`` vs full and dW stored in bf16, all at the fixed ``ABLATION_BUDGET``;
 - superposition student: before LM-head retraining (its tied head), after, and decoded through the teacher's head;
@@ -97,6 +97,8 @@ def variants(args) -> list[Variant]:
                      "lr 2e-3": {"self_distill.lr": 2e-3}}
     out += [Variant(f"self-distill, {RECIPE_STEPS} steps, {name}", "search", "self-distill", {**RECIPE, **o})
             for name, o in recipe_search.items()]
+    out += [Variant(f"self-distill, {n} steps", "search", "self-distill", {"self_distill.steps": n})
+            for n in args.recipe_steps]  # where the default recipe crosses the 5% target
     out += [Variant(f"{previous}, 300 steps, lr {lr:g}", "search", "self-distill",
                     {**PREVIOUS_DEFAULT, "self_distill.lr": lr}) for lr in args.lrs]
     ablation = {
@@ -205,6 +207,8 @@ def main(argv=None) -> None:
                    help="other self-distill lengths on the previous default's 2048 rows (one seed)")
     p.add_argument("--lrs", nargs="+", type=float, default=[5e-4, 2e-3],
                    help="other self_distill.lr at the previous default (one seed)")
+    p.add_argument("--recipe-steps", nargs="+", type=int, default=[500, 700],
+                   help="shorter runs of the default recipe (one seed)")
     p.add_argument("--warmup", type=int, default=100, help="quant_warmup_steps of the lambda warm-up row")
     p.add_argument("--lora", default="lora:16", help="the LoRA delta compared with full")
     p.set_defaults(threads=0)
