@@ -40,7 +40,7 @@ def split(ids: torch.Tensor, mask: torch.Tensor, batch: int) -> list[tuple[torch
 
 def chunk_arrays(ids: torch.Tensor, mask: torch.Tensor, outputs: dict) -> dict:
     """What the cache stage hands the writer for one chunk (distill/teacher_cache.py)."""
-    return {"input_ids": ids.int(), "attention_mask": mask.to(torch.int8), **{k: v.cpu() for k, v in outputs.items()}}
+    return {"input_ids": ids, "attention_mask": mask, **outputs}
 
 
 def spec_for(model, rows: int, batch: int, seq_len: int, layers: list[int], **kwargs) -> TeacherCacheSpec:

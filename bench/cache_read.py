@@ -49,8 +49,7 @@ def build_cache(model, store: ArtifactStore, path: str, rows: int, cfg, device) 
         for chunk in writer.missing_chunks():
             i, m = (t[chunk * spec.chunk_size:(chunk + 1) * spec.chunk_size] for t in (ids, mask))
             out = teacher_outputs(model, i.to(device), m.to(device), layers, cfg.cache.topk)
-            writer.write_chunk(chunk, {"input_ids": i.int(), "attention_mask": m.to(torch.int8),
-                                       **{k: v.cpu() for k, v in out.items()}})
+            writer.write_chunk(chunk, {"input_ids": i, "attention_mask": m, **out})
     return f"hidden/layer_{layers[-1]}"
 
 

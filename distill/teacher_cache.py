@@ -42,8 +42,8 @@ def run_cache_teacher(cfg, store, stage: dict, reporter, tokens: dict) -> dict:
                 batch = rows.fetch(np.arange(chunk * spec.chunk_size, min((chunk + 1) * spec.chunk_size, count)))
                 ids, mask = batch["input_ids"], batch["attention_mask"]
                 outputs = teacher_outputs(model, ids.to(device), mask.to(device), layers, cfg.cache.topk)
-                writer.write_chunk(chunk, {"input_ids": ids.int(), "attention_mask": mask.to(torch.int8),
-                                           **{k: v.cpu() for k, v in outputs.items()}})
+                # the writer converts to the stored dtypes on the device and copies to the host asynchronously
+                writer.write_chunk(chunk, {"input_ids": ids, "attention_mask": mask, **outputs})
                 reporter.advance(1)
             reporter.close()
         splits[split] = {"path": f"{path}/{split}", "rows": count, "chunks": spec.num_chunks}

@@ -85,23 +85,26 @@ def chunk_label(spec: TeacherCacheSpec, chunk: int) -> str:
     return f"chunk {chunk} (samples {start}-{stop - 1})"
 
 
-def encode(value, dtype: str) -> np.ndarray:
-    """A numpy array or CPU torch tensor as the numpy values stored for ``dtype`` (bf16 as its uint16 bits)."""
-    if dtype == "bfloat16" or type(value).__module__.startswith("torch"):
-        import torch
-
-        tensor = torch.as_tensor(value).detach().cpu()
-        if dtype == "bfloat16":
-            return tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
-        value = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
-    return np.ascontiguousarray(value, dtype=STORED_AS.get(dtype, dtype))
+TORCH_DTYPES = ("float32", "float16", "bfloat16", "int32", "int8")
 
 
-def as_float32(values: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored values as float32 (exact for bf16: its bits are the upper half of a float32)."""
-    if dtype == "bfloat16":
-        return (values.astype(np.uint32) << 16).view(np.float32)
-    return values.astype(np.float32)
+def torch_dtype(dtype: str):
+    """The torch dtype of a logical dtype (``"float16"`` -> ``torch.float16``)."""
+    import torch
+
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"no stored dtype {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def to_stored(tensor) -> np.ndarray:
+    """A contiguous CPU tensor already in its logical dtype as the numpy values stored (bf16 as its uint16 bits);
+    no copy."""
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
 
 
 def to_tensor(values: np.ndarray, dtype: str):

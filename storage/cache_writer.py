@@ -1,8 +1,10 @@
 """``TeacherCacheWriter``: fills a teacher cache chunk by chunk, off the producer's thread, resumably.
 
-The producer (the teacher's forward pass) hands over one chunk's arrays and goes on computing; a background thread
-converts them to the storage dtype, compresses and writes them, makes them durable, and only then writes the
-chunk's completion record. Several writer threads take chunks from one queue: compression, checksums and fsync
+The producer (the teacher's forward pass) hands over one chunk's arrays and goes on computing. On its own thread the
+writer only converts them to the storage dtype where they live (on a GPU: one kernel, and half the bytes to copy
+for float16), takes the per-token norms and starts the copy to host memory (asynchronous from CUDA); a background
+thread then checksums, compresses and writes them, makes them durable, and only then writes the chunk's completion
+record. Several writer threads take chunks from one queue: compression, checksums and fsync
 release the GIL, and a GPU teacher produces chunks faster than one thread can store them. A crash at any point leaves the chunk without a record, so it is "missing" on reopen and
 a rerun rewrites exactly the missing chunks. One writer at a time per cache: the constructor takes a lock (local
 ``flock``) or lease (object stores) and waits up to ``lock_timeout`` seconds for another writer to finish.
@@ -13,12 +15,13 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 from .cache_spec import (ATTRS_KEY, BF16_ENCODING, FORMAT, GROUP_DIR, RECORDS_DIR, STORED_AS, CacheError,
-                         TeacherCacheSpec, array_sha256, as_float32, check_fingerprint, chunk_label, compressors,
-                         encode, layer_name, record_path, recorded_chunks)
+                         TeacherCacheSpec, array_sha256, check_fingerprint, chunk_label, compressors, layer_name,
+                         record_path, recorded_chunks, to_stored, torch_dtype)
 from .lease import acquire_lock
 
 
@@ -56,11 +59,52 @@ def _open_group(store, path: str, spec: TeacherCacheSpec):
     return group
 
 
-def _norm_sums(spec: TeacherCacheSpec, encoded: dict[str, np.ndarray]) -> dict[str, float]:
+@dataclass
+class _StagedChunk:
+    """One chunk on its way to storage: every array on the host in its stored dtype (still being copied from a GPU
+    until the ``copied`` events have happened), and per layer the L2 norm of each token's stored hidden state."""
+
+    chunk: int
+    arrays: dict
+    token_norms: dict
+    copied: list  # torch.cuda.Event per GPU the arrays came from, recorded after their copies
+
+    def wait(self) -> None:
+        for event in self.copied:
+            event.synchronize()
+
+
+def _stage(spec: TeacherCacheSpec, chunk: int, arrays: Mapping) -> _StagedChunk:
+    """On the producer's thread: each array converted to its stored dtype on its own device, the norms of the
+    stored hidden states taken there too, then the copy to host memory; from CUDA the copy is asynchronous (into
+    pinned memory), so the producer queues its next forward pass while the bytes travel."""
+    import torch
+
+    on_device = {}
+    for name, (_, dtype) in spec.arrays().items():
+        try:
+            on_device[name] = torch.as_tensor(arrays[name]).detach().to(torch_dtype(dtype)).contiguous()
+        except (TypeError, RuntimeError) as exc:
+            raise ValueError(f"{chunk_label(spec, chunk)}: {name} cannot be stored as {dtype}: {exc}") from None
+    token_norms = {name: torch.linalg.vector_norm(value, dim=-1, dtype=torch.float32)
+                   for name, value in on_device.items() if name.startswith("hidden/")}
+
+    def to_host(tensors: dict) -> dict:
+        return {name: t.to("cpu", non_blocking=t.is_cuda) for name, t in tensors.items()}
+
+    host, norms = to_host(on_device), to_host(token_norms)
+    copied = []
+    for device in {t.device for t in on_device.values() if t.is_cuda}:
+        copied.append(torch.cuda.Event())
+        copied[-1].record(torch.cuda.current_stream(device))
+    return _StagedChunk(chunk, host, norms, copied)
+
+
+def _norm_sums(staged: _StagedChunk) -> dict[str, float]:
     """Per layer, the sum of the L2 norms of the stored hidden states over real (unmasked) tokens."""
-    mask = encoded["attention_mask"].astype(bool)
-    return {str(i): float(np.linalg.norm(as_float32(encoded[layer_name(i)], spec.dtype), axis=-1)[mask]
-                          .astype(np.float64).sum()) for i in spec.layers}
+    mask = staged.arrays["attention_mask"].numpy().astype(bool)
+    return {name.removeprefix("hidden/layer_"): float(norms.numpy()[mask].astype(np.float64).sum())
+            for name, norms in staged.token_norms.items()}
 
 
 class TeacherCacheWriter:
@@ -118,9 +162,10 @@ class TeacherCacheWriter:
             return [c for c in range(self.spec.num_chunks) if c not in self._done]
 
     def write_chunk(self, chunk: int, arrays: Mapping) -> None:
-        """Hand over chunk ``chunk``: one array (numpy or CPU torch tensor) per name of ``spec.arrays()``, each with
-        the chunk's rows first. Returns at once unless the queue is full. The arrays must not be modified
-        afterwards (they are read later, by the writer thread)."""
+        """Hand over chunk ``chunk``: one array (numpy, or a torch tensor on any device) per name of
+        ``spec.arrays()``, each with the chunk's rows first. Returns once the arrays are converted and their copy
+        to host memory is under way, unless the queue is full. CPU arrays already in their stored dtype are not
+        copied: they must not be modified afterwards (the writer thread reads them later)."""
         self._raise_failure()
         if self._closed:
             raise CacheError(f"the writer of {self.url} is closed")
@@ -139,19 +184,27 @@ class TeacherCacheWriter:
                 raise ValueError(f"{chunk_label(self.spec, chunk)} of {self.url} was already written; each chunk is "
                                  "written once (write only missing_chunks())")
             self._handed_over.add(chunk)
-        self._queue.put((chunk, dict(arrays)))
+        try:
+            staged = _stage(self.spec, chunk, arrays)
+        except BaseException:
+            with self._done_lock:
+                self._handed_over.discard(chunk)
+            raise
+        self._queue.put(staged)
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             if self._error is None:  # after a failure, keep draining so the producer never blocks
                 try:
-                    self._store_chunk(*item)
+                    self._store_chunk(item)
                 except BaseException as exc:  # reported to the producer by write_chunk/close
-                    self._error = (item[0], exc)
+                    self._error = (item.chunk, exc)
 
-    def _store_chunk(self, chunk: int, arrays: dict) -> None:
+    def _store_chunk(self, staged: _StagedChunk) -> None:
+        chunk = staged.chunk
         start, stop = self.spec.chunk_rows(chunk)
-        encoded = {name: encode(arrays[name], dtype) for name, (_, dtype) in self.spec.arrays().items()}
+        staged.wait()
+        encoded = {name: to_stored(tensor) for name, tensor in staged.arrays.items()}
         for name, values in encoded.items():
             array = self._arrays[name]
             key = f"{self.path}/{GROUP_DIR}/{name}/{array.metadata.encode_chunk_key((chunk,) + (0,) * (values.ndim - 1))}"
@@ -161,7 +214,7 @@ class TeacherCacheWriter:
         self._lock.ensure_held()  # never record a chunk after losing the lease to another writer
         record = {"chunk": chunk, "rows": [start, stop], "sha256": {n: array_sha256(v) for n, v in encoded.items()},
                   "tokens": int(encoded["attention_mask"].astype(bool).sum()),
-                  "norm_sums": _norm_sums(self.spec, encoded)}
+                  "norm_sums": _norm_sums(staged)}
         self.store.write_json(f"{self.path}/{record_path(chunk)}", record)
         with self._done_lock:
             self._done.add(chunk)

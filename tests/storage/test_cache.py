@@ -178,12 +178,23 @@ def test_write_chunk_checks_its_input_at_once(local_store):
 
 def test_close_reports_errors_from_the_writer_thread(local_store):
     writer = TeacherCacheWriter(local_store, "cache", SPEC)
-    bad = {**chunk_arrays(SPEC, 1), "hidden/layer_0": np.full((3, 6, 8), "text", dtype=object)}
-    writer.write_chunk(1, bad)
+    # a file where chunk 1's directory must go: the writer thread's write fails, not the hand-over
+    local_store.local_path("cache/data.zarr/hidden/layer_0/c").write_bytes(b"in the way")
+    writer.write_chunk(1, chunk_arrays(SPEC, 1))
     with pytest.raises(CacheWriteError, match=r"writing chunk 1 \(samples 3-5\) of the teacher cache at .* failed"):
         writer.close()
     with TeacherCacheWriter(local_store, "cache", SPEC, lock_timeout=0) as again:
         assert again.missing_chunks() == [0, 1, 2, 3]
+
+
+def test_write_chunk_refuses_values_it_cannot_store_at_once(local_store):
+    with TeacherCacheWriter(local_store, "cache", SPEC) as writer:
+        bad = {**chunk_arrays(SPEC, 1), "hidden/layer_0": np.full((3, 6, 8), "text", dtype=object)}
+        with pytest.raises(ValueError, match=r"chunk 1 \(samples 3-5\): hidden/layer_0 cannot be stored as bfloat16"):
+            writer.write_chunk(1, bad)
+        writer.write_chunk(1, chunk_arrays(SPEC, 1))  # the refused chunk can still be written
+    with TeacherCacheWriter(local_store, "cache", SPEC) as again:
+        assert again.missing_chunks() == [0, 2, 3]
 
 
 def test_write_chunk_hands_over_without_waiting_for_io(local_store):
