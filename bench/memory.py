@@ -1,15 +1,17 @@
 """Peak memory of self-distillation: one dual-mode model vs a frozen teacher plus a separate student.
 
 Each configuration runs in a fresh process (``--child``): build the model(s), then a few steps of the project's
-self-distillation loss (``distill.train_self.self_distill_trainable``: teacher forward, student forward with CE + KL
-+ hidden cosine on every layer, backward, clipping, AdamW), and report the process's peak resident set size
+self-distillation loss (``distill.train_self.self_distill_trainable`` with the quickstart preset's loss, KL to the
+teacher: teacher forward, student forward, backward, clipping, AdamW), and report the process's peak resident set size
 (``ru_maxrss``; on CUDA also ``torch.cuda.max_memory_allocated``). The two-model approach runs through the very same
 loss code: ``TwoModels`` plays the ``DualModel`` role, teacher mode calling the frozen copy, student mode the
 student (the teacher's architecture with every block ``nn.Linear`` a trainable ``BitLinear`` on its own copy of the
 weights; the same parameters train as with ``delta=full``). Target: ``delta=lora:R`` <= 0.4x of two-model.
 
 Two "(before)" configurations run BitLinear's straight-through step as the autograd graph it was before the fused
-node (``bitnet.quant.bitlinear_graph``), to show what saving int8 codes instead of fp32 copies buys.
+node (``bitnet.quant.bitlinear_graph``), to show what saving int8 codes instead of fp32 copies buys. The
+"checkpointed" configurations recompute each block's activations in backward (``self_distill.activation_checkpointing``;
+for the two-model approach, the student's blocks alike), and are compared with the checkpointed two-model run.
 
 Children run with ``MALLOC_MMAP_THRESHOLD_=65536`` by default (``--malloc mmap``): every large tensor is its own
 mapping, returned to the system when freed, so the peak RSS follows the tensors alive at the peak. glibc's default
@@ -35,14 +37,15 @@ from torch import nn
 
 from bench.common import (REPO, VOCAB, compute_dtype, optimiser_step, parser, peak_rss_mib, report, setup, table,
                           teacher)
-from bitnet import BitLinear, find_block_linears, patch_model
+from bitnet import BitLinear, checkpoint_blocks, find_block_linears, find_block_lists, patch_model
 from distill.config import load_config
 from distill.rows import Rows
 from distill.train_self import self_distill_trainable
 
 TARGET_LORA = 0.4
 CONFIGS = ("two-model", "dual full", "dual full, bf16 dW", "dual lora", "two-model, STE graph (before)",
-           "dual lora, STE graph (before)")
+           "dual lora, STE graph (before)", "two-model, checkpointed", "dual full, checkpointed",
+           "dual lora, checkpointed")
 
 
 class TwoModels:
@@ -128,14 +131,19 @@ def child(args) -> dict:
     transformers.LlamaForCausalLM  # noqa: B018 (lazy module: this loads it)
     baseline = peak_rss_mib()
     model, info = teacher(args.teacher, device, compute_dtype(device))
+    checkpointed = "checkpointed" in args.child
     if args.child.startswith("two-model"):
         trained = TwoModels(model, separate_student(model))
         models = [trained.teacher_model, trained.model]
+        if checkpointed:  # the student's blocks, as the dual model's (the teacher runs without gradients anyway)
+            checkpoint_blocks(trained.model, find_block_lists(trained.model))
     else:
         delta = f"lora:{args.rank}" if args.child.startswith("dual lora") else "full"
         delta_dtype = torch.bfloat16 if "bf16" in args.child else torch.float32
         trained = patch_model(model.train(), delta=delta, delta_dtype=delta_dtype)
         models = [trained.model]
+        if checkpointed:
+            trained.enable_activation_checkpointing()
     built = peak_rss_mib()
     rows = Rows(args.batch, lambda index: {"input_ids": ids[index], "attention_mask": mask[index]})
     cfg = load_config("quickstart", {"train.batch_size": args.batch})
@@ -202,22 +210,24 @@ def main(argv=None) -> None:
             for config in configs:
                 print(f"{kind}, batch {batch}: {config}", flush=True)
                 results[config] = run_child(config, batch, args)
-            base = results["two-model"]
-            base_net = base["peak_mib"] - base["baseline_mib"]
             for config, r in results.items():
+                # a checkpointed configuration is compared with the two-model approach checkpointed alike
+                base_name = "two-model, checkpointed" if "checkpointed" in config else "two-model"
+                base = results.get(base_name, results["two-model"])
+                base_net = base["peak_mib"] - base["baseline_mib"]
                 name = config.replace("dual lora", f"dual lora:{args.rank}")
                 net = r["peak_mib"] - r["baseline_mib"]
                 rows.append([kind, batch, name, r["trainable_parameters"], r["weights_mib"],
                              r["gradients_mib"] + r["optimizer_mib"], net, net - r["state_mib"], r["peak_mib"],
-                             net / base_net, r["peak_mib"] / base["peak_mib"],
+                             base["config"], net / base_net, r["peak_mib"] / base["peak_mib"],
                              *([r["cuda_peak_mib"], r["cuda_peak_mib"] / base["cuda_peak_mib"]]
                                if device.type == "cuda" else [])])
-                measured.append({**r, "name": name, "ratio_net": net / base_net,
+                measured.append({**r, "name": name, "compared_with": base["config"], "ratio_net": net / base_net,
                                  "ratio_peak": r["peak_mib"] / base["peak_mib"]})
     headers = ["teacher", "batch", "configuration", "trainable params", "weights MiB", "grads + AdamW MiB",
-               "peak - baseline MiB", "of which activations etc. MiB", "peak RSS MiB",
-               "(peak - baseline) / two-model", "peak / two-model",
-               *(["CUDA peak MiB", "CUDA peak / two-model"] if device.type == "cuda" else [])]
+               "peak - baseline MiB", "of which activations etc. MiB", "peak RSS MiB", "compared with",
+               "(peak - baseline) / that", "peak / that",
+               *(["CUDA peak MiB", "CUDA peak / that"] if device.type == "cuda" else [])]
     title = (f"Peak memory of self-distillation, seq {args.seq_len}, {args.steps} AdamW steps, each configuration in "
              f"a fresh process, malloc {args.malloc} (target: lora <= {TARGET_LORA}x two-model)")
     report("memory", args, device, {title: table(headers, rows)}, {"configurations": measured})

@@ -4,10 +4,12 @@ rounds).
 1. BitLinear vs nn.Linear: the superposition student (``bitnet.SuperpositionStudent``, every block projection a
    ``BitLinear``) against the very same architecture and weights with plain ``nn.Linear``. Target <= 1.3x.
 2. Self-distillation vs plain fine-tuning of the same Hugging Face model: the project's own self-distillation loss
-   (``distill.train_self.self_distill_trainable``: a teacher-mode forward, then the student forward through
-   ``bitnet.patch_model`` with CE + KL + hidden cosine, backward into dW) against full fine-tuning of an unpatched
-   copy with cross-entropy. A third variant, the patched student with cross-entropy alone, separates the cost of
-   ternary training from the cost of the teacher signal.
+   (``distill.train_self.self_distill_trainable`` with the quickstart preset's loss, KL to the teacher: a
+   teacher-mode forward, then the student forward through ``bitnet.patch_model``, backward into dW) against full
+   fine-tuning of an unpatched copy with cross-entropy. A third variant, the patched student with cross-entropy
+   alone, separates the cost of ternary training from the cost of the teacher signal; a fourth runs
+   self-distillation with activation checkpointing (``self_distill.activation_checkpointing``), whose cost is one
+   more forward pass of the student's blocks.
 """
 
 from __future__ import annotations
@@ -75,12 +77,15 @@ def self_distill_vs_finetune(kind: str, batch: int, args, device) -> dict:
     model, info = teacher(kind, device, torch.float32)  # fp32 master weights; bf16 autocast on CUDA
     ids, mask = token_rows(batch, args.seq_len)
     rows = Rows(batch, lambda index: {"input_ids": ids[index], "attention_mask": mask[index]})
-    cfg = load_config("quickstart", {"train.batch_size": batch})  # default loss: CE + KL + hidden cosine, all layers
+    cfg = load_config("quickstart", {"train.batch_size": batch})
     dev_ids, dev_mask = ids.to(device), mask.to(device)
 
     finetune = copy.deepcopy(model).train().requires_grad_(True)
     dual = patch_model(copy.deepcopy(model).train(), delta=args.delta)
     trainable = self_distill_trainable(dual, cfg, rows, device)
+    checkpointed = patch_model(copy.deepcopy(model).train(), delta=args.delta)
+    checkpointed.enable_activation_checkpointing()
+    trainable_checkpointed = self_distill_trainable(checkpointed, cfg, rows, device)
     counter = iter(range(10**9))
 
     def student_ce():
@@ -93,6 +98,8 @@ def self_distill_vs_finetune(kind: str, batch: int, args, device) -> dict:
                                                                    .logits, dev_ids, dev_mask), device),
         "ternary student (CE only)": stepper(dual.trainable_parameters(), student_ce, device),
         "self-distill": stepper(trainable.parameters, lambda: trainable.loss(next(counter))[0], device),
+        "self-distill, checkpointed": stepper(trainable_checkpointed.parameters,
+                                              lambda: trainable_checkpointed.loss(next(counter))[0], device),
     }
     times = interleave(steps, args.repeats, device)
     sd = cfg.self_distill
@@ -100,7 +107,8 @@ def self_distill_vs_finetune(kind: str, batch: int, args, device) -> dict:
             "loss": f"ce {sd.ce_weight} + kl {sd.kl_weight} + hidden {sd.hidden_weight} ({sd.hidden_layers} layers)",
             "seconds": times, "median_s": {k: median(v) for k, v in times.items()},
             "ratio_self_distill": ratio(times["self-distill"], times["fine-tune (CE)"]),
-            "ratio_student_only": ratio(times["ternary student (CE only)"], times["fine-tune (CE)"])}
+            "ratio_student_only": ratio(times["ternary student (CE only)"], times["fine-tune (CE)"]),
+            "ratio_checkpointed": ratio(times["self-distill, checkpointed"], times["self-distill"])}
 
 
 def main(argv=None) -> None:
@@ -129,11 +137,13 @@ def main(argv=None) -> None:
               "yes" if r["ratio"]["median"] <= TARGET else "no", r["ratio_graph"]["median"]] for r in bit]),
         "Self-distillation step / plain fine-tuning step of the same model": table(
             ["teacher", "weights", "tokens/step", "fine-tune s/step", "ternary CE-only s/step", "self-distill s/step",
-             "CE-only / fine-tune", "self-distill / fine-tune", "range"],
+             "CE-only / fine-tune", "self-distill / fine-tune", "range", "checkpointed / self-distill", "range"],
             [[r["teacher"], r["source"], r["tokens"], r["median_s"]["fine-tune (CE)"],
               r["median_s"]["ternary student (CE only)"], r["median_s"]["self-distill"],
               r["ratio_student_only"]["median"], r["ratio_self_distill"]["median"],
-              f"{r['ratio_self_distill']['min']:.2f}-{r['ratio_self_distill']['max']:.2f}"] for r in sd]),
+              f"{r['ratio_self_distill']['min']:.2f}-{r['ratio_self_distill']['max']:.2f}",
+              r["ratio_checkpointed"]["median"],
+              f"{r['ratio_checkpointed']['min']:.2f}-{r['ratio_checkpointed']['max']:.2f}"] for r in sd]),
     }
     report("train_step", args, device, tables, {"bitlinear_vs_linear": bit, "self_distill_vs_finetune": sd})
 

@@ -3,6 +3,7 @@
 Pure PyTorch (+ transformers for patching and export); knows nothing of Prefect or storage.
 """
 
+from .checkpointing import checkpoint_blocks
 from .export import (
     freeze_ternary,
     load_student,
@@ -13,12 +14,13 @@ from .export import (
 )
 from .layers import BitLinear, DualModeLinear, TernaryLinear
 from .losses import hidden_cosine_loss, kl_to_teacher, next_token_cross_entropy, sparse_topk_kl
-from .patch import DualModel, find_block_linears, patch_model
+from .patch import DualModel, find_block_linears, find_block_lists, patch_model
 from .quant import bitlinear, int8_activation, ste_int8_codes, ste_ternary_codes, ternary_weight
 from .student import Decompressor, StudentConfig, SuperpositionStudent
 
 __all__ = [
     "BitLinear", "DualModeLinear", "TernaryLinear", "DualModel", "patch_model", "find_block_linears",
+    "find_block_lists", "checkpoint_blocks",
     "SuperpositionStudent", "StudentConfig", "Decompressor",
     "ternary_weight", "int8_activation", "ste_ternary_codes", "ste_int8_codes", "bitlinear",
     "next_token_cross_entropy", "kl_to_teacher", "sparse_topk_kl", "hidden_cosine_loss",

@@ -9,33 +9,36 @@ student on ``W + dW``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
+from .checkpointing import checkpoint_blocks
 from .layers import STUDENT, TEACHER, DualModeLinear, parse_delta
 
 
-def find_block_linears(model: nn.Module) -> list[str]:
-    """Names of the ``nn.Linear`` modules inside the model's transformer blocks.
-
-    The blocks are the outermost ``nn.ModuleList``s that contain linear layers (``model.layers`` in Llama,
-    Qwen2, Mistral, Phi3; ``gpt_neox.layers``; ...). This is architecture-agnostic and leaves the LM head and
-    any projection outside the blocks alone.
-    """
-    names: list[str] = []
+def find_block_lists(model: nn.Module) -> list[str]:
+    """Names of the model's lists of transformer blocks: the outermost ``nn.ModuleList``s that contain linear
+    layers (``model.layers`` in Llama, Qwen2, Mistral, Phi3; ``gpt_neox.layers``; ...)."""
     block_lists: list[str] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList):
             continue
         if any(name.startswith(prefix + ".") for prefix in block_lists):
-            continue  # a list nested inside a block (e.g. MoE experts): its linears are found below
-        linears = [f"{name}.{sub}" for sub, m in module.named_modules() if isinstance(m, nn.Linear)]
-        if linears:
+            continue  # a list nested inside a block (e.g. MoE experts): part of that block
+        if any(isinstance(m, nn.Linear) for m in module.modules()):
             block_lists.append(name)
-            names.extend(linears)
-    return names
+    return block_lists
+
+
+def find_block_linears(model: nn.Module) -> list[str]:
+    """Names of the ``nn.Linear`` modules inside the model's transformer blocks (``find_block_lists``).
+
+    This is architecture-agnostic and leaves the LM head and any projection outside the blocks alone.
+    """
+    return [f"{name}.{sub}" for name in find_block_lists(model)
+            for sub, m in model.get_submodule(name).named_modules() if isinstance(m, nn.Linear)]
 
 
 class DualModel:
@@ -44,9 +47,10 @@ class DualModel:
     Call it like the model (``dual(input_ids=...)``); ``dual.model`` is the patched transformers model.
     """
 
-    def __init__(self, model: nn.Module, layers: dict[str, DualModeLinear]):
+    def __init__(self, model: nn.Module, layers: dict[str, DualModeLinear], block_lists: list[str]):
         self.model = model
         self.layers = layers
+        self.block_lists = block_lists  # the nn.ModuleLists of transformer blocks the layers were found in
 
     def __call__(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -97,6 +101,34 @@ class DualModel:
             finally:
                 for layer in self.layers.values():
                     layer.use_delta = True
+
+    def enable_activation_checkpointing(self) -> int:
+        """Recompute each transformer block's activations during backward instead of keeping them
+        (``bitnet.checkpointing``); returns how many blocks. Gradients are unchanged. A block is replayed with the
+        settings it ran with (mode, quantizer blend, dW on or off), whatever they are when backward runs: the
+        student's loss is usually backpropagated after its ``with dual.student():`` block has closed."""
+        return checkpoint_blocks(self.model, self.block_lists, context_fn=self._replay_as_now)
+
+    def _settings(self) -> list[tuple[str, float, bool]]:
+        return [(layer.mode, layer.quant_lambda, layer.use_delta) for layer in self.layers.values()]
+
+    def _apply(self, settings: list[tuple[str, float, bool]]) -> None:
+        for layer, (mode, lam, use_delta) in zip(self.layers.values(), settings):
+            layer.mode, layer.quant_lambda, layer.use_delta = mode, lam, use_delta
+
+    @contextmanager
+    def _replaying(self, settings: list[tuple[str, float, bool]]) -> Iterator[None]:
+        previous = self._settings()
+        self._apply(settings)
+        try:
+            yield
+        finally:
+            self._apply(previous)
+
+    def _replay_as_now(self):
+        """``context_fn`` of a checkpointed block: nothing for its forward; its recomputation under the settings
+        of this moment."""
+        return nullcontext(), self._replaying(self._settings())
 
     def set_quant_lambda(self, lam: float) -> None:
         """Quantizer warm-up blend for the student, in [0, 1] (1 = fully ternary / int8)."""
@@ -151,7 +183,7 @@ def patch_model(model: nn.Module, delta: str = "full", delta_dtype: torch.dtype 
             f"{type(model).__name__} is already patched for self-distillation: keep the DualModel returned by "
             "the first patch_model call, or reload the original model to patch it afresh"
         )
-    names = find_block_linears(model)
+    block_lists, names = find_block_lists(model), find_block_linears(model)
     if not names:
         kinds = sorted({type(m).__name__ for m in model.modules() if "linear" in type(m).__name__.lower()
                         or type(m).__name__ == "Conv1D"})
@@ -167,4 +199,4 @@ def patch_model(model: nn.Module, delta: str = "full", delta_dtype: torch.dtype 
         dual = DualModeLinear(model.get_submodule(name), delta=delta, delta_dtype=delta_dtype)
         setattr(model.get_submodule(parent_name), child, dual)
         layers[name] = dual
-    return DualModel(model, layers)
+    return DualModel(model, layers, block_lists)

@@ -116,6 +116,9 @@ class SelfDistillConfig(Section):
     # keep flipping their ternary code, and the student evaluated is wherever the last flips left it (1000 steps on the
     # quickstart: 19.92 held-out perplexity at 0, 20.27 at 0.1; docs/RESULTS.md#quality)
     min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    # recompute each block's activations in backward instead of keeping them: the same gradients bit for bit, much
+    # less memory at long sequences or large batches, one more forward pass of the blocks per step
+    activation_checkpointing: bool = False
 
     @field_validator("delta")
     @classmethod

@@ -121,8 +121,11 @@ def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> dict[str
         stages["lm_head"].checkpoint_run = f"{run}/lm-head"
     else:
         # self_distill.steps and .min_lr_ratio reach the fingerprint resolved into the optimiser settings; left out
-        # of the section itself so that adding the fields kept the fingerprints of earlier runs
-        own = {k: v for k, v in d["self_distill"].items() if k not in ("steps", "min_lr_ratio")}
+        # of the section itself so that adding the fields kept the fingerprints of earlier runs.
+        # .activation_checkpointing changes memory, not results (the same gradients bit for bit): a run may resume
+        # with it switched
+        own = {k: v for k, v in d["self_distill"].items()
+               if k not in ("steps", "min_lr_ratio", "activation_checkpointing")}
         train = add("train", {**loaded, "self_distill": own,
                               "train": cfg.self_distill_optim().model_dump(), "seed": cfg.seed}, upstream)
         run = f"{cfg.name}-self-distill-{train[:10]}"

@@ -21,8 +21,8 @@ from .teacher import hidden_layers, resolve_layers
 def dual_forward(dual: DualModel, mode, layers: list[int]):
     """A metrics ``Forward`` running the dual model in the mode given by a context factory."""
     def forward(ids, mask) -> Output:
-        with mode():
-            out = dual(input_ids=ids, attention_mask=mask, output_hidden_states=bool(layers))
+        with mode():  # no KV cache: nothing here generates, and a checkpointed block would append to it twice
+            out = dual(input_ids=ids, attention_mask=mask, output_hidden_states=bool(layers), use_cache=False)
         return Output(out.logits, [out.hidden_states[i] for i in layers] if layers else None)
     return forward
 
@@ -119,6 +119,8 @@ def run_self_distill(cfg: PipelineConfig, store, stage: dict, reporter, tokens: 
         return store.read_manifest(stage["path"])
     device = resolve_device(cfg.teacher.device)
     dual = load_dual(cfg, device)
+    if cfg.self_distill.activation_checkpointing:
+        dual.enable_activation_checkpointing()
     rows = (cached_rows(store, cache, "train", cache["fingerprint"]) if cfg.self_distill.teacher_signal == "cache"
             else load_split(store, tokens, "train"))
     trainable = self_distill_trainable(dual, cfg, rows, device, load_split(store, tokens, "eval"))

@@ -82,6 +82,8 @@ def test_self_distill_steps_lr_and_lr_floor_override_train_for_that_flow_only():
     assert floor_self_fp != self_fp and floor_super_fp == super_fp
     # the same resolved schedule is the same run, however it was spelled
     assert train_fingerprints({"self_distill.steps": None, "train.steps": 7})[0] == self_fp
+    # activation checkpointing gives the same gradients (tests/bitnet/test_checkpointing.py): the same run
+    assert train_fingerprints({"self_distill.steps": 7, "self_distill.activation_checkpointing": True})[0] == self_fp
 
 
 def test_new_teacher_weights_keep_the_token_shards_and_4bit_loading_recomputes_the_cache(tiny_teacher, tmp_path):
