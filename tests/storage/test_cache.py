@@ -259,3 +259,18 @@ def test_writer_that_lost_its_lease_records_nothing_more(s3_store):
         writer.close()
     assert not s3_store.exists("cache/_chunks/chunk-000001.json")
     assert s3_store.read_bytes("cache/_lease.json") == intruder  # the new holder's lease is left alone
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_arrays_handed_over_on_cuda_are_stored_exactly(local_store, dtype):
+    """From a GPU the writer converts on the device and copies asynchronously: what is stored is what was handed
+    over, even if the producer overwrites its tensors at once (the copy is ordered before on the same stream)."""
+    spec = small_spec(dtype=dtype)
+    with TeacherCacheWriter(local_store, "cache", spec) as writer:
+        for chunk in writer.missing_chunks():
+            on_gpu = {name: value.cuda() for name, value in chunk_arrays(spec, chunk).items()}
+            writer.write_chunk(chunk, on_gpu)
+            for value in on_gpu.values():
+                value.zero_()
+    assert_reads_back(TeacherCacheReader(local_store, "cache"), spec)
