@@ -1,13 +1,14 @@
 """``TeacherCacheWriter``: fills a teacher cache chunk by chunk, off the producer's thread, resumably.
 
-The producer (the teacher's forward pass) hands over one chunk's arrays and goes on computing. On its own thread the
-writer only converts them to the storage dtype where they live (on a GPU: one kernel, and half the bytes to copy
-for float16), takes the per-token norms and starts the copy to host memory (asynchronous from CUDA); a background
-thread then checksums, compresses and writes them, makes them durable, and only then writes the chunk's completion
-record. Several writer threads take chunks from one queue: compression, checksums and fsync
-release the GIL, and a GPU teacher produces chunks faster than one thread can store them. A crash at any point leaves the chunk without a record, so it is "missing" on reopen and
-a rerun rewrites exactly the missing chunks. One writer at a time per cache: the constructor takes a lock (local
-``flock``) or lease (object stores) and waits up to ``lock_timeout`` seconds for another writer to finish.
+The producer (the teacher's forward pass) hands over one chunk's arrays and goes on computing. On the producer's
+thread the writer only converts them to their stored dtypes where they live (on a GPU: one kernel, and half the
+bytes to copy for float16), takes the per-token norms and starts the copy to host memory (asynchronous from CUDA).
+Background threads then checksum, compress and write each chunk, make it durable, and only then write the chunk's
+completion record. Several writer threads take chunks from one queue: compression, checksums and fsync release the
+GIL, and a GPU teacher produces chunks faster than one thread can store them. A crash at any point leaves the chunk
+without a record, so it is "missing" on reopen and a rerun rewrites exactly the missing chunks. One writer at a time
+per cache: the constructor takes a lock (local ``flock``) or lease (object stores) and waits up to ``lock_timeout``
+seconds for another writer to finish.
 """
 
 from __future__ import annotations
