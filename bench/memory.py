@@ -2,16 +2,17 @@
 
 Each configuration runs in a fresh process (``--child``): build the model(s), then a few steps of the project's
 self-distillation loss (``distill.train_self.self_distill_trainable`` with the quickstart preset's loss, KL to the
-teacher: teacher forward, student forward, backward, clipping, AdamW), and report the process's peak resident set size
-(``ru_maxrss``; on CUDA also ``torch.cuda.max_memory_allocated``). The two-model approach runs through the very same
+teacher: teacher forward, student forward, backward, clipping, AdamW), and report the process's peak resident set
+size (``ru_maxrss``; on CUDA also ``torch.cuda.max_memory_allocated``). The two-model approach runs through the very same
 loss code: ``TwoModels`` plays the ``DualModel`` role, teacher mode calling the frozen copy, student mode the
 student (the teacher's architecture with every block ``nn.Linear`` a trainable ``BitLinear`` on its own copy of the
 weights; the same parameters train as with ``delta=full``). Target: ``delta=lora:R`` <= 0.4x of two-model.
 
 Two "(before)" configurations run BitLinear's straight-through step as the autograd graph it was before the fused
 node (``bitnet.quant.bitlinear_graph``), to show what saving int8 codes instead of fp32 copies buys. The
-"checkpointed" configurations recompute each block's activations in backward (``self_distill.activation_checkpointing``;
-for the two-model approach, the student's blocks alike), and are compared with the checkpointed two-model run.
+"checkpointed" configurations recompute each block's activations in backward
+(``self_distill.activation_checkpointing``; for the two-model approach, the student's blocks alike), and are
+compared with the checkpointed two-model run.
 
 Children run with ``MALLOC_MMAP_THRESHOLD_=65536`` by default (``--malloc mmap``): every large tensor is its own
 mapping, returned to the system when freed, so the peak RSS follows the tensors alive at the peak. glibc's default

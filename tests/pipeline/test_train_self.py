@@ -24,7 +24,8 @@ def train(tiny_teacher, root, **overrides):
 def test_activation_checkpointing_trains_the_same_student_bit_for_bit(tiny_teacher, tmp_path):
     loss = {"self_distill.ce_weight": 0.5, "self_distill.hidden_weight": 1.0, "train.steps": 4}
     plain = train(tiny_teacher, tmp_path / "plain", **loss)
-    checkpointed = train(tiny_teacher, tmp_path / "checkpointed", **loss, **{"self_distill.activation_checkpointing": True})
+    checkpointed = train(tiny_teacher, tmp_path / "checkpointed",
+                         **{**loss, "self_distill.activation_checkpointing": True})
     assert [h["loss"] for h in plain[0]] == [h["loss"] for h in checkpointed[0]]
     assert plain[1].keys() == checkpointed[1].keys() and plain[1]
     assert all(torch.equal(plain[1][k], checkpointed[1][k]) for k in plain[1])
