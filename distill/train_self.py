@@ -120,7 +120,8 @@ def run_self_distill(cfg: PipelineConfig, store, stage: dict, reporter, tokens: 
     device = resolve_device(cfg.teacher.device)
     dual = load_dual(cfg, device)
     if cfg.self_distill.activation_checkpointing:
-        dual.enable_activation_checkpointing()
+        blocks = dual.enable_activation_checkpointing()
+        reporter.log(f"self-distill: activation checkpointing of {blocks} transformer blocks (recomputed in backward)")
     rows = (cached_rows(store, cache, "train", cache["fingerprint"]) if cfg.self_distill.teacher_signal == "cache"
             else load_split(store, tokens, "train"))
     trainable = self_distill_trainable(dual, cfg, rows, device, load_split(store, tokens, "eval"))

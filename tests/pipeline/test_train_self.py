@@ -1,5 +1,7 @@
 """The self-distillation training stage with activation checkpointing trains exactly the run without it."""
 
+import logging
+
 import torch
 
 from distill import data, train_self
@@ -21,11 +23,13 @@ def train(tiny_teacher, root, **overrides):
             read_tensors(store, manifest["path"] + "/weights.safetensors"), plan["train"]["fingerprint"])
 
 
-def test_activation_checkpointing_trains_the_same_student_bit_for_bit(tiny_teacher, tmp_path):
+def test_activation_checkpointing_trains_the_same_student_bit_for_bit(tiny_teacher, tmp_path, caplog):
     loss = {"self_distill.ce_weight": 0.5, "self_distill.hidden_weight": 1.0, "train.steps": 4}
     plain = train(tiny_teacher, tmp_path / "plain", **loss)
+    caplog.set_level(logging.INFO, logger="bitnet_distill")
     checkpointed = train(tiny_teacher, tmp_path / "checkpointed",
                          **{**loss, "self_distill.activation_checkpointing": True})
+    assert "activation checkpointing of 2 transformer blocks" in caplog.text  # the run's log says it is on
     assert [h["loss"] for h in plain[0]] == [h["loss"] for h in checkpointed[0]]
     assert plain[1].keys() == checkpointed[1].keys() and plain[1]
     assert all(torch.equal(plain[1][k], checkpointed[1][k]) for k in plain[1])
