@@ -90,12 +90,14 @@ def self_distill_vs_finetune(kind: str, batch: int, args, device) -> dict:
 
     def student_ce():
         with dual.student():
-            return next_token_cross_entropy(dual(input_ids=dev_ids, attention_mask=dev_mask).logits, dev_ids, dev_mask)
+            return next_token_cross_entropy(dual(input_ids=dev_ids, attention_mask=dev_mask, use_cache=False).logits,
+                                            dev_ids, dev_mask)
 
     steps = {
         "fine-tune (CE)": stepper(list(finetune.parameters()),
-                                  lambda: next_token_cross_entropy(finetune(input_ids=dev_ids, attention_mask=dev_mask)
-                                                                   .logits, dev_ids, dev_mask), device),
+                                  lambda: next_token_cross_entropy(finetune(input_ids=dev_ids, attention_mask=dev_mask,
+                                                                            use_cache=False).logits, dev_ids, dev_mask),
+                                  device),
         "ternary student (CE only)": stepper(dual.trainable_parameters(), student_ce, device),
         "self-distill": stepper(trainable.parameters, lambda: trainable.loss(next(counter))[0], device),
         "self-distill, checkpointed": stepper(trainable_checkpointed.parameters,
