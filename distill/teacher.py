@@ -114,7 +114,7 @@ def hidden_layers(spec: list[int] | str, num_hidden_layers: int) -> list[int]:
 def teacher_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int],
                     topk: int = 0) -> dict[str, torch.Tensor]:
     """One batched forward pass: the chosen hidden states (``hidden/layer_<i>``) and optional top-k logits."""
-    # use_cache=False: no KV cache to build and fill (nothing here generates); 6-11% of a small teacher's forward
+    # use_cache=False: no KV cache to build and fill (nothing here generates); docs/RESULTS.md section 1 measures it
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
     result = {f"hidden/layer_{i}": out.hidden_states[i] for i in layers}
     if topk:

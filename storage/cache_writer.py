@@ -101,9 +101,8 @@ def _stage(spec: TeacherCacheSpec, chunk: int, arrays: Mapping) -> _StagedChunk:
     return _StagedChunk(chunk, host, norms, copied)
 
 
-def _norm_sums(staged: _StagedChunk) -> dict[str, float]:
-    """Per layer, the sum of the L2 norms of the stored hidden states over real (unmasked) tokens."""
-    mask = staged.arrays["attention_mask"].numpy().astype(bool)
+def _norm_sums(staged: _StagedChunk, mask: np.ndarray) -> dict[str, float]:
+    """Per layer, the sum of the L2 norms of the stored hidden states over real (``mask``) tokens."""
     return {name.removeprefix("hidden/layer_"): float(norms.numpy()[mask].astype(np.float64).sum())
             for name, norms in staged.token_norms.items()}
 
@@ -213,9 +212,9 @@ class TeacherCacheWriter:
                 array[start:stop] = values
                 self.store.sync(key)
         self._lock.ensure_held()  # never record a chunk after losing the lease to another writer
+        real = encoded["attention_mask"].astype(bool)
         record = {"chunk": chunk, "rows": [start, stop], "sha256": {n: array_sha256(v) for n, v in encoded.items()},
-                  "tokens": int(encoded["attention_mask"].astype(bool).sum()),
-                  "norm_sums": _norm_sums(staged)}
+                  "tokens": int(real.sum()), "norm_sums": _norm_sums(staged, real)}
         self.store.write_json(f"{self.path}/{record_path(chunk)}", record)
         with self._done_lock:
             self._done.add(chunk)
