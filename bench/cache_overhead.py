@@ -6,7 +6,8 @@ the bare teacher forward (without a KV cache, as the cache stage runs it; transf
 builds one, is timed beside it) on the same batches, interleaved. A third variant, ``teacher_outputs`` without
 writing, separates the cost of asking for hidden states and top-k from the cost of the writer; a fourth, the writer
 alone on outputs computed beforehand, says how fast the writer can store (the cache stage is bound by the slower of
-the forward pass and the writer). Target: ratio >= 0.90.
+the forward pass and the writer). Target: ratio >= 0.90. The cache stage and the writer alone are also timed with
+other top-k codecs (``--topk-codecs``; by default zstd beside the stage's bit-shuffled LZ4) and writer thread counts.
 
 Sizes: the teacher's real outputs written once per storage dtype and codec; bytes per token of each cached layer
 and of top-k logits (values fp16 + indices int32) at k = 16, 64, 128, next to ``torch.save`` of the same tensors.
@@ -30,10 +31,11 @@ from bench.common import compute_dtype, interleave, median, parser, ratio, repor
 from distill.teacher import resolve_layers, teacher_outputs
 from storage import ArtifactStore
 from storage.cache import TeacherCacheSpec, TeacherCacheWriter
+from storage.cache_spec import TOPK_CODEC
 
 TARGET = 0.90
 SIZE_DTYPES = ("float32", "float16", "bfloat16")
-SIZE_CODECS = ("none", "zstd", "blosc")
+SIZE_CODECS = ("none", "zstd", "blosc", TOPK_CODEC)
 TOPKS = (16, 64, 128)
 
 
@@ -55,7 +57,8 @@ def throughput(model, info: dict, args, device, store: ArtifactStore, rows: int)
     ids, mask = token_rows(rows, args.seq_len)
     batches = split(ids, mask, args.batch)
     layers = resolve_layers(args.layers, model.config.num_hidden_layers)
-    spec = spec_for(model, rows, args.batch, args.seq_len, layers, dtype=args.dtype, codec=args.codec, topk=args.topk)
+    specs = {codec: spec_for(model, rows, args.batch, args.seq_len, layers, dtype=args.dtype, codec=args.codec,
+                             topk=args.topk, topk_codec=codec) for codec in args.topk_codecs}
 
     @torch.no_grad()
     def bare(use_cache: bool = False):  # without a KV cache, as teacher_outputs runs the teacher
@@ -66,35 +69,40 @@ def throughput(model, info: dict, args, device, store: ArtifactStore, rows: int)
         for i, m in batches:
             chunk_arrays(i, m, teacher_outputs(model, i.to(device), m.to(device), layers, args.topk))
 
-    def write(threads: int, chunks) -> float:
+    def write(threads: int, chunks, topk_codec: str = args.topk_codecs[0]) -> float:
         path = f"overhead-{uuid.uuid4().hex[:8]}"
         start = time.perf_counter()
-        with TeacherCacheWriter(store, path, spec, threads=threads) as writer:
+        with TeacherCacheWriter(store, path, specs[topk_codec], threads=threads) as writer:
             for chunk, arrays in enumerate(chunks):
                 writer.write_chunk(chunk, arrays)
         elapsed = time.perf_counter() - start
         store.delete(path)
         return elapsed
 
-    def cache_stage(threads: int) -> float:  # each chunk's forward pass runs when the loop asks for its arrays
+    def cache_stage(threads: int = args.writer_threads[0], topk_codec: str = args.topk_codecs[0]) -> float:
+        # each chunk's forward pass runs when the loop asks for its arrays
         return write(threads, (chunk_arrays(i, m, teacher_outputs(model, i.to(device), m.to(device), layers, args.topk))
-                               for i, m in batches))
+                               for i, m in batches), topk_codec)
 
     # the teacher's outputs computed once, left where they were computed, then only written: what the writer alone
     # sustains (on a GPU, device-to-host copies included)
     computed = [chunk_arrays(i, m, teacher_outputs(model, i.to(device), m.to(device), layers, args.topk))
                 for i, m in batches]
 
-    def writer_alone() -> float:
-        return write(args.writer_threads[0], computed)
+    def writer_alone(topk_codec: str = args.topk_codecs[0]) -> float:
+        return write(args.writer_threads[0], computed, topk_codec)
 
-    # the first entry of --writer-threads is "the cache stage"; the others are compared beside it
+    # the first entries of --writer-threads and --topk-codecs are "the cache stage"; the others are compared beside it
     stages = {stage_name(n, args): functools.partial(cache_stage, n) for n in args.writer_threads}
+    stages |= {f"cache stage, top-k {c}": functools.partial(cache_stage, topk_codec=c) for c in args.topk_codecs[1:]}
+    writers = {"writer alone": writer_alone}
+    writers |= {f"writer alone, top-k {c}": functools.partial(writer_alone, c) for c in args.topk_codecs[1:]}
     times = interleave({"bare forward": bare, "bare forward, KV cache": functools.partial(bare, True),
-                        "teacher_outputs": outputs_only, **stages, "writer alone": writer_alone}, args.repeats, device)
+                        "teacher_outputs": outputs_only, **stages, **writers}, args.repeats, device)
     tokens = int(mask.sum())
     return {**info, "rows": rows, "tokens": tokens, "chunks": len(batches), "layers": layers, "topk": args.topk,
-            "dtype": args.dtype, "codec": args.codec, "writer_threads": args.writer_threads,
+            "dtype": args.dtype, "codec": args.codec, "topk_codecs": args.topk_codecs,
+            "writer_threads": args.writer_threads,
             "tokens_per_s": {name: tokens / median(t) for name, t in times.items()},
             "ratio_cache_over_bare": ratio(times["bare forward"], times["cache stage"]),
             "ratio_outputs_over_bare": ratio(times["bare forward"], times["teacher_outputs"]),
@@ -102,6 +110,9 @@ def throughput(model, info: dict, args, device, store: ArtifactStore, rows: int)
             "ratio_kv_cache_over_bare": ratio(times["bare forward"], times["bare forward, KV cache"]),
             "ratio_other_writers_over_bare": {name: ratio(times["bare forward"], times[name])
                                               for name in list(stages)[1:]},
+            # the writer's speed with the stage's top-k codec / with another: above 1, the stage's is faster
+            "ratio_writer_alone_other_topk_codecs": {c: ratio(times[f"writer alone, top-k {c}"], times["writer alone"])
+                                                     for c in args.topk_codecs[1:]},
             "seconds": times}
 
 
@@ -154,7 +165,7 @@ def sizes(model, info: dict, args, device, store: ArtifactStore) -> dict:
         for codec in SIZE_CODECS:
             path = f"sizes-topk{k}-{codec}"
             group = write(path, spec_for(model, args.size_rows, args.batch, args.seq_len, [n], dtype="float16",
-                                         codec=codec, topk=k), k)
+                                         codec=codec, topk=k, topk_codec=codec), k)
             topk[k][codec] = sum(dir_bytes(group / a) for a in ("topk_values", "topk_indices")) / tokens
             store.delete(path)
         values = torch.cat([c["topk_values"][..., :k] for c in chunks]).contiguous()
@@ -174,7 +185,10 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, nargs="+", default=[-1], help="cached hidden states (quickstart: -1)")
     p.add_argument("--topk", type=int, default=32, help="cached top-k logits (quickstart preset: 32)")
     p.add_argument("--dtype", default="float16", help="cache dtype (quickstart preset: float16)")
-    p.add_argument("--codec", default="zstd", help="cache codec (default zstd)")
+    p.add_argument("--codec", default="zstd", help="cache codec of the hidden states (default zstd)")
+    p.add_argument("--topk-codecs", nargs="+", default=[TOPK_CODEC, "zstd"],
+                   help=f"codec of the top-k logits (the first, default {TOPK_CODEC}, is the stage's); the others "
+                        "are timed beside it"),
     p.add_argument("--root", default=None, help="artifact store root (default: a temporary directory)")
     p.add_argument("--no-sizes", action="store_true", help="throughput only (skip the bytes-per-token tables)")
     p.add_argument("--writer-threads", type=int, nargs="+", default=[4, 1],
@@ -204,13 +218,19 @@ def main(argv=None) -> None:
                    r["ratio_cache_over_bare"]["median"],
                    f"{r['ratio_cache_over_bare']['min']:.3f}-{r['ratio_cache_over_bare']['max']:.3f}",
                    "yes" if r["ratio_cache_over_bare"]["median"] >= TARGET else "no",
-                   *(r["ratio_other_writers_over_bare"][stage_name(n, args)]["median"] for n in args.writer_threads[1:])]
+                   *(r["ratio_other_writers_over_bare"][stage_name(n, args)]["median"] for n in args.writer_threads[1:]),
+                   *(r["ratio_other_writers_over_bare"][f"cache stage, top-k {c}"]["median"] for c in args.topk_codecs[1:]),
+                   *(r["tokens_per_s"][f"writer alone, top-k {c}"] for c in args.topk_codecs[1:]),
+                   *(r["ratio_writer_alone_other_topk_codecs"][c]["median"] for c in args.topk_codecs[1:])]
                   for r in speed]
     tables = {"Cache stage throughput / bare teacher forward (target >= 0.90)": table(
         ["teacher", "weights", "hidden", "tokens/pass", "bare tok/s", "cache tok/s", "writer alone tok/s",
          "with KV cache / bare", "teacher_outputs / bare",
          f"cache / bare (median), {args.writer_threads[0]} writer threads", "range", "meets target",
-         *(f"cache / bare, {n} writer thread(s)" for n in args.writer_threads[1:])], speed_rows)}
+         *(f"cache / bare, {n} writer thread(s)" for n in args.writer_threads[1:]),
+         *(f"cache / bare, top-k {c}" for c in args.topk_codecs[1:]),
+         *(f"writer alone tok/s, top-k {c}" for c in args.topk_codecs[1:]),
+         *(f"writer alone, top-k {args.topk_codecs[0]} / {c}" for c in args.topk_codecs[1:])], speed_rows)}
     columns = [f"{d} {c}" for d in SIZE_DTYPES for c in SIZE_CODECS] + ["torch.save fp16"]
     for s in size:
         tables[f"Bytes per token per cached layer, {s['teacher']} teacher (hidden {s['hidden_size']})"] = table(

@@ -8,12 +8,14 @@ Both variants train their own copy of the same student on the same schedule of r
 ``distill.teacher_cache.cached_rows`` (``TeacherCacheReader``: chunk decode, checksum check, stacking, as the stage
 runs it), the other through a ``Rows`` that indexes tensors read out of the same cache beforehand. The cache is
 written first, with the cache stage's writer and the teacher's real outputs (quickstart preset: last layer, float16,
-zstd, top-k 32, chunk = batch = 16 rows). Its files sit in the OS page cache, as they do after the cache stage:
+zstd, top-k 32 in bit-shuffled LZ4, chunk = batch = 16 rows); the reader alone is also timed on the same cache with
+its top-k in zstd (``--topk-codecs``). Its files sit in the OS page cache, as they do after the cache stage:
 this measures decoding and checking, not a cold disk. Target: cache / in-memory >= 0.9.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
 import time
@@ -34,17 +36,19 @@ from distill.teacher_cache import cached_rows
 from distill.train_superposition import build_student, superposition_trainable
 from storage import ArtifactStore
 from storage.cache import TeacherCacheReader, TeacherCacheSpec, TeacherCacheWriter
+from storage.cache_spec import TOPK_CODEC
 
 TARGET = 0.9
 
 
-def build_cache(model, store: ArtifactStore, path: str, rows: int, cfg, device) -> str:
+def build_cache(model, store: ArtifactStore, path: str, rows: int, cfg, device, topk_codec: str) -> str:
     """The cache stage's writes, with the teacher's outputs on ``rows`` real rows; returns the target key."""
     ids, mask = token_rows(rows, cfg.data.seq_len)
     layers = resolve_layers(cfg.cache.layers, model.config.num_hidden_layers)
     spec = TeacherCacheSpec(num_samples=rows, seq_len=cfg.data.seq_len, layers=layers,
                             hidden_size=model.config.hidden_size, dtype=cfg.cache.dtype, codec=cfg.cache.codec,
-                            chunk_size=cfg.cache.batch_size, topk=cfg.cache.topk, fingerprint="bench")
+                            topk_codec=topk_codec, chunk_size=cfg.cache.batch_size, topk=cfg.cache.topk,
+                            fingerprint="bench")
     with TeacherCacheWriter(store, path, spec) as writer:
         for chunk in writer.missing_chunks():
             i, m = (t[chunk * spec.chunk_size:(chunk + 1) * spec.chunk_size] for t in (ids, mask))
@@ -65,9 +69,11 @@ def in_memory(store: ArtifactStore, path: str) -> Rows:
 def compare(kind: str, args, device, store: ArtifactStore) -> dict:
     cfg = load_config("quickstart", {"train.batch_size": args.batch, "cache.batch_size": args.batch})
     model, info = teacher(kind, device, compute_dtype(device))
-    path = f"read-{kind}"
-    target = build_cache(model, store, path, args.rows, cfg, device)
+    paths = {codec: f"read-{kind}-{i}" for i, codec in enumerate(args.topk_codecs)}
+    for codec, p in paths.items():
+        target = build_cache(model, store, p, args.rows, cfg, device, codec)
     del model
+    path = paths[args.topk_codecs[0]]
     cache = {"splits": {"train": {"path": path}}}
     sources = {"in-memory tensors": in_memory(store, path), "Zarr cache (reader)": cached_rows(store, cache, "train",
                                                                                                "bench")}
@@ -95,15 +101,25 @@ def compare(kind: str, args, device, store: ArtifactStore) -> dict:
             rows.fetch(schedule.indices(step))
         return (time.perf_counter() - start) / args.steps
 
-    fresh = cached_rows(store, cache, "train", "bench")  # a new reader: nothing decoded yet
-    fetch = {"in-memory tensors": fetch_only(sources["in-memory tensors"]), "Zarr cache (reader)": fetch_only(fresh)}
-    store.delete(path)
+    def fetch_fresh(path: str) -> float:  # a new reader each time: nothing decoded yet
+        return fetch_only(cached_rows(store, {"splits": {"train": {"path": path}}}, "train", "bench"))
+
+    # the reader alone per top-k codec, side by side (the first is the cache trained from above)
+    fetch_times = interleave({codec: functools.partial(fetch_fresh, p) for codec, p in paths.items()}, args.repeats,
+                             device)
+    fetch = {"in-memory tensors": fetch_only(sources["in-memory tensors"]),
+             "Zarr cache (reader)": median(fetch_times[args.topk_codecs[0]])}
+    for p in paths.values():
+        store.delete(p)
     tokens = args.steps * args.batch * cfg.data.seq_len
     return {**info, "student_dim": cfg.student.dim, "batch": args.batch, "steps_per_pass": args.steps,
             "cache_rows": args.rows, "chunks": -(-args.rows // args.batch), "dtype": cfg.cache.dtype,
-            "codec": cfg.cache.codec, "topk": cfg.cache.topk, "target": target, "seconds": times,
-            "tokens_per_s": {k: tokens / median(v) for k, v in times.items()},
-            "fetch_s_per_batch": fetch,
+            "codec": cfg.cache.codec, "topk": cfg.cache.topk, "topk_codecs": args.topk_codecs, "target": target,
+            "seconds": times, "tokens_per_s": {k: tokens / median(v) for k, v in times.items()},
+            "fetch_s_per_batch": fetch, "fetch_s_per_batch_by_topk_codec": fetch_times,
+            # the reader's time with another top-k codec / with the first: above 1, the first reads faster
+            "fetch_ratio_other_topk_codecs": {c: ratio(fetch_times[c], fetch_times[args.topk_codecs[0]])
+                                              for c in args.topk_codecs[1:]},
             "ratio": ratio(times["in-memory tensors"], times["Zarr cache (reader)"])}
 
 
@@ -113,6 +129,9 @@ def main(argv=None) -> None:
     p.add_argument("--rows", type=int, default=256, help="rows in the cache (256 = 16 chunks, 4 stay decoded)")
     p.add_argument("--batch", type=int, default=16, help="training batch = cache chunk (quickstart preset: 16)")
     p.add_argument("--steps", type=int, default=16, help="optimiser steps per timed pass (16: every chunk once)")
+    p.add_argument("--topk-codecs", nargs="+", default=[TOPK_CODEC, "zstd"],
+                   help=f"codecs of the cached top-k logits; training reads the first (default {TOPK_CODEC}), the "
+                        "reader alone is timed on each")
     p.add_argument("--root", default=None, help="artifact store root (default: a temporary directory)")
     p.set_defaults(repeats=5)
     args = p.parse_args(argv)
@@ -125,12 +144,16 @@ def main(argv=None) -> None:
     rows = [[r["teacher"], r["hidden_size"], r["student_dim"], r["batch"], r["tokens_per_s"]["in-memory tensors"],
              r["tokens_per_s"]["Zarr cache (reader)"], 1000 * r["fetch_s_per_batch"]["in-memory tensors"],
              1000 * r["fetch_s_per_batch"]["Zarr cache (reader)"], r["ratio"]["median"],
-             f"{r['ratio']['min']:.3f}-{r['ratio']['max']:.3f}", "yes" if r["ratio"]["median"] >= TARGET else "no"]
+             f"{r['ratio']['min']:.3f}-{r['ratio']['max']:.3f}", "yes" if r["ratio"]["median"] >= TARGET else "no",
+             *(1000 * median(r["fetch_s_per_batch_by_topk_codec"][c]) for c in args.topk_codecs[1:]),
+             *(r["fetch_ratio_other_topk_codecs"][c]["median"] for c in args.topk_codecs[1:])]
             for r in results]
     tables = {f"Superposition training step, batches from the cache / from memory (target >= {TARGET})": table(
         ["teacher (cached hidden)", "hidden", "student dim", "batch", "in-memory tok/s", "cache tok/s",
-         "fetch ms/batch, memory", "fetch ms/batch, cache", "cache / in-memory (median)", "range", "meets target"],
-        rows)}
+         "fetch ms/batch, memory", f"fetch ms/batch, cache (top-k {args.topk_codecs[0]})",
+         "cache / in-memory (median)", "range", "meets target",
+         *(f"fetch ms/batch, top-k {c}" for c in args.topk_codecs[1:]),
+         *(f"fetch, top-k {c} / {args.topk_codecs[0]}" for c in args.topk_codecs[1:])], rows)}
     report("cache_read", args, device, tables, {"results": results})
 
 

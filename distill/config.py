@@ -59,10 +59,19 @@ class DataConfig(Section):
 class CacheConfig(Section):
     layers: list[int] = Field(default_factory=lambda: [-1])  # hidden_states indices; -1 = the last
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    codec: str = "zstd"
+    codec: str = "zstd"  # hidden states (and token ids); docs/storage.md lists the codecs
     topk: int = Field(default=0, ge=0)  # cache the teacher's top-k logits (0 = off)
+    topk_codec: str = "blosc:lz4:bitshuffle"  # top-k values and indices (storage/cache_spec.py says why)
     batch_size: int = Field(default=8, gt=0)  # teacher forward batch = cache chunk size
     max_samples: int | None = Field(default=None, gt=0)
+
+    @field_validator("codec", "topk_codec")
+    @classmethod
+    def _known_codec(cls, value: str) -> str:
+        from storage.cache_spec import compressors
+
+        compressors(value)  # its ValueError names the codecs there are
+        return value
 
 
 class StudentConfig(Section):

@@ -87,7 +87,8 @@ def run_lm_head(cfg: PipelineConfig, store, stage: dict, reporter, trained: dict
     device = resolve_device(cfg.teacher.device)
     student, projector = load_trained_student(cfg, store, trained)
     if cfg.head.topk_kl_weight:  # top-k targets exist only for cached rows
-        rows, eval_rows = (cached_rows(store, cache, s, cache["fingerprint"]) for s in ("train", "eval"))
+        rows, eval_rows = (cached_rows(store, cache, s, cache["fingerprint"], ["topk_values", "topk_indices"])
+                           for s in ("train", "eval"))
     else:
         rows, eval_rows = load_split(store, tokens, "train"), load_split(store, tokens, "eval")
     trainable = lm_head_trainable(student, cfg, rows, device, eval_rows)

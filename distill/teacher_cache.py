@@ -33,7 +33,7 @@ def run_cache_teacher(cfg, store, stage: dict, reporter, tokens: dict) -> dict:
         count = min(rows.count, limit or rows.count)
         spec = TeacherCacheSpec(num_samples=count, seq_len=cfg.data.seq_len, layers=layers,
                                 hidden_size=model.config.hidden_size, dtype=cfg.cache.dtype, codec=cfg.cache.codec,
-                                chunk_size=cfg.cache.batch_size, topk=cfg.cache.topk,
+                                topk_codec=cfg.cache.topk_codec, chunk_size=cfg.cache.batch_size, topk=cfg.cache.topk,
                                 fingerprint=stage["fingerprint"])
         with TeacherCacheWriter(store, f"{path}/{split}", spec) as writer:
             missing = writer.missing_chunks()
@@ -57,13 +57,15 @@ def run_cache_teacher(cfg, store, stage: dict, reporter, tokens: dict) -> dict:
     return manifest
 
 
-def cached_rows(store, cache: dict, split: str, fingerprint: str):
-    """The teacher cache of one split as ``Rows`` (read lazily, chunk by chunk)."""
+def cached_rows(store, cache: dict, split: str, fingerprint: str, arrays: list[str] | None = None):
+    """The teacher cache of one split as ``Rows`` (read lazily, chunk by chunk): the token ids, the mask and
+    ``arrays`` (default: every cached array; the others are never read or decoded)."""
     from storage.cache import TeacherCacheReader
 
     from .rows import Rows
 
-    reader = TeacherCacheReader(store, cache["splits"][split]["path"], fingerprint=fingerprint)
+    wanted = None if arrays is None else ["input_ids", "attention_mask", *arrays]
+    reader = TeacherCacheReader(store, cache["splits"][split]["path"], fingerprint=fingerprint, arrays=wanted)
 
     def fetch(index: np.ndarray) -> dict[str, torch.Tensor]:
         batch = reader.get_batch(index)

@@ -42,6 +42,13 @@ def check_cache_holds_teacher_signal(cfg: PipelineConfig, num_hidden_layers: int
                               "cache.layers, or use teacher_signal: online")
 
 
+def cached_signal_arrays(cfg: PipelineConfig, num_hidden_layers: int) -> list[str]:
+    """The cached arrays the loss reads under ``teacher_signal: cache`` (besides the tokens)."""
+    sd = cfg.self_distill
+    layers = hidden_layers(sd.hidden_layers, num_hidden_layers) if sd.hidden_weight else []
+    return [f"hidden/layer_{i}" for i in layers] + (["topk_values", "topk_indices"] if sd.kl_weight else [])
+
+
 def self_distill_trainable(dual: DualModel, cfg: PipelineConfig, rows: Rows, device: torch.device,
                            eval_rows: Rows | None = None) -> Trainable:
     sd, optim = cfg.self_distill, cfg.train
@@ -122,8 +129,11 @@ def run_self_distill(cfg: PipelineConfig, store, stage: dict, reporter, tokens: 
     if cfg.self_distill.activation_checkpointing:
         blocks = dual.enable_activation_checkpointing()
         reporter.log(f"self-distill: activation checkpointing of {blocks} transformer blocks (recomputed in backward)")
-    rows = (cached_rows(store, cache, "train", cache["fingerprint"]) if cfg.self_distill.teacher_signal == "cache"
-            else load_split(store, tokens, "train"))
+    if cfg.self_distill.teacher_signal == "cache":
+        arrays = cached_signal_arrays(cfg, dual.model.config.num_hidden_layers)
+        rows = cached_rows(store, cache, "train", cache["fingerprint"], arrays)
+    else:
+        rows = load_split(store, tokens, "train")
     trainable = self_distill_trainable(dual, cfg, rows, device, load_split(store, tokens, "eval"))
     history = train(trainable, cfg.self_distill_optim(), store, stage["checkpoint_run"], reporter, device,
                     "self-distill")

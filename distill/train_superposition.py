@@ -74,8 +74,7 @@ def run_superposition(cfg: PipelineConfig, store, stage: dict, reporter, cache: 
         return store.read_manifest(stage["path"])
     device = resolve_device(cfg.teacher.device)
     target = f"hidden/layer_{cache['layers'][-1]}"
-    rows = cached_rows(store, cache, "train", cache["fingerprint"])
-    eval_rows = cached_rows(store, cache, "eval", cache["fingerprint"])
+    rows, eval_rows = (cached_rows(store, cache, split, cache["fingerprint"], [target]) for split in ("train", "eval"))
     vocab_size = int(cache["vocab_size"])
     student, projector = build_student(cfg, vocab_size, cache["hidden_size"])
     trainable = superposition_trainable(student, projector, cfg, rows, target, device, eval_rows)

@@ -54,10 +54,12 @@ class TeacherCacheReader(torch.utils.data.Dataset):
 
     ``reader[i]`` is sample ``i`` as ``{name: tensor}`` (hidden states in their stored dtype, bf16 as
     ``torch.bfloat16``); ``get_batch(indices)`` stacks several; ``batches(...)`` iterates with a prefetch thread.
+    ``arrays`` names the arrays to read (default: all of ``spec.arrays()``); the others are never fetched, decoded
+    or checked, except by ``verify()``, which checks everything.
     """
 
-    def __init__(self, store, path: str, fingerprint: str | None = None, *, cached_chunks: int = 4,
-                 check_checksums: bool = True):
+    def __init__(self, store, path: str, fingerprint: str | None = None, *, arrays: Iterable[str] | None = None,
+                 cached_chunks: int = 4, check_checksums: bool = True):
         self.store, self.path, self.url = store, path, store.url(path)
         self.cached_chunks, self.check_checksums = max(1, cached_chunks), check_checksums
         attrs = dict(self._open_group().attrs).get(ATTRS_KEY, {})
@@ -68,7 +70,14 @@ class TeacherCacheReader(torch.utils.data.Dataset):
         self.layer_stats: dict | None = attrs.get("layer_stats")
         if fingerprint is not None:
             check_fingerprint(self.url, self.spec.fingerprint, fingerprint)
-        self._arrays = self.spec.arrays()
+        stored = self.spec.arrays()
+        wanted = list(stored) if arrays is None else list(dict.fromkeys(arrays))
+        absent = [name for name in wanted if name not in stored]
+        if absent:
+            raise CacheError(f"the teacher cache at {self.url} holds no {', '.join(absent)}: it holds "
+                             f"{', '.join(stored)}; cache what the consumer reads (cache.layers, cache.topk) and "
+                             "rerun the cache stage")
+        self._arrays = {name: stored[name] for name in wanted}
         self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._cache_lock = threading.Lock()
 
@@ -107,8 +116,9 @@ class TeacherCacheReader(torch.utils.data.Dataset):
 
     # ---- chunks --------------------------------------------------------------------------------------------
 
-    def read_chunk(self, chunk: int) -> dict[str, np.ndarray]:
-        """Stored values of every array for one chunk, checked against its record (no caching)."""
+    def read_chunk(self, chunk: int, arrays: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Stored values of the reader's arrays (or of ``arrays``) for one chunk, checked against its record (no
+        caching)."""
         try:
             record = self.store.read_json(f"{self.path}/{record_path(chunk)}")
         except FileNotFoundError:
@@ -116,7 +126,7 @@ class TeacherCacheReader(torch.utils.data.Dataset):
                                     "rerun the cache stage to write the missing chunks") from None
         start, stop = self.spec.chunk_rows(chunk)
         values = {}
-        for name in self._arrays:
+        for name in self._arrays if arrays is None else arrays:
             try:
                 values[name] = self._array(name)[start:stop]
             except Exception as exc:  # a codec error on damaged bytes, a vanished object...
@@ -198,7 +208,7 @@ class TeacherCacheReader(torch.utils.data.Dataset):
                 report.missing.append(chunk)
                 continue
             try:
-                self.read_chunk(chunk)
+                self.read_chunk(chunk, self.spec.arrays())
             except ChunkError as exc:
                 report.corrupt[chunk] = f"{chunk_label(self.spec, chunk)} {exc.problem}"
         if repair and report.corrupt:

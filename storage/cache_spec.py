@@ -37,6 +37,11 @@ from .errors import StoreError
 FORMAT = "teacher-cache/zarr/1"
 ATTRS_KEY = "bitnet_distill"
 BF16_ENCODING = "bfloat16-bits-in-uint16"
+# Top-k values and indices: bit-shuffled LZ4 is smaller than zstd on them (the indices' high bits are zero with a
+# vocabulary under 2^24, the fp16 values share exponents) and ~10x faster to write and ~3x to read; docs/RESULTS.md
+# section 1 measures it. Hidden states keep ``codec`` (zstd): their mantissas are near random bits, and LZ4 finds
+# nothing in them.
+TOPK_CODEC = "blosc:lz4:bitshuffle"
 RECORDS_DIR = "_chunks"
 GROUP_DIR = "data.zarr"
 
@@ -136,12 +141,13 @@ class TeacherCacheSpec:
     layers: tuple[int, ...]
     hidden_size: int
     dtype: str = "float16"
-    codec: str = "zstd"
+    codec: str = "zstd"  # hidden states, full logits, token ids and masks
     chunk_size: int = 8
     topk: int = 0
     fingerprint: str = ""
     full_logits: bool = False
     vocab_size: int = 0
+    topk_codec: str = TOPK_CODEC  # top-k values and indices
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
@@ -156,7 +162,7 @@ class TeacherCacheSpec:
             raise ValueError(f"TeacherCacheSpec.layers must be distinct and non-empty, got {list(self.layers)}")
         if self.topk < 0 or (self.full_logits and self.vocab_size < 1):
             raise ValueError("topk must be >= 0, and full_logits needs vocab_size")
-        compressors(self.codec)  # validate now, not in the writer thread
+        compressors(self.codec), compressors(self.topk_codec)  # validate now, not in the writer thread
 
     @property
     def num_chunks(self) -> int:
@@ -182,30 +188,38 @@ class TeacherCacheSpec:
             out["logits"] = ((n, t, self.vocab_size), self.dtype)
         return out
 
+    def codec_of(self, name: str) -> str:
+        """The codec array ``name`` is stored with."""
+        return self.topk_codec if name.startswith("topk_") else self.codec
+
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "layers": list(self.layers)}
 
     @classmethod
     def from_dict(cls, data: dict) -> TeacherCacheSpec:
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        # caches written before topk_codec existed stored their top-k with ``codec``
+        return cls(**{"topk_codec": data.get("codec", "zstd"), **{k: v for k, v in data.items() if k in known}})
 
 
 def compressors(codec: str) -> list:
-    """Zarr v3 codecs for ``codec``: ``zstd`` (level 3), ``zstd:<level>``, ``blosc`` (zstd inside blosc with byte
-    shuffle, often smaller for fp16), ``gzip[:<level>]`` or ``none``."""
+    """Zarr v3 codecs for ``codec``: ``zstd`` (level 3), ``zstd:<level>``, ``blosc[:<cname>[:<shuffle>]]`` (blosc
+    with ``cname`` zstd (the default), lz4, lz4hc, blosclz, zlib or snappy, after ``shuffle``: ``shuffle`` (bytes,
+    the default), ``bitshuffle`` or ``noshuffle``), ``gzip[:<level>]`` or ``none``."""
     from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
-    name, _, level = str(codec).partition(":")
+    name, _, options = str(codec).partition(":")
     try:
         if name == "zstd":
-            return [ZstdCodec(level=int(level or 3))]
+            return [ZstdCodec(level=int(options or 3))]
         if name == "blosc":
-            return [BloscCodec(cname=level or "zstd", clevel=5, shuffle="shuffle")]
+            cname, _, shuffle = options.partition(":")
+            return [BloscCodec(cname=cname or "zstd", clevel=5, shuffle=shuffle or "shuffle")]
         if name == "gzip":
-            return [GzipCodec(level=int(level or 5))]
+            return [GzipCodec(level=int(options or 5))]
         if name == "none":
             return []
     except ValueError as exc:
         raise ValueError(f"cache codec {codec!r}: {exc}") from None
-    raise ValueError(f"cache codec {codec!r} is not one of zstd, zstd:<level>, blosc, blosc:<cname>, gzip, none")
+    raise ValueError(f"cache codec {codec!r} is not one of zstd, zstd:<level>, blosc[:<cname>[:<shuffle>]], gzip, "
+                     "none")

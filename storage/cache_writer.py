@@ -53,9 +53,9 @@ def _open_group(store, path: str, spec: TeacherCacheSpec):
     group = zarr.open_group(zarr_store, mode="a")
     for name, (shape, dtype) in spec.arrays().items():
         attributes = {ATTRS_KEY: {"dtype": dtype, **({"encoding": BF16_ENCODING} if dtype == "bfloat16" else {})}}
-        group.create_array(name, shape=shape, chunks=(spec.chunk_size, *shape[1:]),
-                           dtype=STORED_AS.get(dtype, dtype), compressors=compressors(spec.codec), fill_value=0,
-                           overwrite=True, attributes=attributes)
+        group.create_array(name, shape=shape, chunks=(spec.chunk_size, *shape[1:]), dtype=STORED_AS.get(dtype, dtype),
+                           compressors=compressors(spec.codec_of(name)), fill_value=0, overwrite=True,
+                           attributes=attributes)
     group.attrs[ATTRS_KEY] = {"format": FORMAT, "spec": spec.to_dict()}
     return group
 

@@ -40,6 +40,8 @@ def test_yaml_file_path(tmp_path):
     ({"train.stepz": 3}, "train.stepz: Extra inputs are not permitted"),
     ({"data.files": ["x.txt"]}, "exactly one of data.builtin, data.dataset or data.files"),
     ({"name": "a/b"}, "name: .*letters, digits"),
+    ({"cache.codec": "lzma"}, "cache.codec: .*'lzma' is not one of zstd"),
+    ({"cache.topk_codec": "blosc:lz5"}, "cache.topk_codec: .*'blosc:lz5': .*one of \\['lz4'"),
     ({"self_distill.kl_weight": 0, "self_distill.hidden_weight": 0},
      "self_distill: .*all 0: nothing would train dW"),
     ({"self_distill.magnitude_weight": 0.1}, "self_distill: .*magnitude_weight .*needs hidden_weight > 0"),

@@ -40,16 +40,38 @@ def test_round_trip_on_s3_with_full_logits(s3_store):
     assert_reads_back(reader, spec)
 
 
-@pytest.mark.parametrize("codec", ["zstd:1", "blosc", "gzip", "none"])
+@pytest.mark.parametrize("codec", ["zstd:1", "blosc", "blosc:lz4:bitshuffle", "gzip", "none"])
 def test_codecs(local_store, codec):
-    spec = small_spec(codec=codec)
+    spec = small_spec(codec=codec, topk_codec=codec)
     build_cache(local_store, "cache", spec)
     assert_reads_back(TeacherCacheReader(local_store, "cache"), spec)
+
+
+def test_top_k_has_its_own_codec_in_the_zarr_metadata(local_store):
+    import zarr
+
+    build_cache(local_store, "cache", SPEC)
+    group = zarr.open_group(str(local_store.local_path("cache/data.zarr")), mode="r")
+    for name in ("topk_values", "topk_indices"):  # default: bit-shuffled LZ4, typesize of the array's dtype
+        (codec,) = group[name].compressors
+        assert (codec.cname.value, codec.shuffle.value, codec.typesize) == ("lz4", "bitshuffle",
+                                                                            group[name].dtype.itemsize)
+    for name in ("hidden/layer_0", "input_ids"):
+        (codec,) = group[name].compressors
+        assert type(codec).__name__ == "ZstdCodec" and codec.level == 3
+
+
+def test_a_spec_stored_before_topk_codec_existed_says_its_top_k_used_codec():
+    old = {k: v for k, v in small_spec(codec="gzip").to_dict().items() if k != "topk_codec"}
+    assert TeacherCacheSpec.from_dict(old).topk_codec == "gzip"
+    assert TeacherCacheSpec.from_dict(SPEC.to_dict()) == SPEC
 
 
 def test_unknown_codec_and_dtype_fail_at_once():
     with pytest.raises(ValueError, match="cache codec 'lzma' is not one of"):
         small_spec(codec="lzma")
+    with pytest.raises(ValueError, match="cache codec 'blosc:lz4:sideways': .*bitshuffle"):
+        small_spec(topk_codec="blosc:lz4:sideways")
     with pytest.raises(ValueError, match="cache dtype 'int4' is not one of"):
         small_spec(dtype="int4")
 
@@ -134,6 +156,28 @@ def test_corrupt_chunk_is_named_by_verify_and_reader_then_repaired(store):
         for chunk in writer.missing_chunks():
             writer.write_chunk(chunk, chunk_arrays(SPEC, chunk))
     assert TeacherCacheReader(store, "cache").verify().ok and store.read_bytes(chunk_object) == original
+
+
+def test_reader_of_some_arrays_never_touches_the_others_but_verify_checks_all(local_store):
+    build_cache(local_store, "cache", SPEC)
+    local_store.write_bytes("cache/data.zarr/topk_values/c/1/0/0", b"\x00garbage")  # damaged, and never read below
+    local_store.delete("cache/data.zarr/hidden/layer_0/c/1/0/0")
+    wanted = ["input_ids", "attention_mask", "hidden/layer_2"]
+    reader = TeacherCacheReader(local_store, "cache", arrays=wanted)
+    batch = reader.get_batch([4, 0, 5])
+    assert list(batch) == wanted
+    for name in wanted:
+        expected = torch.cat([expected_stored(SPEC, c)[name] for c in range(2)])[[4, 0, 5]]
+        assert torch.equal(batch[name], expected), name
+    assert sorted(reader.verify().corrupt) == [1]  # verify still reads everything
+    with pytest.raises(ChunkError, match=r"chunk 1 \(samples 3-5\) .* corrupt: hidden/layer_0"):
+        TeacherCacheReader(local_store, "cache")[4]
+
+
+def test_reader_asked_for_an_array_the_cache_lacks_says_what_it_holds(local_store):
+    build_cache(local_store, "cache", SPEC)
+    with pytest.raises(CacheError, match="holds no hidden/layer_1: it holds input_ids, .*hidden/layer_2, topk_values"):
+        TeacherCacheReader(local_store, "cache", arrays=["input_ids", "hidden/layer_1"])
 
 
 def test_deleted_chunk_object_is_not_read_as_zeros(local_store):
