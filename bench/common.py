@@ -173,9 +173,12 @@ def optimiser_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
     optimizer.zero_grad(set_to_none=True)
 
 
-def stepper(params: list[nn.Parameter], loss_of, device, lr: float = 1e-4):
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    return lambda: optimiser_step(params, optimizer, loss_of, device)
+def stepper(params: list[nn.Parameter], loss_of, device, lr: float = 1e-4, optimizer: str = "adamw"):
+    from distill.config import OptimConfig
+    from distill.optim import make_optimizer
+
+    built = make_optimizer(params, OptimConfig(lr=lr, optimizer=optimizer))  # the pipeline's (weight decay 0)
+    return lambda: optimiser_step(params, built, loss_of, device)
 
 
 def ratio(numerator: list[float], denominator: list[float]) -> dict:

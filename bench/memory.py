@@ -12,7 +12,9 @@ Two "(before)" configurations run BitLinear's straight-through step as the autog
 node (``bitnet.quant.bitlinear_graph``), to show what saving int8 codes instead of fp32 copies buys. The
 "checkpointed" configurations recompute each block's activations in backward
 (``self_distill.activation_checkpointing``; for the two-model approach, the student's blocks alike), and are
-compared with the checkpointed two-model run.
+compared with the checkpointed two-model run. The "AdamW8bit" configurations train with torchao's 8-bit AdamW
+(``train.optimizer: adamw8bit``), its step compiled as torchao runs it, or ``eager`` (``TORCHDYNAMO_DISABLE=1``:
+no compiler in the process, so the peak is the state's, not the compiler's).
 
 Children run with ``MALLOC_MMAP_THRESHOLD_=65536`` by default (``--malloc mmap``): every large tensor is its own
 mapping, returned to the system when freed, so the peak RSS follows the tensors alive at the peak. glibc's default
@@ -40,13 +42,15 @@ from bench.common import (REPO, VOCAB, compute_dtype, optimiser_step, parser, pe
                           teacher)
 from bitnet import BitLinear, checkpoint_blocks, find_block_linears, find_block_lists, patch_model
 from distill.config import load_config
+from distill.optim import make_optimizer
 from distill.rows import Rows
 from distill.train_self import self_distill_trainable
 
 TARGET_LORA = 0.4
 CONFIGS = ("two-model", "dual full", "dual full, bf16 dW", "dual lora", "two-model, STE graph (before)",
            "dual lora, STE graph (before)", "two-model, checkpointed", "dual full, checkpointed",
-           "dual lora, checkpointed")
+           "dual lora, checkpointed", "dual full, AdamW8bit", "dual full, AdamW8bit, eager",
+           "dual full, bf16 dW, AdamW8bit")
 
 
 class TwoModels:
@@ -111,9 +115,18 @@ def use_ste_graph() -> None:
     bitnet.layers.bitlinear = graph
 
 
+def plain_tensors(tensors):
+    """The tensors themselves, or what a tensor subclass (an 8-bit optimiser state) is made of."""
+    for t in tensors:
+        if hasattr(type(t), "__tensor_flatten__"):
+            yield from plain_tensors(getattr(t, name) for name in t.__tensor_flatten__()[0])
+        else:
+            yield t
+
+
 def unique_bytes(tensors) -> int:
     seen = {}
-    for t in tensors:
+    for t in plain_tensors(tensors):
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())
 
@@ -147,9 +160,11 @@ def child(args) -> dict:
             trained.enable_activation_checkpointing()
     built = peak_rss_mib()
     rows = Rows(args.batch, lambda index: {"input_ids": ids[index], "attention_mask": mask[index]})
-    cfg = load_config("quickstart", {"train.batch_size": args.batch})
+    optimizer_name = "adamw8bit" if "AdamW8bit" in args.child else "adamw"
+    cfg = load_config("quickstart", {"train.batch_size": args.batch, "train.optimizer": optimizer_name,
+                                     "train.lr": 1e-4})
     trainable = self_distill_trainable(trained, cfg, rows, device)
-    optimizer = torch.optim.AdamW(trainable.parameters, lr=1e-4)
+    optimizer = make_optimizer(trainable.parameters, cfg.train)  # the pipeline's
     for step in range(args.steps):
         optimiser_step(trainable.parameters, optimizer, lambda: trainable.loss(step)[0], device)
     weights = unique_bytes([t for m in models for t in (*m.parameters(), *m.buffers())])
@@ -174,6 +189,8 @@ def run_child(config: str, batch: int, args) -> dict:
                "--batch", str(batch), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
                "--steps", str(args.steps), "--device", args.device, "--threads", str(args.threads)]
     env = dict(os.environ)
+    if config.endswith(", eager"):  # torchao's optimiser step uncompiled: no compiler's memory in the peak
+        env["TORCHDYNAMO_DISABLE"] = "1"
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     if args.malloc == "mmap":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"

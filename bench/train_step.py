@@ -9,7 +9,7 @@ rounds).
    fine-tuning of an unpatched copy with cross-entropy. A third variant, the patched student with cross-entropy
    alone, separates the cost of ternary training from the cost of the teacher signal; a fourth runs
    self-distillation with activation checkpointing (``self_distill.activation_checkpointing``), whose cost is one
-   more forward pass of the student's blocks.
+   more forward pass of the student's blocks; a fifth with torchao's 8-bit AdamW (``train.optimizer: adamw8bit``).
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ def self_distill_vs_finetune(kind: str, batch: int, args, device) -> dict:
     checkpointed = patch_model(copy.deepcopy(model).train(), delta=args.delta)
     checkpointed.enable_activation_checkpointing()
     trainable_checkpointed = self_distill_trainable(checkpointed, cfg, rows, device)
+    eight_bit = self_distill_trainable(patch_model(copy.deepcopy(model).train(), delta=args.delta), cfg, rows, device)
     counter = iter(range(10**9))
 
     def student_ce():
@@ -102,6 +103,8 @@ def self_distill_vs_finetune(kind: str, batch: int, args, device) -> dict:
         "self-distill": stepper(trainable.parameters, lambda: trainable.loss(next(counter))[0], device),
         "self-distill, checkpointed": stepper(trainable_checkpointed.parameters,
                                               lambda: trainable_checkpointed.loss(next(counter))[0], device),
+        "self-distill, AdamW8bit": stepper(eight_bit.parameters, lambda: eight_bit.loss(next(counter))[0], device,
+                                           optimizer="adamw8bit"),
     }
     times = interleave(steps, args.repeats, device)
     sd = cfg.self_distill
@@ -110,7 +113,8 @@ def self_distill_vs_finetune(kind: str, batch: int, args, device) -> dict:
             "seconds": times, "median_s": {k: median(v) for k, v in times.items()},
             "ratio_self_distill": ratio(times["self-distill"], times["fine-tune (CE)"]),
             "ratio_student_only": ratio(times["ternary student (CE only)"], times["fine-tune (CE)"]),
-            "ratio_checkpointed": ratio(times["self-distill, checkpointed"], times["self-distill"])}
+            "ratio_checkpointed": ratio(times["self-distill, checkpointed"], times["self-distill"]),
+            "ratio_adamw8bit": ratio(times["self-distill, AdamW8bit"], times["self-distill"])}
 
 
 def main(argv=None) -> None:
@@ -139,13 +143,16 @@ def main(argv=None) -> None:
               "yes" if r["ratio"]["median"] <= TARGET else "no", r["ratio_graph"]["median"]] for r in bit]),
         "Self-distillation step / plain fine-tuning step of the same model": table(
             ["teacher", "weights", "tokens/step", "fine-tune s/step", "ternary CE-only s/step", "self-distill s/step",
-             "CE-only / fine-tune", "self-distill / fine-tune", "range", "checkpointed / self-distill", "range"],
+             "CE-only / fine-tune", "self-distill / fine-tune", "range", "checkpointed / self-distill", "range",
+             "AdamW8bit / AdamW", "range"],
             [[r["teacher"], r["source"], r["tokens"], r["median_s"]["fine-tune (CE)"],
               r["median_s"]["ternary student (CE only)"], r["median_s"]["self-distill"],
               r["ratio_student_only"]["median"], r["ratio_self_distill"]["median"],
               f"{r['ratio_self_distill']['min']:.2f}-{r['ratio_self_distill']['max']:.2f}",
               r["ratio_checkpointed"]["median"],
-              f"{r['ratio_checkpointed']['min']:.2f}-{r['ratio_checkpointed']['max']:.2f}"] for r in sd]),
+              f"{r['ratio_checkpointed']['min']:.2f}-{r['ratio_checkpointed']['max']:.2f}",
+              r["ratio_adamw8bit"]["median"],
+              f"{r['ratio_adamw8bit']['min']:.2f}-{r['ratio_adamw8bit']['max']:.2f}"] for r in sd]),
     }
     report("train_step", args, device, tables, {"bitlinear_vs_linear": bit, "self_distill_vs_finetune": sd})
 

@@ -98,6 +98,9 @@ class OptimConfig(Section):
     warmup_steps: int = Field(default=50, ge=0)
     min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0)  # none on ternary latent weights by default
+    # adamw8bit: torchao's AdamW8bit, both moments in 8 bits (a quarter of AdamW's state; docs/RESULTS.md measures
+    # memory and quality); needs the optim8bit extra
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     grad_clip: float = Field(default=1.0, ge=0.0)
     eval_every: int = Field(default=100, gt=0)
     checkpoint_every: int = Field(default=100, gt=0)

@@ -1,8 +1,8 @@
 """The training loop every trainer shares.
 
-AdamW with linear warm-up then cosine decay, gradient accumulation and clipping, bf16 autocast on CUDA,
-periodic evaluation, and checkpoints (every N steps and on SIGTERM / SIGINT) that make a killed run resume
-where it stopped: trainable tensors, optimiser and scheduler state, RNG states, the step and the loss history.
+AdamW (or torchao's 8-bit AdamW) with linear warm-up then cosine decay, gradient accumulation and clipping, bf16
+autocast on CUDA, periodic evaluation, and checkpoints (every N steps and on SIGTERM / SIGINT) that make a killed run
+resume where it stopped: trainable tensors, optimiser and scheduler state, RNG states, the step and the loss history.
 Batches are a pure function of the micro-step (``BatchSchedule``), so the data position is just the step, and a
 resumed run on CPU reproduces an uninterrupted one exactly.
 """
@@ -25,6 +25,7 @@ from torch import nn
 from storage import checkpoints
 
 from .config import OptimConfig
+from .optim import make_optimizer
 from .progress import Reporter
 from .rows import Rows
 
@@ -147,7 +148,7 @@ def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 def train(trainable: Trainable, optim: OptimConfig, store, run: str, reporter: Reporter,
           device: torch.device, description: str = "train") -> list[dict]:
     """Run (or resume) ``optim.steps`` optimiser steps; returns the loss history (one record per step)."""
-    optimizer = torch.optim.AdamW(trainable.parameters, lr=optim.lr, weight_decay=optim.weight_decay)
+    optimizer = make_optimizer(trainable.parameters, optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, optim.warmup_steps, optim.steps, optim.min_lr_ratio))
     step, history = 0, []
@@ -182,7 +183,7 @@ def train(trainable: Trainable, optim: OptimConfig, store, run: str, reporter: R
                     totals[key] = totals.get(key, 0.0) + value / optim.grad_accum
             if optim.grad_clip:
                 totals["grad_norm"] = float(nn.utils.clip_grad_norm_(trainable.parameters, optim.grad_clip))
-            totals["lr"] = scheduler.get_last_lr()[0]
+            totals["lr"] = float(scheduler.get_last_lr()[0])  # a tensor for optimisers that keep lr as one
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -15,6 +15,7 @@ from storage import layout
 
 from .config import ConfigError, PipelineConfig
 from .data import check_source
+from .optim import check_optimizer
 from .teacher import (check_4bit_loading, load_teacher_config, load_tokenizer, model_source, resolve_device,
                       resolve_dtype, resolve_layers)
 from .train_self import check_cache_holds_teacher_signal
@@ -59,6 +60,7 @@ def preflight(cfg: PipelineConfig, flow: str) -> TeacherFacts:
         raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds the teacher's maximum positions "
                           f"({facts.max_positions}); use data.seq_len <= {facts.max_positions}")
     check_4bit_loading(cfg.teacher)
+    check_optimizer(cfg.train)
     resolve_layers(cfg.cache.layers, facts.num_hidden_layers)
     if flow == "self-distill" and cfg.self_distill.hidden_layers != "all":
         try:
@@ -93,9 +95,15 @@ class Stage:
                 "cache_key": f"{self.path}/prefect-result.json", "checkpoint_run": self.checkpoint_run}
 
 
+def _optim_settings(optim: dict) -> dict:
+    # train.optimizer came after runs existed: its default is left out so that their fingerprints stay
+    return {k: v for k, v in optim.items() if not (k == "optimizer" and v == "adamw")}
+
+
 def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> dict[str, dict]:
     """``{stage: {name, fingerprint, path, cache_key}}`` for every stage of ``flow``."""
     d = cfg.model_dump()
+    d["train"] = _optim_settings(d["train"])
     stages: dict[str, Stage] = {}
 
     def add(name: str, own: dict, upstream: str | None, path: str | None = None) -> str:
@@ -126,8 +134,8 @@ def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> dict[str
         # with it switched
         own = {k: v for k, v in d["self_distill"].items()
                if k not in ("steps", "min_lr_ratio", "activation_checkpointing")}
-        train = add("train", {**loaded, "self_distill": own,
-                              "train": cfg.self_distill_optim().model_dump(), "seed": cfg.seed}, upstream)
+        optim = _optim_settings(cfg.self_distill_optim().model_dump())
+        train = add("train", {**loaded, "self_distill": own, "train": optim, "seed": cfg.seed}, upstream)
         run = f"{cfg.name}-self-distill-{train[:10]}"
         stages["train"].path = layout.run_dir(run) + "/train"
         last = train

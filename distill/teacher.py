@@ -8,8 +8,11 @@ from pathlib import Path
 import torch
 
 from .config import REPO_ROOT, ConfigError, TeacherConfig
+from .optim import quiet_torchao_logs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+quiet_torchao_logs()  # transformers imports torchao, when installed, on every from_pretrained
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

@@ -10,7 +10,11 @@ Why not ``torch.save`` of the whole state: a pickle executes code when loaded an
 torch. Here the tensors sit in safetensors (no code, memory-mappable, readable from any language) and the rest in
 JSON that a person can read. The encoding is faithful for what optimiser and scheduler state dicts hold: tensors,
 numbers (including NaN and inf), strings, None, lists, tuples (``{"__tuple__": [...]}``), dicts with non-string
-keys such as parameter ids (``{"__items__": [[key, value], ...]}``) and numpy arrays.
+keys such as parameter ids (``{"__items__": [[key, value], ...]}``), numpy arrays, torch dtypes, and the tensor
+subclasses of 8-bit optimisers (torchao's ``OptimState8bit``): those are stored as the plain tensors they are made
+of (``__tensor_flatten__``: the uint8 codes and their scales) and rebuilt with ``__tensor_unflatten__``, so their
+state stays 8-bit on disk and resumes exactly. Only classes from ``TENSOR_SUBCLASS_MODULES`` are rebuilt: a
+checkpoint must not be able to name code to import.
 """
 
 from __future__ import annotations
@@ -31,12 +35,18 @@ from .fingerprint import file_sha256
 
 TENSORS, STATE, METADATA = "tensors.safetensors", "state.safetensors", "metadata.json"
 _TENSOR, _NDARRAY, _TUPLE, _ITEMS = "__tensor__", "__ndarray__", "__tuple__", "__items__"
+_DTYPE, _SUBCLASS = "__dtype__", "__tensor_subclass__"
+TENSOR_SUBCLASS_MODULES = ("torchao.optim.",)
 
 
 # ---- metadata with tensors inside <-> JSON + a flat dict of tensors --------------------------------------------
 
 def encode_tree(value: Any, tensors: dict[str, torch.Tensor], where: str = "metadata") -> Any:
     """``value`` as JSON; tensors (and numpy arrays) go to ``tensors`` under their path and leave a reference."""
+    if isinstance(value, torch.Tensor) and hasattr(type(value), "__tensor_flatten__"):
+        return {_SUBCLASS: _encode_subclass(value, tensors, where)}
+    if isinstance(value, torch.dtype):
+        return {_DTYPE: str(value).removeprefix("torch.")}
     if isinstance(value, (torch.Tensor, np.ndarray)):
         name = where
         while name in tensors:  # two paths can spell alike ({1: x} and {"1": y}); keep both
@@ -60,6 +70,35 @@ def encode_tree(value: Any, tensors: dict[str, torch.Tensor], where: str = "meta
                     "numbers, strings, None, lists, tuples and dicts")
 
 
+def _encode_subclass(value: torch.Tensor, tensors: dict[str, torch.Tensor], where: str) -> dict:
+    cls = type(value)
+    if not cls.__module__.startswith(TENSOR_SUBCLASS_MODULES):  # refused now rather than when resuming
+        raise TypeError(f"checkpoint {where} is a {cls.__module__}.{cls.__qualname__}; tensor subclasses are stored "
+                        f"only from {', '.join(TENSOR_SUBCLASS_MODULES)}")
+    names, attributes = value.__tensor_flatten__()
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "shape": list(value.shape), "stride": list(value.stride()),
+            "tensors": {n: encode_tree(getattr(value, n), tensors, f"{where}/{n}") for n in names},
+            "attributes": encode_tree(attributes, tensors, f"{where}/attributes")}
+
+
+def _decode_subclass(spec: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    import importlib
+
+    module, _, name = spec["class"].rpartition(".")
+    if not module.startswith(TENSOR_SUBCLASS_MODULES):
+        raise IntegrityError(f"a checkpoint holds a tensor of class {spec['class']}, which is not one the checkpoint "
+                             f"format rebuilds (classes from {', '.join(TENSOR_SUBCLASS_MODULES)}); it was not written "
+                             "by this tool, or was altered")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise IntegrityError(f"a checkpoint holds a tensor of class {spec['class']}, which cannot be imported "
+                             f"({exc}); install the library that wrote it (e.g. torchao)") from None
+    inner = {n: decode_tree(v, tensors) for n, v in spec["tensors"].items()}
+    return cls.__tensor_unflatten__(inner, decode_tree(spec["attributes"], tensors), torch.Size(spec["shape"]),
+                                    tuple(spec["stride"]))
+
+
 def decode_tree(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(value, list):
         return [decode_tree(v, tensors) for v in value]
@@ -75,6 +114,10 @@ def decode_tree(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
             return tuple(decode_tree(v, tensors) for v in content)
         if tag == _ITEMS:
             return {_hashable(decode_tree(k, tensors)): decode_tree(v, tensors) for k, v in content}
+        if tag == _DTYPE:
+            return getattr(torch, content)
+        if tag == _SUBCLASS:
+            return _decode_subclass(content, tensors)
     return {k: decode_tree(v, tensors) for k, v in value.items()}
 
 

@@ -86,6 +86,23 @@ def test_self_distill_steps_lr_and_lr_floor_override_train_for_that_flow_only():
     assert train_fingerprints({"self_distill.steps": None, "train.steps": 7})[0] == self_fp
     # activation checkpointing gives the same gradients (tests/bitnet/test_checkpointing.py): the same run
     assert train_fingerprints({"self_distill.steps": 7, "self_distill.activation_checkpointing": True})[0] == self_fp
+    # the 8-bit optimiser trains another run in both flows; naming the default changes nothing
+    eight_bit = train_fingerprints({"self_distill.steps": 7, "train.optimizer": "adamw8bit"})
+    assert eight_bit[0] != self_fp and eight_bit[1] != super_fp
+    assert train_fingerprints({"self_distill.steps": 7, "train.optimizer": "adamw"}) == [self_fp, super_fp]
+
+
+def test_8bit_optimiser_without_torchao_fails_before_any_work(monkeypatch):
+    import importlib.util
+
+    from distill.optim import check_optimizer
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match="train.optimizer 'adamw8bit' needs torchao: pip install "
+                                          "'bitnet-distill\\[optim8bit\\]', or set train.optimizer: adamw"):
+        check_optimizer(load_config("quickstart", {"train.optimizer": "adamw8bit"}).train)
+    check_optimizer(load_config("quickstart").train)  # AdamW needs nothing
 
 
 def test_new_teacher_weights_keep_the_token_shards_and_4bit_loading_recomputes_the_cache(tiny_teacher, tmp_path):

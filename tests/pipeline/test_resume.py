@@ -47,9 +47,13 @@ def kill_after_first_checkpoint(overrides: dict, flow: str, run: str) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-@pytest.mark.parametrize("flow", ["self-distill", "superposition-distill"])
-def test_training_resumes_after_sigkill_and_matches_an_uninterrupted_run(tiny_teacher, tmp_path, flow):
-    settings = {"train.steps": 40, "train.checkpoint_every": 4, "train.eval_every": 20}
+# adamw8bit on the superposition student: its embedding (384 x 32) is large enough for 8-bit moments
+@pytest.mark.parametrize("flow,optimizer", [("self-distill", "adamw"), ("superposition-distill", "adamw"),
+                                            ("superposition-distill", "adamw8bit")])
+def test_training_resumes_after_sigkill_and_matches_an_uninterrupted_run(tiny_teacher, tmp_path, flow, optimizer):
+    if optimizer == "adamw8bit":
+        pytest.importorskip("torchao.optim")
+    settings = {"train.steps": 40, "train.checkpoint_every": 4, "train.eval_every": 20, "train.optimizer": optimizer}
     straight = tiny_overrides(tiny_teacher, tmp_path / "straight", **settings)
     plan = finish(start(straight, flow, "train"))
 
@@ -64,6 +68,11 @@ def test_training_resumes_after_sigkill_and_matches_an_uninterrupted_run(tiny_te
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
+    if optimizer == "adamw8bit":  # the resumed state really was 8-bit
+        _, meta = checkpoints.load_checkpoint(stores[1], checkpoints.latest_checkpoint(stores[1],
+                                                                                        plan["train"]["checkpoint_run"]))
+        moments = [v for state in meta["optimizer"]["state"].values() for v in state.values()]
+        assert any(type(m).__name__ == "OptimState8bit" for m in moments)
 
 
 def test_teacher_cache_stage_resumes_after_sigkill_and_matches_an_uninterrupted_build(tiny_teacher, tmp_path):

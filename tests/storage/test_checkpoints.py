@@ -13,10 +13,16 @@ from storage.checkpoints import (decode_tree, encode_tree, latest_checkpoint, lo
                                  save_checkpoint, set_rng_state)
 
 
-def _trainer():
+def _adamw8bit(params, **kwargs):
+    return pytest.importorskip("torchao.optim").AdamW8bit(params, **kwargs)
+
+
+def _trainer(optimizer_class=torch.optim.AdamW):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.95))
+    # 64 x 128: large enough (>= 4096 elements) for AdamW8bit to keep its moments in 8 bits
+    model = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.ReLU(), torch.nn.Linear(64, 128), torch.nn.ReLU(),
+                                torch.nn.Linear(128, 2))
+    optimizer = optimizer_class(model.parameters(), lr=1e-2, betas=(0.8, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
     return model, optimizer, scheduler
 
@@ -31,8 +37,9 @@ def _steps(model, optimizer, scheduler, count: int) -> None:
         scheduler.step()
 
 
-def test_resume_continues_exactly(store):
-    model, optimizer, scheduler = _trainer()
+@pytest.mark.parametrize("optimizer_class", [torch.optim.AdamW, _adamw8bit], ids=["adamw", "adamw8bit"])
+def test_resume_continues_exactly(store, optimizer_class):
+    model, optimizer, scheduler = _trainer(optimizer_class)
     _steps(model, optimizer, scheduler, 3)
     meta = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
             "data": {"epoch": 0, "position": 48}}
@@ -41,7 +48,7 @@ def test_resume_continues_exactly(store):
     _steps(model, optimizer, scheduler, 2)
     reference = {k: v.clone() for k, v in model.state_dict().items()}
 
-    model, optimizer, scheduler = _trainer()
+    model, optimizer, scheduler = _trainer(optimizer_class)
     torch.manual_seed(123)  # whatever the new process did before resuming
     tensors, meta = load_checkpoint(store, latest_checkpoint(store, "run-a"))
     model.load_state_dict(tensors)
@@ -52,6 +59,44 @@ def test_resume_continues_exactly(store):
     _steps(model, optimizer, scheduler, 2)
     for name, value in model.state_dict().items():
         assert torch.equal(value, reference[name]), name
+
+
+def test_8bit_optimiser_state_is_stored_as_its_8_bit_codes_and_rebuilt(local_store):
+    model, optimizer, scheduler = _trainer(_adamw8bit)
+    _steps(model, optimizer, scheduler, 2)
+    path = save_checkpoint(local_store, "r", 2, {}, {"optimizer": optimizer.state_dict()}, keep_last=1)
+    from safetensors.torch import load_file
+
+    stored = load_file(local_store.local_path(f"{path}/state.safetensors"))
+    moments = optimizer.state[model[2].weight]
+    (codes,) = [v for k, v in stored.items() if k.endswith("exp_avg/codes") and v.numel() == 128 * 64]
+    assert codes.dtype == torch.uint8  # 8 bits on disk too, not a dequantized copy
+    _, meta = load_checkpoint(local_store, path)
+    restored = meta["optimizer"]["state"][2]["exp_avg"]
+    assert type(restored) is type(moments["exp_avg"]) and restored.signed == moments["exp_avg"].signed
+    assert torch.equal(restored.codes, moments["exp_avg"].codes) and torch.equal(restored.scale, moments["exp_avg"].scale)
+    assert torch.equal(restored.dequantize(), moments["exp_avg"].dequantize())
+
+
+def test_other_tensor_subclasses_are_refused_when_saving(local_store):
+    from torch.testing._internal.two_tensor import TwoTensor  # a subclass torch's own tests use
+
+    with pytest.raises(TypeError, match="metadata/state/w is a .*TwoTensor; tensor subclasses are stored only from"):
+        save_checkpoint(local_store, "r", 1, {}, {"state": {"w": TwoTensor(torch.ones(2), torch.zeros(2))}})
+    assert latest_checkpoint(local_store, "r") is None
+
+
+def test_a_checkpoint_cannot_name_a_class_to_import():
+    tampered = {"__tensor_subclass__": {"class": "os.system", "shape": [1], "stride": [1], "tensors": {},
+                                        "attributes": []}}
+    with pytest.raises(IntegrityError, match="class os.system, which is not one the checkpoint format rebuilds"):
+        decode_tree(tampered, {})
+
+
+def test_dtypes_round_trip_in_metadata():
+    tensors: dict = {}
+    value = {"dtype": torch.bfloat16, "pair": [True, torch.float32]}
+    assert decode_tree(encode_tree(value, tensors), tensors) == value
 
 
 def test_keep_last_k_and_latest(store):

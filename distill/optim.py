@@ -1,0 +1,46 @@
+"""The optimiser of every training stage: AdamW, or torchao's 8-bit AdamW (``train.optimizer``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from .config import ConfigError, OptimConfig
+
+
+def check_optimizer(optim: OptimConfig, field: str = "train.optimizer") -> None:
+    if optim.optimizer == "adamw8bit" and importlib.util.find_spec("torchao") is None:
+        raise ConfigError(f"{field} 'adamw8bit' needs torchao: pip install 'bitnet-distill[optim8bit]', or set "
+                          f"{field}: adamw")
+
+
+def make_optimizer(parameters: list[nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW, or torchao's AdamW8bit: the same update with both moments quantized to 8 bits in blocks of 256
+    (tensors under 4096 elements keep fp32 moments), a quarter of AdamW's state. betas and eps are torch's defaults
+    in both. AdamW8bit keeps its learning rate as a tensor and compiles its step with ``torch.compile`` (a C++
+    compiler on CPU; ``TORCHDYNAMO_DISABLE=1`` runs it eagerly)."""
+    if optim.optimizer == "adamw8bit":
+        return _adamw8bit()(parameters, lr=optim.lr, weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def quiet_torchao_logs() -> None:
+    """At import torchao logs that its C++/CUDA kernels do not fit this torch build, and torch that torchao registers
+    types in a deprecated way; transformers imports torchao on every ``from_pretrained`` once it is installed. This
+    tool uses only torchao's optimiser, which needs none of those kernels: keep the lines out of every run's log."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _adamw8bit():
+    check_optimizer(OptimConfig(optimizer="adamw8bit"))
+    quiet_torchao_logs()
+    from torchao.optim import AdamW8bit
+
+    # torch asks tensor subclasses for a hash to cache compiled graphs across processes; torchao's state has none
+    warnings.filterwarnings("ignore", message="OptimState8bit does not implement _stable_hash_for_caching")
+    return AdamW8bit
