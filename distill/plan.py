@@ -60,7 +60,7 @@ def preflight(cfg: PipelineConfig, flow: str) -> TeacherFacts:
         raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds the teacher's maximum positions "
                           f"({facts.max_positions}); use data.seq_len <= {facts.max_positions}")
     check_4bit_loading(cfg.teacher)
-    check_optimizer(cfg.train)
+    check_optimizer(cfg.train, resolve_device(cfg.teacher.device))
     resolve_layers(cfg.cache.layers, facts.num_hidden_layers)
     if flow == "self-distill" and cfg.self_distill.hidden_layers != "all":
         try:

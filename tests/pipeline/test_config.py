@@ -105,6 +105,25 @@ def test_8bit_optimiser_without_torchao_fails_before_any_work(monkeypatch):
     check_optimizer(load_config("quickstart").train)  # AdamW needs nothing
 
 
+def test_8bit_optimiser_on_cpu_without_a_compiler_fails_before_any_work(monkeypatch):
+    import shutil
+
+    import torch
+
+    from distill.optim import check_optimizer
+
+    optim = load_config("quickstart", {"train.optimizer": "adamw8bit"}).train
+    monkeypatch.setenv("CXX", "no-such-compiler-g++")
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    assert shutil.which("no-such-compiler-g++") is None
+    with pytest.raises(ConfigError, match="compiles its step with torch.compile, which on CPU needs a C\\+\\+ compiler, "
+                                          "and no-such-compiler-g\\+\\+ was not found: .*TORCHDYNAMO_DISABLE=1"):
+        check_optimizer(optim, torch.device("cpu"))
+    check_optimizer(optim, torch.device("cuda"))  # inductor's GPU kernels need Triton, not a C++ compiler
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    check_optimizer(optim, torch.device("cpu"))  # eager: nothing to compile
+
+
 def test_new_teacher_weights_keep_the_token_shards_and_4bit_loading_recomputes_the_cache(tiny_teacher, tmp_path):
     import shutil
 
