@@ -42,6 +42,10 @@ BF16_ENCODING = "bfloat16-bits-in-uint16"
 # section 1 measures it. Hidden states keep ``codec`` (zstd): their mantissas are near random bits, and LZ4 finds
 # nothing in them.
 TOPK_CODEC = "blosc:lz4:bitshuffle"
+# Chunk c of an array is the file ``<array>/c.<c>.0.0``, beside every other chunk of it, not Zarr's default
+# ``<array>/c/<c>/0/0``: a new chunk then creates no directories, so fsync of the file and of the array's directory
+# makes it durable (a new directory would need its parents synced too), and the writer skips two mkdirs per file.
+CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
 RECORDS_DIR = "_chunks"
 GROUP_DIR = "data.zarr"
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cache_spec import (ATTRS_KEY, BF16_ENCODING, FORMAT, GROUP_DIR, RECORDS_DIR, STORED_AS, CacheError,
-                         TeacherCacheSpec, array_sha256, check_fingerprint, chunk_label, compressors, layer_name,
-                         record_path, recorded_chunks, to_stored, torch_dtype)
+from .cache_spec import (ATTRS_KEY, BF16_ENCODING, CHUNK_KEY_ENCODING, FORMAT, GROUP_DIR, RECORDS_DIR, STORED_AS,
+                         CacheError, TeacherCacheSpec, array_sha256, check_fingerprint, chunk_label, compressors,
+                         layer_name, record_path, recorded_chunks, to_stored, torch_dtype)
 from .lease import acquire_lock
 
 
@@ -54,8 +54,8 @@ def _open_group(store, path: str, spec: TeacherCacheSpec):
     for name, (shape, dtype) in spec.arrays().items():
         attributes = {ATTRS_KEY: {"dtype": dtype, **({"encoding": BF16_ENCODING} if dtype == "bfloat16" else {})}}
         group.create_array(name, shape=shape, chunks=(spec.chunk_size, *shape[1:]), dtype=STORED_AS.get(dtype, dtype),
-                           compressors=compressors(spec.codec_of(name)), fill_value=0, overwrite=True,
-                           attributes=attributes)
+                           compressors=compressors(spec.codec_of(name)), chunk_key_encoding=CHUNK_KEY_ENCODING,
+                           fill_value=0, overwrite=True, attributes=attributes)
     group.attrs[ATTRS_KEY] = {"format": FORMAT, "spec": spec.to_dict()}
     return group
 

@@ -61,6 +61,16 @@ def test_top_k_has_its_own_codec_in_the_zarr_metadata(local_store):
         assert type(codec).__name__ == "ZstdCodec" and codec.level == 3
 
 
+def test_chunks_are_files_beside_each_other_in_their_arrays_directory(local_store):
+    # a new chunk creates no directory: syncing the file and the array's directory makes it durable
+    build_cache(local_store, "cache", SPEC)
+    for name in SPEC.arrays():
+        array_dir = local_store.local_path(f"cache/data.zarr/{name}")
+        entries = sorted(p.name for p in array_dir.iterdir())
+        trailing = ".0" * (len(SPEC.arrays()[name][0]) - 1)
+        assert entries == [f"c.{c}{trailing}" for c in range(SPEC.num_chunks)] + ["zarr.json"], name
+
+
 def test_a_spec_stored_before_topk_codec_existed_says_its_top_k_used_codec():
     old = {k: v for k, v in small_spec(codec="gzip").to_dict().items() if k != "topk_codec"}
     assert TeacherCacheSpec.from_dict(old).topk_codec == "gzip"
@@ -133,11 +143,11 @@ def test_resume_writes_only_missing_chunks(store):
 
 def test_corrupt_chunk_is_named_by_verify_and_reader_then_repaired(store):
     build_cache(store, "cache", SPEC)
-    chunk_object = "cache/data.zarr/hidden/layer_2/c/1/0/0"
+    chunk_object = "cache/data.zarr/hidden/layer_2/c.1.0.0"
     original = store.read_bytes(chunk_object)
     store.write_bytes(chunk_object, original[: len(original) // 2] + b"\x00garbage")  # damaged bytes
     # and well-formed bytes with the wrong values: chunk 2's data in place of chunk 0's
-    store.write_bytes("cache/data.zarr/topk_values/c/0/0/0", store.read_bytes("cache/data.zarr/topk_values/c/2/0/0"))
+    store.write_bytes("cache/data.zarr/topk_values/c.0.0.0", store.read_bytes("cache/data.zarr/topk_values/c.2.0.0"))
 
     reader = TeacherCacheReader(store, "cache")
     report = reader.verify()
@@ -160,8 +170,8 @@ def test_corrupt_chunk_is_named_by_verify_and_reader_then_repaired(store):
 
 def test_reader_of_some_arrays_never_touches_the_others_but_verify_checks_all(local_store):
     build_cache(local_store, "cache", SPEC)
-    local_store.write_bytes("cache/data.zarr/topk_values/c/1/0/0", b"\x00garbage")  # damaged, and never read below
-    local_store.delete("cache/data.zarr/hidden/layer_0/c/1/0/0")
+    local_store.write_bytes("cache/data.zarr/topk_values/c.1.0.0", b"\x00garbage")  # damaged, and never read below
+    local_store.delete("cache/data.zarr/hidden/layer_0/c.1.0.0")
     wanted = ["input_ids", "attention_mask", "hidden/layer_2"]
     reader = TeacherCacheReader(local_store, "cache", arrays=wanted)
     batch = reader.get_batch([4, 0, 5])
@@ -182,7 +192,7 @@ def test_reader_asked_for_an_array_the_cache_lacks_says_what_it_holds(local_stor
 
 def test_deleted_chunk_object_is_not_read_as_zeros(local_store):
     build_cache(local_store, "cache", SPEC)
-    local_store.delete("cache/data.zarr/input_ids/c/3/0")
+    local_store.delete("cache/data.zarr/input_ids/c.3.0")
     with pytest.raises(ChunkError, match=r"chunk 3 \(samples 9-9\) .* input_ids does not match"):
         TeacherCacheReader(local_store, "cache")[9]
 
@@ -222,8 +232,8 @@ def test_write_chunk_checks_its_input_at_once(local_store):
 
 def test_close_reports_errors_from_the_writer_thread(local_store):
     writer = TeacherCacheWriter(local_store, "cache", SPEC)
-    # a file where chunk 1's directory must go: the writer thread's write fails, not the hand-over
-    local_store.local_path("cache/data.zarr/hidden/layer_0/c").write_bytes(b"in the way")
+    # a directory where chunk 1's file must go: the writer thread's write fails, not the hand-over
+    (local_store.local_path("cache/data.zarr/hidden/layer_0/c.1.0.0") / "in-the-way").mkdir(parents=True)
     writer.write_chunk(1, chunk_arrays(SPEC, 1))
     with pytest.raises(CacheWriteError, match=r"writing chunk 1 \(samples 3-5\) of the teacher cache at .* failed"):
         writer.close()

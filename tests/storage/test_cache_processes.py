@@ -71,7 +71,7 @@ def test_sigkill_mid_build_then_resume_is_byte_identical(store, reference):
     assert report.missing and not report.corrupt and not reader.complete
     # a chunk torn by the crash: its data half there, its record absent; it must count as missing and be rewritten
     torn = report.missing[-1]
-    store.write_bytes(f"cache/data.zarr/hidden/layer_2/c/{torn}/0/0", b"torn write")
+    store.write_bytes(f"cache/data.zarr/hidden/layer_2/c.{torn}.0.0", b"torn write")
 
     wrote = build_cache(store, "cache", SPEC, lock_timeout=30)  # on S3 this waits out the dead writer's lease
     assert wrote == len(report.missing)
