@@ -188,7 +188,7 @@ def main(argv=None) -> None:
     p.add_argument("--codec", default="zstd", help="cache codec of the hidden states (default zstd)")
     p.add_argument("--topk-codecs", nargs="+", default=[TOPK_CODEC, "zstd"],
                    help=f"codec of the top-k logits (the first, default {TOPK_CODEC}, is the stage's); the others "
-                        "are timed beside it"),
+                        "are timed beside it")
     p.add_argument("--root", default=None, help="artifact store root (default: a temporary directory)")
     p.add_argument("--no-sizes", action="store_true", help="throughput only (skip the bytes-per-token tables)")
     p.add_argument("--writer-threads", type=int, nargs="+", default=[4, 1],
