@@ -3,15 +3,15 @@ same batches from tensors already in memory, side by side in one process.
 
 The consumer is the superposition stage's own training step (``distill.train_superposition.superposition_trainable``
 with the quickstart preset's student: every step fetches a batch, reconstructs the teacher's cached hidden state,
-backward, clipping, AdamW). It is the cheapest step that reads the cache, so the one where reading weighs most.
-Both variants train their own copy of the same student on the same schedule of rows: one through
+backward, clipping, AdamW). It is the cheapest step that reads the cache, so the one where reading weighs most. Both
+variants train their own copy of the same student on the same schedule of rows: one through
 ``distill.teacher_cache.cached_rows`` (``TeacherCacheReader``: chunk decode, checksum check, stacking, as the stage
 runs it), the other through a ``Rows`` that indexes tensors read out of the same cache beforehand. The cache is
 written first, with the cache stage's writer and the teacher's real outputs (quickstart preset: last layer, float16,
 zstd, top-k 32 in bit-shuffled LZ4, chunk = batch = 16 rows); the training reads what the stage reads (the tokens
 and the target layer). The reader alone is also timed reading every array (top-k included), on this cache and on the
-same cache with its top-k in zstd (``--topk-codecs``). Its files sit in the OS page cache, as they do after the cache stage:
-this measures decoding and checking, not a cold disk. Target: cache / in-memory >= 0.9.
+same cache with its top-k in zstd (``--topk-codecs``). Its files sit in the OS page cache, as they do after the
+cache stage: this measures decoding and checking, not a cold disk. Target: cache / in-memory >= 0.9.
 """
 
 from __future__ import annotations

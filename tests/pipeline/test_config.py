@@ -92,6 +92,12 @@ def test_self_distill_steps_lr_and_lr_floor_override_train_for_that_flow_only():
     assert train_fingerprints({"self_distill.steps": 7, "train.optimizer": "adamw"}) == [self_fp, super_fp]
 
 
+def test_the_configs_top_k_codec_default_is_the_caches():
+    from storage.cache_spec import TOPK_CODEC  # the reason for it is written there; config.py repeats the literal
+
+    assert load_config("quickstart").cache.topk_codec == TOPK_CODEC
+
+
 def test_8bit_optimiser_without_torchao_fails_before_any_work(monkeypatch):
     import importlib.util
 
