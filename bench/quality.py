@@ -18,10 +18,14 @@ Rows:
 - superposition student: before LM-head retraining (its tied head), after, and decoded through the teacher's head;
 - the control: a ternary student of the superposition student's size trained from scratch with plain
   cross-entropy on the same training tokens for the same number of optimiser steps (train.steps + head.steps).
+- what the superposition student would need to beat that control (``--superposition-seeds``): the learning rate
+  decayed to 0, the head trained on the cached top-k logits as well, a longer budget, and all three, each row
+  beside a control of its own budget.
 
     .venv/bin/python -m bench.quality                      # everything (about 7 hours of 2 CPU cores)
     .venv/bin/python -m bench.quality --groups headline    # teacher, PTQ, self-distill, superposition, control
     .venv/bin/python -m bench.quality --groups search ablation --threads 1   # beside it, on the other core
+    .venv/bin/python -m bench.quality --groups superposition --threads 1    # the superposition search
 
 Finished runs are reused (every stage is cached by fingerprint under ``--root``), so a rerun only evaluates the
 superposition rows again; two processes with different ``--groups`` (and ``PREFECT_HOME``) can share the root.
@@ -40,7 +44,7 @@ if __package__ in (None, ""):  # run as a script: python bench/quality.py
 
 from bench.common import REPO, machine, parser, report, setup, table  # noqa: E402
 
-GROUPS = ("headline", "search", "ablation")
+GROUPS = ("headline", "search", "ablation", "superposition")
 
 
 @dataclass
@@ -54,6 +58,9 @@ class Variant:
 # The default self-distillation recipe: the library's loss (KL to the teacher), lr 1e-3 decayed to 0, 1000 steps of 16
 # rows over the quickstart's 8192 training rows. The quickstart preset stops it at QUICKSTART_STEPS to fit its 15 minutes.
 QUICKSTART_STEPS, RECIPE_STEPS, RECIPE_ROWS = 300, 1000, 8192  # RECIPE_ROWS: the preset's data.max_train_rows
+# The superposition search's longer budget: reconstruction steps over every training row (two epochs), half as many
+# head steps, as the preset's 300 + 150
+SUPERPOSITION_LONG = 1000
 RECIPE = {"self_distill.steps": RECIPE_STEPS}
 # The learning rate's floor before the default became 0 (train.min_lr_ratio's): the rows measured with it keep it
 EARLIER_DECAY = {"self_distill.min_lr_ratio": 0.1}
@@ -85,6 +92,16 @@ def variants(args) -> list[Variant]:
     out += [Variant(f"self-distill, quickstart preset ({QUICKSTART_STEPS} steps), seed {s}", "headline",
                     "self-distill", {"seed": s}) for s in args.seeds]
     out += [Variant(f"superposition, seed {s}", "headline", "superposition-distill", {"seed": s}) for s in args.seeds]
+    # What the superposition student needs to beat its control: each row changes the preset as named, and its
+    # control trains for the same total steps on the same rows with the same schedule
+    longer = {"train.steps": SUPERPOSITION_LONG, "cache.max_samples": RECIPE_ROWS, "head.steps": SUPERPOSITION_LONG // 2}
+    superposition_search = {"preset": {}, "lr decayed to 0": {"train.min_lr_ratio": 0},
+                            "head on CE + top-k KL": {"head.topk_kl_weight": 1},
+                            f"{SUPERPOSITION_LONG} + {SUPERPOSITION_LONG // 2} steps": longer,
+                            f"{SUPERPOSITION_LONG} + {SUPERPOSITION_LONG // 2} steps, lr decayed to 0, head on CE + top-k KL":
+                                {**longer, "train.min_lr_ratio": 0, "head.topk_kl_weight": 1}}
+    out += [Variant(f"superposition, {name}, seed {s}", "superposition", "superposition-distill", {**o, "seed": s})
+            for name, o in superposition_search.items() for s in args.superposition_seeds]
     previous = "self-distill, 2048 rows"
     out += [Variant(f"{previous}, {n} steps", "search", "self-distill", {**PREVIOUS_DEFAULT, "self_distill.steps": n})
             for n in args.steps]
@@ -124,7 +141,7 @@ def run_flow(v: Variant, args) -> dict:
     return FLOWS[v.flow](config=args.config, overrides=overrides)
 
 
-def extra_superposition_rows(args, seed: int) -> dict[str, dict]:
+def extra_superposition_rows(args, overrides: dict) -> dict[str, dict]:
     """The superposition student before LM-head retraining, and the from-scratch CE control of the same size."""
     import torch
 
@@ -141,7 +158,8 @@ def extra_superposition_rows(args, seed: int) -> dict[str, dict]:
     from distill.train_superposition import build_student, load_trained_student
     from storage.fingerprint import fingerprint
 
-    cfg = load_config(args.config, {"storage.root": args.root, "name": "quality", **args.set, "seed": seed})
+    cfg = load_config(args.config, {"storage.root": args.root, "name": "quality", **args.set, **overrides})
+    seed = cfg.seed
     plan = make_plan(cfg, "superposition-distill", preflight(cfg, "superposition-distill"))
     store, device = open_store(cfg), resolve_device(cfg.teacher.device)
     tokens = store.read_manifest(plan["tokenize"]["path"])
@@ -209,6 +227,8 @@ def main(argv=None) -> None:
                    help="other self_distill.lr at the previous default (one seed)")
     p.add_argument("--recipe-steps", nargs="+", type=int, default=[500, 700],
                    help="shorter runs of the default recipe (one seed)")
+    p.add_argument("--superposition-seeds", nargs="+", type=int, default=[0],
+                   help="seeds of the superposition search's rows (the headline's superposition rows take --seeds)")
     p.add_argument("--warmup", type=int, default=100, help="quant_warmup_steps of the lambda warm-up row")
     p.add_argument("--lora", default="lora:16", help="the LoRA delta compared with full")
     p.set_defaults(threads=0)
@@ -229,11 +249,14 @@ def main(argv=None) -> None:
             runs.setdefault("naive ternary (PTQ, dW = 0)", [metrics["ptq_ternary"]])
             runs.setdefault(family, []).append(metrics["student"])
         else:
-            extra = extra_superposition_rows(args, v.overrides["seed"])
-            for row, result in (("superposition, before LM-head retraining", extra["before_head"]),
-                                ("superposition, after LM-head retraining", metrics["student"]),
-                                ("superposition, through the teacher's head", metrics["student_via_teacher_head"]),
-                                ("control: same-size ternary student, CE from scratch", extra["control"])):
+            extra = extra_superposition_rows(args, v.overrides)
+            variant = v.row.split(", seed")[0].removeprefix("superposition")  # "" for the preset
+            for row, result in ((f"superposition{variant}, before LM-head retraining", extra["before_head"]),
+                                (f"superposition{variant}, after LM-head retraining", metrics["student"]),
+                                (f"superposition{variant}, through the teacher's head",
+                                 metrics["student_via_teacher_head"]),
+                                (f"control{variant}: same-size ternary student, CE from scratch", extra["control"])):
+                configs[row] = ", ".join(f"{k}={val}" for k, val in v.overrides.items() if k != "seed") or "preset"
                 runs.setdefault(row, []).append(result)
         # after every run, so that a long session that is cut short keeps what it measured
         rows = [summarise(name, results, configs.get(name, "preset")) for name, results in runs.items()]
