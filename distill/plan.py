@@ -106,9 +106,9 @@ def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> dict[str
     d["train"] = _optim_settings(d["train"])
     stages: dict[str, Stage] = {}
 
-    def add(name: str, own: dict, upstream: str | None, path: str | None = None) -> str:
+    def add(name: str, own: dict, upstream: str | None) -> str:
         fp = fingerprint(own, upstream)
-        stages[name] = Stage(name, fp, path or "")
+        stages[name] = Stage(name, fp, "")
         return fp
 
     tokens = add("tokenize", {"data": d["data"], "tokenizer": teacher.tokenizer_identity}, None)
@@ -123,10 +123,11 @@ def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> dict[str
         stages["cache_teacher"].path = layout.teacher_cache_dir(upstream)
     if flow == "superposition-distill":
         train = add("train", {"student": d["student"], "train": d["train"], "seed": cfg.seed}, upstream)
-        run = f"{cfg.name}-superposition-{train[:10]}"
+        run = f"{cfg.name}-superposition-{layout.short(train)}"
         stages["train"].path = layout.run_dir(run) + "/train"
-        last = add("lm_head", {"head": d["head"]}, train, layout.run_dir(run) + "/lm-head")
-        stages["lm_head"].checkpoint_run = f"{run}/lm-head"
+        last = add("lm_head", {"head": d["head"]}, train)
+        stages["lm_head"].checkpoint_run = layout.lm_head_run(run, last)
+        stages["lm_head"].path = layout.run_dir(stages["lm_head"].checkpoint_run)
     else:
         # self_distill.steps and .min_lr_ratio reach the fingerprint resolved into the optimiser settings; left out
         # of the section itself so that adding the fields kept the fingerprints of earlier runs.
@@ -136,12 +137,14 @@ def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> dict[str
                if k not in ("steps", "min_lr_ratio", "activation_checkpointing")}
         optim = _optim_settings(cfg.self_distill_optim().model_dump())
         train = add("train", {**loaded, "self_distill": own, "train": optim, "seed": cfg.seed}, upstream)
-        run = f"{cfg.name}-self-distill-{train[:10]}"
+        run = f"{cfg.name}-self-distill-{layout.short(train)}"
         stages["train"].path = layout.run_dir(run) + "/train"
         last = train
     stages["train"].checkpoint_run = run
-    evaluated = add("evaluate", {"eval": d["eval"]}, last, layout.eval_dir(run))
-    add("export", {"format": 1}, evaluated, layout.student_dir(run))
+    evaluated = add("evaluate", {"eval": d["eval"]}, last)
+    stages["evaluate"].path = layout.eval_dir(run, evaluated)
+    exported = add("export", {"format": 1}, evaluated)
+    stages["export"].path = layout.student_dir(run, exported)
     plan = {name: stage.as_dict() for name, stage in stages.items()}
     plan["run"] = {"name": run, "path": layout.run_dir(run)}
     return plan

@@ -4,8 +4,14 @@ identical configuration finds yesterday's tokens and cache; a run's own artifact
     tokens/<fp>/                      token shards (train/ and eval/ splits)
     teacher-cache/<fp>/               the Zarr teacher cache (one group per split)
     runs/<run>/checkpoints/step-<n>/  training checkpoints
-    runs/<run>/student/               the exported student
-    runs/<run>/eval/                  evaluation report and metrics
+    runs/<run>/train/                 the trained weights
+    runs/<run>/lm-head-<fp>/          superposition: the retrained head (and its checkpoints/)
+    runs/<run>/eval-<fp>/             evaluation report and metrics
+    runs/<run>/student-<fp>/          the exported student
+
+A run is named by its training stage's fingerprint; the stages after it carry their own fingerprints in their
+directory names, so that changing only their settings (``head.*``, ``eval.*``) writes beside the earlier results
+instead of finding them complete.
 """
 
 from __future__ import annotations
@@ -53,9 +59,21 @@ def checkpoint_step(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def student_dir(run: str) -> str:
-    return f"{run_dir(run)}/student"
+SHORT_FINGERPRINT = 10  # hex digits of a fingerprint in a name: 40 bits, no collision among one run's variants
 
 
-def eval_dir(run: str) -> str:
-    return f"{run_dir(run)}/eval"
+def short(fingerprint: str) -> str:
+    return _name(fingerprint, "a fingerprint")[:SHORT_FINGERPRINT]
+
+
+def lm_head_run(run: str, fingerprint: str) -> str:
+    """The LM-head stage's own run (``checkpoints_dir`` of it holds the head's checkpoints)."""
+    return f"{run}/lm-head-{short(fingerprint)}"
+
+
+def eval_dir(run: str, fingerprint: str) -> str:
+    return f"{run_dir(run)}/eval-{short(fingerprint)}"
+
+
+def student_dir(run: str, fingerprint: str) -> str:
+    return f"{run_dir(run)}/student-{short(fingerprint)}"

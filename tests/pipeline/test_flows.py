@@ -15,6 +15,7 @@ from prefect.client.schemas.sorting import ArtifactSort, TaskRunSort
 from bitnet import load_student
 from distill.config import ConfigError
 from flows import self_distill, superposition_distill
+from storage.store import MARKER
 
 from .conftest import TINY, tiny_overrides
 
@@ -114,6 +115,21 @@ def test_rerun_reuses_every_stage_and_a_change_reruns_from_the_first_affected(ti
     states = task_states(again_id, stages)
     assert {s: states[s] for s in stages} == {s: "Cached" for s in stages}
     assert again["metrics"]["student"] == first["metrics"]["student"]
+
+    # a stage's own settings alone: it and the stages after it run again, beside (not over) the first results
+    head, head_id = run_flow(superposition_distill, tiny_teacher, tmp_path, **{"head.steps": 2})
+    states = task_states(head_id, stages)
+    assert {s: states[s] for s in stages} == {**dict.fromkeys(stages[:3], "Cached"), **dict.fromkeys(stages[3:], "Completed")}
+    assert head["metrics"]["student"] != first["metrics"]["student"]
+    assert head["export"]["path"] != first["export"]["path"] and head["run"] == first["run"]
+    evaluated, eval_id = run_flow(superposition_distill, tiny_teacher, tmp_path, **{"eval.max_new_tokens": 2})
+    states = task_states(eval_id, stages)
+    assert {s: states[s] for s in stages} == {**dict.fromkeys(stages[:4], "Cached"), **dict.fromkeys(stages[4:], "Completed")}
+    assert evaluated["metrics"]["student"] == first["metrics"]["student"]  # the same student, only fewer samples
+    for result in (first, head, evaluated):
+        assert (tmp_path / result["metrics"]["metrics_path"]).exists()
+        assert (tmp_path / result["export"]["path"] / MARKER).exists()
+    assert json.loads((tmp_path / first["metrics"]["metrics_path"]).read_text())["config"]["head"]["steps"] == 4
 
     _, changed_id = run_flow(superposition_distill, tiny_teacher, tmp_path, **{"data.seq_len": 24})
     states = task_states(changed_id, stages)

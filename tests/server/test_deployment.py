@@ -1,6 +1,7 @@
 """The repository's prefect.yaml against a real `prefect server start`: deploy, run on a worker, read the run's
 state and UI artifacts back through the API; the same deployment on S3 (moto's server); bad input at the edges."""
 
+import re
 from pathlib import Path
 
 import boto3
@@ -49,11 +50,11 @@ def test_nightly_deployment_runs_the_quickstart_on_a_worker(server, tmp_path):
     artifacts = assert_completed_with_report(server, flow_run_id, worker.stdout, run_name="quickstart")
     assert "superposition-distill-quickstart-student" in artifacts
     # the report's link has its own key, not the markdown report's
-    assert "/eval/report.md)" in artifacts["superposition-distill-quickstart-report-md"]["data"]
+    assert re.search(r"/eval-[0-9a-f]{10}/report\.md\)", artifacts["superposition-distill-quickstart-report-md"]["data"])
     for key in ("checkpoints", "student-checkpoints"):  # the LM head's and the student's: "[name](<directory>)"
         link = artifacts[f"superposition-distill-quickstart-{key}"]["data"]
         assert list(Path(link.partition("](")[2].removesuffix(")")).glob("step-*"))
-    assert list(tmp_path.glob("runs/quickstart-superposition-*/eval/report.md"))
+    assert list(tmp_path.glob("runs/quickstart-superposition-*/eval-*/report.md"))
 
 
 def test_nightly_deployment_with_artifacts_and_results_on_s3(server, tiny_teacher, s3_endpoint, s3_bucket):
@@ -66,7 +67,7 @@ def test_nightly_deployment_with_artifacts_and_results_on_s3(server, tiny_teache
                       aws_secret_access_key=CREDENTIALS["secret"], region_name=CREDENTIALS["region"])
     keys = [obj["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
             for obj in page.get("Contents", [])]
-    assert any(key.endswith("/eval/report.md") for key in keys)
+    assert any(re.search(r"/eval-[0-9a-f]{10}/report\.md$", key) for key in keys)
     assert any(key.endswith("/prefect-result.json") for key in keys)  # Prefect's cached results live there too
 
 

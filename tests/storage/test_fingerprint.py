@@ -91,9 +91,11 @@ def test_hub_identity_uses_the_commit_hash(tmp_path):
 def test_layout_paths():
     assert layout.tokens_dir("ab12") == "tokens/ab12"
     assert layout.teacher_cache_dir("cd34") == "teacher-cache/cd34"
-    assert layout.checkpoint_dir("run-1/lm-head", 40) == "runs/run-1/lm-head/checkpoints/step-40"
+    head = layout.lm_head_run("run-1", "0123456789abcdef")
+    assert layout.checkpoint_dir(head, 40) == "runs/run-1/lm-head-0123456789/checkpoints/step-40"
     assert layout.checkpoint_step("runs/x/checkpoints/step-40") == 40 and layout.checkpoint_step("tmp") is None
-    assert (layout.student_dir("r"), layout.eval_dir("r")) == ("runs/r/student", "runs/r/eval")
+    assert (layout.student_dir("r", "ffee" * 10), layout.eval_dir("r", "ab" * 20)) == ("runs/r/student-ffeeffeeff",
+                                                                                   "runs/r/eval-ababababab")
     for bad in ("", "../escape"):
         with pytest.raises(ValueError):
             layout.run_dir(bad)
