@@ -58,9 +58,6 @@ class Variant:
 # The default self-distillation recipe: the library's loss (KL to the teacher), lr 1e-3 decayed to 0, 1000 steps of 16
 # rows over the quickstart's 8192 training rows. The quickstart preset stops it at QUICKSTART_STEPS to fit its 15 minutes.
 QUICKSTART_STEPS, RECIPE_STEPS, RECIPE_ROWS = 300, 1000, 8192  # RECIPE_ROWS: the preset's data.max_train_rows
-# The superposition search's longer budget: reconstruction steps over every training row (two epochs), half as many
-# head steps, as the preset's 300 + 150
-SUPERPOSITION_LONG = 1000
 RECIPE = {"self_distill.steps": RECIPE_STEPS}
 # The learning rate's floor before the default became 0 (train.min_lr_ratio's): the rows measured with it keep it
 EARLIER_DECAY = {"self_distill.min_lr_ratio": 0.1}
@@ -94,12 +91,13 @@ def variants(args) -> list[Variant]:
     out += [Variant(f"superposition, seed {s}", "headline", "superposition-distill", {"seed": s}) for s in args.seeds]
     # What the superposition student needs to beat its control: each row changes the preset as named, and its
     # control trains for the same total steps on the same rows with the same schedule
-    longer = {"train.steps": SUPERPOSITION_LONG, "cache.max_samples": RECIPE_ROWS, "head.steps": SUPERPOSITION_LONG // 2}
-    superposition_search = {"preset": {}, "lr decayed to 0": {"train.min_lr_ratio": 0},
-                            "head on CE + top-k KL": {"head.topk_kl_weight": 1},
-                            f"{SUPERPOSITION_LONG} + {SUPERPOSITION_LONG // 2} steps": longer,
-                            f"{SUPERPOSITION_LONG} + {SUPERPOSITION_LONG // 2} steps, lr decayed to 0, head on CE + top-k KL":
-                                {**longer, "train.min_lr_ratio": 0, "head.topk_kl_weight": 1}}
+    decay_to_0, head_kl = {"train.min_lr_ratio": 0}, {"head.topk_kl_weight": 1}
+    superposition_search = {"preset": {}, "lr decayed to 0": decay_to_0, "head on CE + top-k KL": head_kl}
+    for n in args.superposition_budgets:  # every training row, over and over; half as many head steps, as the preset
+        longer = {"train.steps": n, "cache.max_samples": RECIPE_ROWS, "head.steps": n // 2}
+        superposition_search[f"{n} + {n // 2} steps"] = longer
+        tuned = longer | decay_to_0 | head_kl
+        superposition_search[f"{n} + {n // 2} steps, lr decayed to 0, head on CE + top-k KL"] = tuned
     out += [Variant(f"superposition, {name}, seed {s}", "superposition", "superposition-distill", {**o, "seed": s})
             for name, o in superposition_search.items() for s in args.superposition_seeds]
     previous = "self-distill, 2048 rows"
@@ -130,7 +128,7 @@ def variants(args) -> list[Variant]:
         "KL only, dW in bf16": loss(0, 1, 0, **{"self_distill.delta_dtype": "bfloat16"}),  # half dW's memory
     }
     out += [Variant(f"ablation: {name}", "ablation", "self-distill", o) for name, o in ablation.items()]
-    return [v for v in out if v.group in args.groups]
+    return [v for v in out if v.group in args.groups and (not args.only or any(o in v.row for o in args.only))]
 
 
 def run_flow(v: Variant, args) -> dict:
@@ -229,6 +227,10 @@ def main(argv=None) -> None:
                    help="shorter runs of the default recipe (one seed)")
     p.add_argument("--superposition-seeds", nargs="+", type=int, default=[0],
                    help="seeds of the superposition search's rows (the headline's superposition rows take --seeds)")
+    p.add_argument("--superposition-budgets", nargs="+", type=int, default=[1000, 3000],
+                   help="reconstruction steps of the superposition search's longer rows (head steps: half as many)")
+    p.add_argument("--only", nargs="+", default=[], metavar="TEXT",
+                   help="run only the rows whose name contains one of these (e.g. '3000 + 1500 steps, seed')")
     p.add_argument("--warmup", type=int, default=100, help="quant_warmup_steps of the lambda warm-up row")
     p.add_argument("--lora", default="lora:16", help="the LoRA delta compared with full")
     p.set_defaults(threads=0)

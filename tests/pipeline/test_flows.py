@@ -116,15 +116,19 @@ def test_rerun_reuses_every_stage_and_a_change_reruns_from_the_first_affected(ti
     assert {s: states[s] for s in stages} == {s: "Cached" for s in stages}
     assert again["metrics"]["student"] == first["metrics"]["student"]
 
+    def rerun_from(stage: str) -> dict[str, str]:
+        i = stages.index(stage)
+        return {**dict.fromkeys(stages[:i], "Cached"), **dict.fromkeys(stages[i:], "Completed")}
+
     # a stage's own settings alone: it and the stages after it run again, beside (not over) the first results
     head, head_id = run_flow(superposition_distill, tiny_teacher, tmp_path, **{"head.steps": 2})
     states = task_states(head_id, stages)
-    assert {s: states[s] for s in stages} == {**dict.fromkeys(stages[:3], "Cached"), **dict.fromkeys(stages[3:], "Completed")}
+    assert {s: states[s] for s in stages} == rerun_from("retrain-lm-head")
     assert head["metrics"]["student"] != first["metrics"]["student"]
     assert head["export"]["path"] != first["export"]["path"] and head["run"] == first["run"]
     evaluated, eval_id = run_flow(superposition_distill, tiny_teacher, tmp_path, **{"eval.max_new_tokens": 2})
     states = task_states(eval_id, stages)
-    assert {s: states[s] for s in stages} == {**dict.fromkeys(stages[:4], "Cached"), **dict.fromkeys(stages[4:], "Completed")}
+    assert {s: states[s] for s in stages} == rerun_from("evaluate")
     assert evaluated["metrics"]["student"] == first["metrics"]["student"]  # the same student, only fewer samples
     for result in (first, head, evaluated):
         assert (tmp_path / result["metrics"]["metrics_path"]).exists()
