@@ -19,8 +19,8 @@ Rows:
 - the control: a ternary student of the superposition student's size trained from scratch with plain
   cross-entropy on the same training tokens for the same number of optimiser steps (train.steps + head.steps).
 - what the superposition student would need to beat that control (``--superposition-seeds``): the learning rate
-  decayed to 0, the head trained on the cached top-k logits as well, a longer budget, and all three, each row
-  beside a control of its own budget.
+  decayed to 0, the head trained on the cached top-k logits as well, longer budgets (``--superposition-budgets``),
+  and each budget with both changes, every row beside a control of its own budget (``--only`` picks rows).
 
     .venv/bin/python -m bench.quality                      # everything (about 7 hours of 2 CPU cores)
     .venv/bin/python -m bench.quality --groups headline    # teacher, PTQ, self-distill, superposition, control
