@@ -50,7 +50,8 @@ def test_nightly_deployment_runs_the_quickstart_on_a_worker(server, tmp_path):
     artifacts = assert_completed_with_report(server, flow_run_id, worker.stdout, run_name="quickstart")
     assert "superposition-distill-quickstart-student" in artifacts
     # the report's link has its own key, not the markdown report's
-    assert re.search(r"/eval-[0-9a-f]{10}/report\.md\)", artifacts["superposition-distill-quickstart-report-md"]["data"])
+    report_link = artifacts["superposition-distill-quickstart-report-md"]["data"]
+    assert re.search(r"/eval-[0-9a-f]{10}/report\.md\)", report_link)
     for key in ("checkpoints", "student-checkpoints"):  # the LM head's and the student's: "[name](<directory>)"
         link = artifacts[f"superposition-distill-quickstart-{key}"]["data"]
         assert list(Path(link.partition("](")[2].removesuffix(")")).glob("step-*"))
