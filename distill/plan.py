@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from storage import ArtifactStore, fingerprint, model_identity, tokenizer_identity
 from storage import layout
 
-from .config import ConfigError, PipelineConfig
+from .config import ConfigError, OptimConfig, PipelineConfig
 from .data import check_source
 from .optim import check_optimizer
 from .teacher import (check_4bit_loading, load_teacher_config, load_tokenizer, model_source, resolve_device,
@@ -95,9 +95,19 @@ class Stage:
                 "cache_key": f"{self.path}/prefect-result.json", "checkpoint_run": self.checkpoint_run}
 
 
+# How often a run checkpoints and how many checkpoints it keeps change neither its weights nor its history (a
+# resumed run equals an uninterrupted one bit for bit: tests/pipeline/test_resume.py). They are hashed at their
+# defaults, so changing them reuses a finished run, and the fingerprints of runs made before this rule stay the same.
+_NOT_FINGERPRINTED = ("checkpoint_every", "keep_checkpoints")
+
+
 def _optim_settings(optim: dict) -> dict:
+    """The optimiser settings as a training fingerprint sees them."""
+    settings = {**optim, **{k: OptimConfig.model_fields[k].default for k in _NOT_FINGERPRINTED}}
     # train.optimizer came after runs existed: its default is left out so that their fingerprints stay
-    return {k: v for k, v in optim.items() if not (k == "optimizer" and v == "adamw")}
+    if settings.get("optimizer") == "adamw":
+        del settings["optimizer"]
+    return settings
 
 
 def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> dict[str, dict]:

@@ -86,6 +86,12 @@ def test_self_distill_steps_lr_and_lr_floor_override_train_for_that_flow_only():
     assert train_fingerprints({"self_distill.steps": None, "train.steps": 7})[0] == self_fp
     # activation checkpointing gives the same gradients (tests/bitnet/test_checkpointing.py): the same run
     assert train_fingerprints({"self_distill.steps": 7, "self_distill.activation_checkpointing": True})[0] == self_fp
+    # checkpoint cadence and retention change no result (tests/pipeline/test_resume.py): the same run in both flows;
+    # the evaluation cadence changes the recorded history: another run
+    operational = {"self_distill.steps": 7, "train.checkpoint_every": 3, "train.keep_checkpoints": 9}
+    assert train_fingerprints(operational) == [self_fp, super_fp]
+    evals = train_fingerprints({"self_distill.steps": 7, "train.eval_every": 3})
+    assert evals[0] != self_fp and evals[1] != super_fp
     # the 8-bit optimiser trains another run in both flows; naming the default changes nothing
     eight_bit = train_fingerprints({"self_distill.steps": 7, "train.optimizer": "adamw8bit"})
     assert eight_bit[0] != self_fp and eight_bit[1] != super_fp

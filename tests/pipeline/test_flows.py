@@ -115,6 +115,11 @@ def test_rerun_reuses_every_stage_and_a_change_reruns_from_the_first_affected(ti
     states = task_states(again_id, stages)
     assert {s: states[s] for s in stages} == {s: "Cached" for s in stages}
     assert again["metrics"]["student"] == first["metrics"]["student"]
+    # settings that change no result (how often training checkpoints, how many checkpoints it keeps) reuse it all
+    _, operational_id = run_flow(superposition_distill, tiny_teacher, tmp_path,
+                                 **{"train.checkpoint_every": 1, "train.keep_checkpoints": 1})
+    states = task_states(operational_id, stages)
+    assert {s: states[s] for s in stages} == {s: "Cached" for s in stages}
 
     def rerun_from(stage: str) -> dict[str, str]:
         i = stages.index(stage)
