@@ -49,8 +49,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu or cuda")
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per comparison (medians over these)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (0: torch's default). 1 by default: on a shared, oversubscribed CPU a "
-                        "second thread waits on the first at every op and makes timings erratic")
+                   help="torch CPU threads (0: torch's default). 1 in most scripts: on a shared, oversubscribed "
+                        "CPU a second thread waits on the first at every op and makes timings erratic")
     p.add_argument("--out", default=None, help="JSON output (default bench/results/<name>.json)")
     return p
 
