@@ -7,9 +7,7 @@ import logging
 import socket
 import uuid
 
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from storage import ArtifactStore
 
@@ -24,6 +22,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
+    # moto and boto3 are imported where used: the local-store tests (the CUDA ones on a GPU host among them) run
+    # without the dev extra's S3 stack
+    from moto.server import ThreadedMotoServer
+
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
@@ -38,6 +40,8 @@ def s3_options(s3_endpoint) -> dict:
 
 
 def make_bucket(options: dict) -> str:
+    import boto3
+
     name = f"test-{uuid.uuid4().hex[:12]}"
     client = boto3.client("s3", endpoint_url=options["endpoint_url"], aws_access_key_id=options["key"],
                           aws_secret_access_key=options["secret"], region_name=options["region"])
