@@ -29,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -226,8 +227,12 @@ def main(argv=None) -> None:
         for batch in args.batch:
             results = {}
             for config in configs:
-                print(f"{kind}, batch {batch}: {config}", flush=True)
-                results[config] = run_child(config, batch, args)
+                print(f"{kind}, batch {batch}: {config}", end="", flush=True)
+                started = time.perf_counter()
+                results[config] = r = run_child(config, batch, args)
+                # as each child ends: the figures survive a run stopped before its tables
+                cuda = f", CUDA peak {r['cuda_peak_mib']:,.0f} MiB" if "cuda_peak_mib" in r else ""
+                print(f": peak RSS {r['peak_mib']:,.0f} MiB{cuda} ({time.perf_counter() - started:.0f} s)", flush=True)
             for config, r in results.items():
                 # a checkpointed configuration is compared with the two-model approach checkpointed alike
                 base_name = "two-model, checkpointed" if "checkpointed" in config else "two-model"
