@@ -19,8 +19,9 @@ Rows:
 - the control: a ternary student of the superposition student's size trained from scratch with plain
   cross-entropy on the same training tokens for the same number of optimiser steps (train.steps + head.steps).
 - what the superposition student would need to beat that control (``--superposition-seeds``): the learning rate
-  decayed to 0, the head trained on the cached top-k logits as well, longer budgets (``--superposition-budgets``),
-  and each budget with both changes, every row beside a control of its own budget (``--only`` picks rows).
+  decayed to 0, the head trained on the cached top-k logits as well, larger head learning rates (the preset's 0.02
+  came from them) and reconstruction learning rates, longer budgets (``--superposition-budgets``) with the earlier
+  and the new head learning rate, every row beside a control of its own budget (``--only`` picks rows).
 
     .venv/bin/python -m bench.quality                      # everything (about 7 hours of 2 CPU cores)
     .venv/bin/python -m bench.quality --groups headline    # teacher, PTQ, self-distill, superposition, control
@@ -90,14 +91,25 @@ def variants(args) -> list[Variant]:
                     "self-distill", {"seed": s}) for s in args.seeds]
     out += [Variant(f"superposition, seed {s}", "headline", "superposition-distill", {"seed": s}) for s in args.seeds]
     # What the superposition student needs to beat its control: each row changes the preset as named, and its
-    # control trains for the same total steps on the same rows with the same schedule
+    # control trains for the same total steps on the same rows with the same schedule. The rows measured before the
+    # preset's head lr went from 0.002 to 0.02 keep 0.002, written out, so that rerunning them reuses their runs.
+    earlier_head = {"head.lr": 2e-3}
     decay_to_0, head_kl = {"train.min_lr_ratio": 0}, {"head.topk_kl_weight": 1}
-    superposition_search = {"preset": {}, "lr decayed to 0": decay_to_0, "head on CE + top-k KL": head_kl}
+    superposition_search = {"head lr 0.002 (the earlier preset)": earlier_head,
+                            "lr decayed to 0": decay_to_0 | earlier_head, "head on CE + top-k KL": head_kl | earlier_head}
+    # the head is a linear probe on frozen features: larger learning rates (0.02 is the preset's now); then the
+    # reconstruction's learning rate raised too, which raises the control's (it trains with train.lr) alike
+    for head_lr in (1e-2, 2e-2):
+        superposition_search[f"head lr {head_lr:g}"] = {"head.lr": head_lr}
+    superposition_search["head lr 0.02 on CE + top-k KL"] = {"head.lr": 2e-2, **head_kl}
+    for lr in (5e-3, 1e-2):
+        superposition_search[f"recon lr {lr:g}, head lr 0.02"] = {"train.lr": lr, "head.lr": 2e-2}
     for n in args.superposition_budgets:  # every training row, over and over; half as many head steps, as the preset
         longer = {"train.steps": n, "cache.max_samples": RECIPE_ROWS, "head.steps": n // 2}
-        superposition_search[f"{n} + {n // 2} steps"] = longer
-        tuned = longer | decay_to_0 | head_kl
+        superposition_search[f"{n} + {n // 2} steps"] = longer | earlier_head
+        tuned = longer | decay_to_0 | head_kl | earlier_head
         superposition_search[f"{n} + {n // 2} steps, lr decayed to 0, head on CE + top-k KL"] = tuned
+        superposition_search[f"{n} + {n // 2} steps, head lr 0.02"] = longer | {"head.lr": 2e-2}
     out += [Variant(f"superposition, {name}, seed {s}", "superposition", "superposition-distill", {**o, "seed": s})
             for name, o in superposition_search.items() for s in args.superposition_seeds]
     previous = "self-distill, 2048 rows"
