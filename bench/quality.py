@@ -96,7 +96,8 @@ def variants(args) -> list[Variant]:
     earlier_head = {"head.lr": 2e-3}
     decay_to_0, head_kl = {"train.min_lr_ratio": 0}, {"head.topk_kl_weight": 1}
     superposition_search = {"head lr 0.002 (the earlier preset)": earlier_head,
-                            "lr decayed to 0": decay_to_0 | earlier_head, "head on CE + top-k KL": head_kl | earlier_head}
+                            "lr decayed to 0": decay_to_0 | earlier_head,
+                            "head on CE + top-k KL": head_kl | earlier_head}
     # the head is a linear probe on frozen features: larger learning rates (0.02 is the preset's now); then the
     # reconstruction's learning rate raised too, which raises the control's (it trains with train.lr) alike
     for head_lr in (1e-2, 2e-2):
