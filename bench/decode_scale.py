@@ -44,7 +44,8 @@ def main(argv=None) -> None:
         sys.exit(f"no finished superposition run under {args.root} for seed {args.seed}: run "
                  f"`python -m bench.quality --groups superposition --superposition-seeds {args.seed}` first")
     small, projector = load_final_student(cfg, store, store.read_manifest(plan["lm_head"]["path"]))
-    small.to(device), projector.to(device)
+    small.to(device)
+    projector.to(device)
     dual = load_dual(cfg, device)
     head = dual.model.get_output_embeddings()
     tokens = store.read_manifest(plan["tokenize"]["path"])
