@@ -32,7 +32,7 @@ from bench.common import (compute_dtype, interleave, median, optimiser_step, par
                           teacher, token_rows)
 from distill.config import load_config
 from distill.rows import Rows
-from distill.teacher import resolve_layers, teacher_outputs
+from distill.teacher import TeacherForward, resolve_layers
 from distill.teacher_cache import cached_rows
 from distill.train_superposition import build_student, superposition_trainable
 from storage import ArtifactStore
@@ -50,10 +50,11 @@ def build_cache(model, store: ArtifactStore, path: str, rows: int, cfg, device, 
                             hidden_size=model.config.hidden_size, dtype=cfg.cache.dtype, codec=cfg.cache.codec,
                             topk_codec=topk_codec, chunk_size=cfg.cache.batch_size, topk=cfg.cache.topk,
                             fingerprint="bench")
+    forward = TeacherForward(model, layers, cfg.cache.topk)
     with TeacherCacheWriter(store, path, spec) as writer:
         for chunk in writer.missing_chunks():
             i, m = (t[chunk * spec.chunk_size:(chunk + 1) * spec.chunk_size] for t in (ids, mask))
-            out = teacher_outputs(model, i.to(device), m.to(device), layers, cfg.cache.topk)
+            out = forward(i.to(device), m.to(device))
             writer.write_chunk(chunk, {"input_ids": i, "attention_mask": m, **out})
     return f"hidden/layer_{layers[-1]}"
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .config import REPO_ROOT, ConfigError, TeacherConfig
 from .optim import quiet_torchao_logs
+from .progress import logger
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -113,14 +115,86 @@ def hidden_layers(spec: list[int] | str, num_hidden_layers: int) -> list[int]:
     return resolve_layers(spec, num_hidden_layers)
 
 
-@torch.no_grad()
-def teacher_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int],
-                    topk: int = 0) -> dict[str, torch.Tensor]:
-    """One batched forward pass: the chosen hidden states (``hidden/layer_<i>``) and optional top-k logits."""
-    # use_cache=False: no KV cache to build and fill (nothing here generates); docs/RESULTS.md section 1 measures it
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
-    result = {f"hidden/layer_{i}": out.hidden_states[i] for i in layers}
-    if topk:
-        values, indices = out.logits.topk(topk, dim=-1)
-        result["topk_values"], result["topk_indices"] = values.half(), indices.int()
-    return result
+# Logits computed per block for the top-k (elements): 8 MB of float32 stays in a CPU's caches; a GPU wants fewer,
+# larger kernels (a 150k vocabulary would otherwise take over a thousand blocks per batch).
+TOPK_BLOCK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}
+
+
+class TeacherForward:
+    """The cache stage's forward pass of the teacher: the chosen hidden states (``hidden/layer_<i>``) and, with
+    ``topk``, the top-k logits (``topk_values`` float16, ``topk_indices`` int32) of every position.
+
+    The top-k is taken block by block of rows straight from the last hidden state through the output embedding, so
+    the [batch, seq, vocab] logits never exist: the same values, at about half the top-k's
+    cost on the quickstart teacher (docs/RESULTS.md section 1), and gigabytes less memory with a 150k vocabulary.
+    Without ``topk`` the output embedding is skipped altogether. That is only right where the model's logits are
+    its output embedding of its last hidden state, so the first batch runs both ways and compares: a model that
+    post-processes its logits (Gemma's soft-capping, Cohere's logit scale) keeps computing the full logits.
+    """
+
+    def __init__(self, model, layers: list[int], topk: int = 0, log: Callable[[str], None] = logger.info):
+        self.model, self.layers, self.topk, self.log = model, layers, topk, log
+        self.fused: bool | None = None  # decided by the first batch
+        head = model.get_output_embeddings().weight
+        budget = TOPK_BLOCK_ELEMENTS.get(head.device.type, TOPK_BLOCK_ELEMENTS["cuda"])
+        self.block_rows = max(1, budget // head.shape[0])  # rows of logits per block
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                      use_cache=False)  # no KV cache to build and fill (nothing here generates): RESULTS section 1
+        if self.fused:
+            return self._stored(*self._fused(kwargs))
+        own = self._full_logits(kwargs)
+        if self.fused is None:
+            self.fused = self._fused_matches(own, kwargs)
+        return self._stored(*own)
+
+    def _full_logits(self, kwargs: dict):
+        """The model's own forward: what the fused path must reproduce."""
+        out = self.model(**kwargs)
+        hidden = {f"hidden/layer_{i}": out.hidden_states[i] for i in self.layers}
+        return (hidden, out.logits.topk(self.topk, dim=-1)) if self.topk else (hidden, None)
+
+    def _fused(self, kwargs: dict):
+        out = self.model.base_model(**kwargs)
+        hidden = {f"hidden/layer_{i}": out.hidden_states[i] for i in self.layers}
+        if not self.topk:
+            return hidden, None
+        last = out.last_hidden_state
+        head = self.model.get_output_embeddings()
+        blocks = [head(rows).topk(self.topk, dim=-1) for rows in last.flatten(0, 1).split(self.block_rows)]
+        shape = (*last.shape[:2], self.topk)
+        return hidden, (torch.cat([v for v, _ in blocks]).view(shape), torch.cat([i for _, i in blocks]).view(shape))
+
+    def _stored(self, hidden: dict, topk) -> dict[str, torch.Tensor]:
+        if topk is None:
+            return hidden
+        return {**hidden, "topk_values": topk[0].half(), "topk_indices": topk[1].int()}
+
+    def _fused_matches(self, own, kwargs: dict) -> bool:
+        if self.model.base_model is self.model:
+            return False
+        try:
+            fused = self._fused(kwargs)
+        except (AttributeError, TypeError) as exc:  # a base model without last_hidden_state or hidden_states
+            self.log(f"teacher cache: the top-k comes from the full logits ({type(exc).__name__}: {exc})")
+            return False
+        # Compared in the computing dtype, before rounding to float16; the top-k values (sorted) do not depend on
+        # how ties are ordered, the indices would.
+        pairs = {**{name: (fused[0][name], value) for name, value in own[0].items()},
+                 **({"top-k logits": (fused[1][0], own[1][0])} if self.topk else {})}
+        mismatched = [name for name, (a, b) in pairs.items() if not _close(a, b)]
+        if mismatched:
+            self.log("teacher cache: the teacher's logits are not its output embedding of its last hidden state "
+                     f"({', '.join(mismatched)} differ: logit soft-capping or scaling?), so the top-k comes from its "
+                     "full logits")
+        return not mismatched
+
+
+def _close(fused: torch.Tensor, own: torch.Tensor) -> bool:
+    """Equal up to a few roundings of the computing dtype (kernels may block a matmul differently by shape)."""
+    if fused.shape != own.shape:
+        return False
+    fused, own, eps = fused.float(), own.float(), torch.finfo(own.dtype).eps
+    return bool(((fused - own).abs() <= 4 * eps * own.abs().amax()).all())

@@ -16,7 +16,7 @@ import torch
 from storage.cache import TeacherCacheSpec, TeacherCacheWriter
 
 from .data import load_split
-from .teacher import load_teacher, resolve_device, resolve_dtype, resolve_layers, teacher_outputs
+from .teacher import TeacherForward, load_teacher, resolve_device, resolve_dtype, resolve_layers
 
 
 def run_cache_teacher(cfg, store, stage: dict, reporter, tokens: dict) -> dict:
@@ -27,6 +27,7 @@ def run_cache_teacher(cfg, store, stage: dict, reporter, tokens: dict) -> dict:
     model = load_teacher(cfg.teacher, device, resolve_dtype(cfg.teacher.dtype, device))
     layers = resolve_layers(cfg.cache.layers, model.config.num_hidden_layers)
     vocab_size = model.get_output_embeddings().weight.shape[0]  # what the student's vocabulary must cover
+    forward = TeacherForward(model, layers, cfg.cache.topk, log=reporter.log)
     splits = {}
     for split, limit in (("train", cfg.cache.max_samples), ("eval", cfg.eval.max_rows)):
         rows = load_split(store, tokens, split)
@@ -41,7 +42,7 @@ def run_cache_teacher(cfg, store, stage: dict, reporter, tokens: dict) -> dict:
             for chunk in missing:
                 batch = rows.fetch(np.arange(chunk * spec.chunk_size, min((chunk + 1) * spec.chunk_size, count)))
                 ids, mask = batch["input_ids"], batch["attention_mask"]
-                outputs = teacher_outputs(model, ids.to(device), mask.to(device), layers, cfg.cache.topk)
+                outputs = forward(ids.to(device), mask.to(device))
                 # the writer converts to the stored dtypes on the device and copies to the host asynchronously
                 writer.write_chunk(chunk, {"input_ids": ids, "attention_mask": mask, **outputs})
                 reporter.advance(1)

@@ -1,0 +1,77 @@
+"""The cache stage's teacher forward: the block-wise top-k reproduces the model's own, or is not used."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+from distill.teacher import TeacherForward
+from tests.bitnet.tiny_models import _COMMON, CONFIGS, VOCAB, token_batch, tiny_causal_lm
+
+# Models whose logits are not their output embedding of the last hidden state.
+POSTPROCESSED = {
+    "gemma2": lambda: tf.Gemma2Config(num_key_value_heads=2, head_dim=8, final_logit_softcapping=30.0, **_COMMON),
+    "cohere": lambda: tf.CohereConfig(num_key_value_heads=2, logit_scale=0.0625, **_COMMON),
+}
+
+
+def own_outputs(model, ids, mask, layers, topk):
+    """What the model's own forward gives: the reference."""
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    result = {f"hidden/layer_{i}": out.hidden_states[i] for i in layers}
+    if topk:
+        values, indices = out.logits.topk(topk, dim=-1)
+        result |= {"topk_values": values.half(), "topk_indices": indices.int()}
+    return result
+
+
+def batches(n: int = 3):
+    for seed in range(n):
+        ids = token_batch(batch=3, seq=10, seed=seed)
+        mask = torch.ones_like(ids)
+        mask[seed % 3, 6:] = 0  # a padded row
+        yield ids, mask
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_block_wise_topk_equals_the_models_own(family, tmp_path):
+    model = tiny_causal_lm(family, tmp_path)
+    forward = TeacherForward(model, layers=[1, 2], topk=8)
+    forward.block_rows = 7  # 30 rows per batch: blocks of 7, 7, 7, 7 and 2
+    for ids, mask in batches():
+        assert_same(forward(ids, mask), own_outputs(model, ids, mask, [1, 2], 8))
+    assert forward.fused is True
+
+
+def test_without_topk_only_hidden_states(tmp_path):
+    model = tiny_causal_lm("llama", tmp_path)
+    forward = TeacherForward(model, layers=[0, 2])
+    for ids, mask in batches():
+        assert_same(forward(ids, mask), own_outputs(model, ids, mask, [0, 2], 0))
+    assert forward.fused is True
+
+
+@pytest.mark.parametrize("family", sorted(POSTPROCESSED))
+def test_postprocessed_logits_keep_the_full_logits(family, tmp_path):
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(POSTPROCESSED[family]()).eval()
+    messages = []
+    forward = TeacherForward(model, layers=[2], topk=8, log=messages.append)
+    for ids, mask in batches():
+        assert_same(forward(ids, mask), own_outputs(model, ids, mask, [2], 8))
+    assert forward.fused is False
+    assert len(messages) == 1 and "top-k logits differ" in messages[0] and "full logits" in messages[0]
+
+
+def test_block_rows_follow_the_vocabulary(tmp_path):
+    model = tiny_causal_lm("llama", tmp_path)
+    assert TeacherForward(model, [2], topk=4).block_rows == (1 << 21) // VOCAB
