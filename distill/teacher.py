@@ -124,12 +124,12 @@ class TeacherForward:
     """The cache stage's forward pass of the teacher: the chosen hidden states (``hidden/layer_<i>``) and, with
     ``topk``, the top-k logits (``topk_values`` float16, ``topk_indices`` int32) of every position.
 
-    The top-k is taken block by block of rows straight from the last hidden state through the output embedding, so
-    the [batch, seq, vocab] logits never exist: the same values, at about half the top-k's
-    cost on the quickstart teacher (docs/RESULTS.md section 1), and gigabytes less memory with a 150k vocabulary.
-    Without ``topk`` the output embedding is skipped altogether. That is only right where the model's logits are
-    its output embedding of its last hidden state, so the first batch runs both ways and compares: a model that
-    post-processes its logits (Gemma's soft-capping, Cohere's logit scale) keeps computing the full logits.
+    The output embedding and the top-k run fused, block by block of rows of the last hidden state, so the
+    [batch, seq, vocab] logits never exist: the same values at about half the top-k's cost on the quickstart teacher
+    (docs/RESULTS.md section 1), and gigabytes less memory with a 150k vocabulary. Without ``topk`` the output
+    embedding is skipped altogether. That is only right where the model's logits are its output embedding of its
+    last hidden state, so the first batch runs both ways and compares (``fused`` says how it went): a model that
+    post-processes its logits (Gemma's soft-capping, Cohere's logit scale) keeps computing its full logits.
     """
 
     def __init__(self, model, layers: list[int], topk: int = 0, log: Callable[[str], None] = logger.info):
@@ -173,12 +173,11 @@ class TeacherForward:
         return {**hidden, "topk_values": topk[0].half(), "topk_indices": topk[1].int()}
 
     def _fused_matches(self, own, kwargs: dict) -> bool:
-        if self.model.base_model is self.model:
-            return False
         try:
             fused = self._fused(kwargs)
-        except (AttributeError, TypeError) as exc:  # a base model without last_hidden_state or hidden_states
-            self.log(f"teacher cache: the top-k comes from the full logits ({type(exc).__name__}: {exc})")
+        except Exception as exc:  # e.g. a base model without last_hidden_state: the model's own forward stays
+            self.log(f"teacher cache: the top-k comes from the full logits (the block-wise path failed: "
+                     f"{type(exc).__name__}: {exc})")
             return False
         # Compared in the computing dtype, before rounding to float16; the top-k values (sorted) do not depend on
         # how ties are ordered, the indices would.

@@ -75,3 +75,15 @@ def test_postprocessed_logits_keep_the_full_logits(family, tmp_path):
 def test_block_rows_follow_the_vocabulary(tmp_path):
     model = tiny_causal_lm("llama", tmp_path)
     assert TeacherForward(model, [2], topk=4).block_rows == (1 << 21) // VOCAB
+
+
+def test_a_failing_block_wise_path_keeps_the_full_logits(tmp_path, monkeypatch):
+    model = tiny_causal_lm("llama", tmp_path)
+    # no base model to call on its own (``base_model`` is then the model, whose output has no last_hidden_state)
+    monkeypatch.setattr(model, "base_model_prefix", "no_such_module")
+    messages = []
+    forward = TeacherForward(model, layers=[2], topk=8, log=messages.append)
+    for ids, mask in batches(2):
+        assert_same(forward(ids, mask), own_outputs(model, ids, mask, [2], 8))
+    assert forward.fused is False
+    assert len(messages) == 1 and "AttributeError" in messages[0] and "full logits" in messages[0]
