@@ -40,7 +40,7 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND for at most SECONDS, its o
 # Limits sum to 540 s: what the device tool's 10-minute command limit leaves after start-up. bench.memory starts a
 # fresh process per configuration and batch (each pays CUDA's start-up), so it runs as two steps with a JSON each,
 # and prints each configuration's peak as it ends: a step stopped at its limit still leaves those in the log.
-step cuda-tests 120 $PY -m pytest -q -p no:cacheprovider tests/bitnet/test_cuda.py tests/storage/test_cache.py tests/pipeline/test_teacher_forward.py -k cuda
+step cuda-tests 100 $PY -m pytest -q -p no:cacheprovider tests/bitnet/test_cuda.py tests/storage/test_cache.py tests/pipeline/test_teacher_forward.py -k cuda
 step cache_overhead 110 $PY -m bench.cache_overhead --rows 512 --large-rows 256 --no-sizes \
     --out "$OUT_DIR/cache_overhead.json"
 step train_step 80 $PY -m bench.train_step --batch 64 --large-batch 32 --out "$OUT_DIR/train_step.json"
@@ -49,5 +49,7 @@ step memory-batch8 100 $PY -m bench.memory --teachers large --batch 8 --configs 
 step memory-batch32 75 $PY -m bench.memory --teachers large --batch 32 --configs two-model "dual lora" \
     "two-model, checkpointed" "dual lora, checkpointed" --out "$OUT_DIR/memory_batch32.json"
 step cache_read 55 $PY -m bench.cache_read --out "$OUT_DIR/cache_read.json"
+step topk_blocks 20 $PY -m bench.topk_blocks --rows 16384 --block-rows 256 1024 4096 \
+    --out "$OUT_DIR/topk_blocks.json"
 
 { echo "===== summary"; printf '%s\n' "${summary[@]}"; } >> "$LOG"

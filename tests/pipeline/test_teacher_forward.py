@@ -75,6 +75,10 @@ def test_postprocessed_logits_keep_the_full_logits(family, tmp_path):
 def test_block_rows_follow_the_vocabulary(tmp_path):
     model = tiny_causal_lm("llama", tmp_path)
     assert TeacherForward(model, [2], topk=4).block_rows == (1 << 21) // VOCAB
+    # an output embedding larger than the caches (40,000 x 256 float32: 41 MB) gets at least 1024 rows per block,
+    # since each block streams all of it
+    big = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**{**_COMMON, "vocab_size": 40_000, "hidden_size": 256}))
+    assert TeacherForward(big, [2], topk=4).block_rows == 1024
 
 
 def test_a_failing_block_wise_path_keeps_the_full_logits(tmp_path, monkeypatch):
