@@ -131,13 +131,14 @@ class TeacherForward:
     [batch, seq, vocab] logits never exist: the same values at about half the top-k's cost on the quickstart teacher
     (docs/RESULTS.md section 1), and gigabytes less memory with a 150k vocabulary. Without ``topk`` the output
     embedding is skipped altogether. That is only right where the model's logits are its output embedding of its
-    last hidden state, so the first batch runs both ways and compares (``fused`` says how it went): a model that
-    post-processes its logits (Gemma's soft-capping, Cohere's logit scale) keeps computing its full logits.
+    last hidden state, so the first row of the first batch runs both ways and compares (``fused`` says how it went):
+    a model that post-processes its logits (Gemma's soft-capping, Cohere's logit scale) keeps computing its full
+    logits.
     """
 
     def __init__(self, model, layers: list[int], topk: int = 0, log: Callable[[str], None] = logger.info):
         self.model, self.layers, self.topk, self.log = model, layers, topk, log
-        self.fused: bool | None = None  # decided by the first batch
+        self.fused: bool | None = None  # decided by the first call
         head = model.get_output_embeddings().weight
         budget = TOPK_BLOCK_ELEMENTS.get(head.device.type, TOPK_BLOCK_ELEMENTS["cuda"])
         least = LARGE_HEAD_MIN_ROWS if head.numel() * head.element_size() > LARGE_HEAD_BYTES else 1
@@ -147,12 +148,9 @@ class TeacherForward:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                       use_cache=False)  # no KV cache to build and fill (nothing here generates): RESULTS section 1
-        if self.fused:
-            return self._stored(*self._fused(kwargs))
-        own = self._full_logits(kwargs)
-        if self.fused is None:
-            self.fused = self._fused_matches(own, kwargs)
-        return self._stored(*own)
+        if self.fused is None:  # probed on the first row: the whole logits of one row cost little memory
+            self.fused = self._fused_matches(dict(kwargs, input_ids=input_ids[:1], attention_mask=attention_mask[:1]))
+        return self._stored(*(self._fused(kwargs) if self.fused else self._full_logits(kwargs)))
 
     def _full_logits(self, kwargs: dict):
         """The model's own forward: what the fused path must reproduce."""
@@ -176,7 +174,8 @@ class TeacherForward:
             return hidden
         return {**hidden, "topk_values": topk[0].half(), "topk_indices": topk[1].int()}
 
-    def _fused_matches(self, own, kwargs: dict) -> bool:
+    def _fused_matches(self, kwargs: dict) -> bool:
+        own = self._full_logits(kwargs)
         try:
             fused = self._fused(kwargs)
         except Exception as exc:  # e.g. a base model without last_hidden_state: the model's own forward stays
