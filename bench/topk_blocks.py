@@ -3,7 +3,7 @@ of the whole logits, at the vocabulary sizes real teachers have.
 
 Each block streams the whole output embedding again; small blocks keep their logits in a CPU's caches. Random
 weights and hidden states (speed does not depend on their values); ``rows`` is a batch's positions (16 x 128 at
-the quickstart preset). The blocks the stage picks (``distill.teacher.TeacherForward.block_rows``) are marked.
+the quickstart preset). The blocks the stage picks (``distill.teacher.topk_block_rows``) are marked.
 """
 
 from __future__ import annotations
@@ -18,21 +18,10 @@ import torch
 from torch import nn
 
 from bench.common import compute_dtype, interleave, parser, ratio, report, setup, table
-from distill.teacher import TeacherForward
+from distill.teacher import topk_block_rows
 
 # (vocabulary, hidden size): the quickstart teacher's head, a Llama-2-sized one, a Qwen2.5-1.5B-sized one
 HEADS = [(4096, 256), (32000, 2048), (151936, 1536)]
-
-
-class _Head(nn.Module):
-    """Just enough of a causal LM for ``TeacherForward`` to choose its block size."""
-
-    def __init__(self, head: nn.Linear):
-        super().__init__()
-        self.head = head
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.head
 
 
 def measure(vocab: int, hidden: int, args, device) -> dict:
@@ -40,7 +29,7 @@ def measure(vocab: int, hidden: int, args, device) -> dict:
     torch.manual_seed(0)
     head = nn.Linear(hidden, vocab, bias=False).to(device, dtype)
     states = torch.randn(args.rows, hidden, device=device, dtype=dtype)
-    chosen = TeacherForward(_Head(head), layers=[], topk=args.topk).block_rows
+    chosen = topk_block_rows(head.weight)
     sizes = sorted({*args.block_rows, chosen} - {0})
 
     @torch.no_grad()

@@ -123,6 +123,13 @@ TOPK_BLOCK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}
 LARGE_HEAD_BYTES, LARGE_HEAD_MIN_ROWS = 32 << 20, 1024
 
 
+def topk_block_rows(head: torch.Tensor) -> int:
+    """Rows of logits per block of the top-k, for the output embedding's weight ``head`` [vocab, hidden]."""
+    budget = TOPK_BLOCK_ELEMENTS.get(head.device.type, TOPK_BLOCK_ELEMENTS["cuda"])
+    least = LARGE_HEAD_MIN_ROWS if head.numel() * head.element_size() > LARGE_HEAD_BYTES else 1
+    return max(least, budget // head.shape[0])
+
+
 class TeacherForward:
     """The cache stage's forward pass of the teacher: the chosen hidden states (``hidden/layer_<i>``) and, with
     ``topk``, the top-k logits (``topk_values`` float16, ``topk_indices`` int32) of every position.
@@ -139,10 +146,7 @@ class TeacherForward:
     def __init__(self, model, layers: list[int], topk: int = 0, log: Callable[[str], None] = logger.info):
         self.model, self.layers, self.topk, self.log = model, layers, topk, log
         self.fused: bool | None = None  # decided by the first call
-        head = model.get_output_embeddings().weight
-        budget = TOPK_BLOCK_ELEMENTS.get(head.device.type, TOPK_BLOCK_ELEMENTS["cuda"])
-        least = LARGE_HEAD_MIN_ROWS if head.numel() * head.element_size() > LARGE_HEAD_BYTES else 1
-        self.block_rows = max(least, budget // head.shape[0])  # rows of logits per block
+        self.block_rows = topk_block_rows(model.get_output_embeddings().weight)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
