@@ -43,7 +43,8 @@ class DataConfig(Section):
     min_chars: int = Field(default=16, ge=0)  # drop empty and very short documents
     seq_len: int = Field(default=128, gt=1)
     packing: Literal["pack", "pad"] = "pack"  # pack documents separated by EOS, or pad/truncate each one
-    eval_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)  # held out by document hash
+    # held out by document hash; the built-in corpus keeps its own split (modules the quickstart teacher never saw)
+    eval_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
     max_train_rows: int | None = Field(default=None, gt=0)
     max_eval_rows: int | None = Field(default=None, gt=0)
     rows_per_shard: int = Field(default=4096, gt=0)
@@ -236,8 +237,20 @@ def apply_overrides(raw: dict, overrides: dict[str, Any] | None) -> dict:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
-        node[leaf] = yaml.safe_load(value) if isinstance(value, str) else value
+        try:
+            node[leaf] = yaml.safe_load(value) if isinstance(value, str) else value
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {dotted}={value!r} is not valid YAML ({_yaml_problem(exc)}); quote a "
+                              "string that starts with [, {, : or *, e.g. --set 'key=\"[x\"'") from None
     return raw
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's own description of the problem, on one line, without its source excerpt."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem or exc}{where}"
 
 
 def load_config(config: str | Path | dict | PipelineConfig = "quickstart",
@@ -249,7 +262,10 @@ def load_config(config: str | Path | dict | PipelineConfig = "quickstart",
         raw = config
     else:
         path = preset_path(config)
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     try:

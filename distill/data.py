@@ -70,11 +70,16 @@ def _file_rows(path: Path) -> Iterator[dict]:
     builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
     if builder is None:
         raise ConfigError(f"data.files: {path} has an unsupported type; use .txt, .jsonl or .parquet")
-    yield from datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+    try:
+        yield from datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+    except Exception as exc:  # pyarrow's or datasets' own parse errors, whose types vary by format and version
+        raise ConfigError(f"data.files: cannot read {path} as {path.suffix.lstrip('.')}: {type(exc).__name__}: "
+                          f"{exc}") from None
 
 
 def check_source(cfg: DataConfig) -> None:
-    """Fail fast on an unreadable source or a missing text column: read the first document only."""
+    """Fail fast on an unreadable source or a missing text column: read up to the first document (a Hub dataset
+    that is not streamed is downloaded first, and the built-in corpus lists its files first)."""
     next(iter(_raw_documents(cfg)), None)
 
 
@@ -174,20 +179,24 @@ class Padder:
         self.rows.add(row, len(tokens), doc_id)
 
 
-def special_ids(tokenizer) -> tuple[int, int]:
-    """(eos, pad) ids; a tokenizer without a pad token pads with EOS (padding is masked anyway)."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ConfigError(f"the tokenizer {tokenizer.name_or_path!r} has no EOS token; packing needs one "
-                          "(set data.packing: pad, or use a tokenizer with eos_token)")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+def special_ids(tokenizer, packing: str) -> tuple[int | None, int]:
+    """(eos, pad) ids for ``data.packing``: packing separates documents with EOS; a tokenizer without a pad token
+    pads with EOS (padding is masked anyway)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if packing == "pack" and eos is None:
+        raise ConfigError(f"the tokenizer {tokenizer.name_or_path!r} has no EOS token to separate packed documents "
+                          "with; set data.packing: pad, or use a tokenizer with an eos_token")
+    pad = pad if pad is not None else eos
+    if pad is None:
+        raise ConfigError(f"the tokenizer {tokenizer.name_or_path!r} has neither a pad nor an EOS token to pad rows "
+                          "with; use a tokenizer that defines one of them")
     return eos, pad
 
 
 def token_rows(cfg: DataConfig, tokenizer, batch_rows: int = 1024,
                documents: Iterable[Document] | None = None) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """Yield ``(split, rows)`` batches of at most ``batch_rows`` rows as documents are tokenized."""
-    eos, pad = special_ids(tokenizer)
+    eos, pad = special_ids(tokenizer, cfg.packing)
     make = (lambda: Packer(cfg.seq_len, eos)) if cfg.packing == "pack" else (lambda: Padder(cfg.seq_len, pad))
     builders = {"train": make(), "eval": make()}
     limits = {"train": cfg.max_train_rows, "eval": cfg.max_eval_rows}
@@ -251,8 +260,10 @@ def run_tokenize(cfg, store, stage: dict, reporter) -> dict:
                 "splits": {split: w.close() for split, w in writers.items()}}
     for split in ("train", "eval"):
         if not manifest["splits"][split]["rows"]:
-            raise ValueError(f"tokenize produced no {split} rows from the configured data: add documents, lower "
-                             f"data.seq_len ({cfg.data.seq_len}) or raise data.eval_fraction")
+            # the built-in corpus has its own fixed split (storage/stdlib_corpus.py); other sources split by hash
+            more = "raise data.max_documents" if cfg.data.builtin else "raise data.eval_fraction"
+            raise ConfigError(f"tokenize produced no {split} rows from the configured data: add documents, lower "
+                              f"data.seq_len ({cfg.data.seq_len}) or {more}")
     store.mark_complete(path, manifest)
     return manifest
 

@@ -14,7 +14,7 @@ from storage import ArtifactStore, fingerprint, model_identity, tokenizer_identi
 from storage import layout
 
 from .config import ConfigError, OptimConfig, PipelineConfig
-from .data import check_source
+from .data import check_source, special_ids
 from .optim import check_optimizer
 from .teacher import (check_4bit_loading, load_teacher_config, load_tokenizer, model_source, resolve_device,
                       resolve_dtype, resolve_layers)
@@ -34,6 +34,12 @@ class TeacherFacts:
     hidden_size: int
     num_hidden_layers: int
     max_positions: int | None
+
+
+def uses_teacher_cache(cfg: PipelineConfig, flow: str) -> bool:
+    """Whether ``flow`` runs the cache stage: superposition always, self-distillation when it reads its teacher
+    signal from the cache instead of the model's own teacher mode."""
+    return flow == "superposition-distill" or cfg.self_distill.teacher_signal == "cache"
 
 
 def open_store(cfg: PipelineConfig) -> ArtifactStore:
@@ -76,9 +82,11 @@ def preflight(cfg: PipelineConfig, flow: str) -> TeacherFacts:
         if cfg.head.topk_kl_weight and not cfg.cache.topk:
             raise ConfigError("head.topk_kl_weight > 0 needs cached top-k teacher logits: set cache.topk > 0 "
                               "(e.g. 64) or head.topk_kl_weight: 0")
+    if uses_teacher_cache(cfg, flow) and cfg.cache.topk > text_config.vocab_size:
+        raise ConfigError(f"cache.topk {cfg.cache.topk} exceeds the teacher's {text_config.vocab_size} logits per "
+                          f"token; use cache.topk <= {text_config.vocab_size} (the quickstart caches 32), or 0")
     check_source(cfg.data)
-    if tokenizer.eos_token_id is None and cfg.data.packing == "pack":
-        raise ConfigError("data.packing 'pack' needs a tokenizer with an EOS token; use data.packing: pad")
+    special_ids(tokenizer, cfg.data.packing)  # raises when the tokenizer lacks what data.packing needs
     return facts
 
 
@@ -126,9 +134,8 @@ def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> dict[str
     loaded = {"teacher": teacher.identity, "compute_dtype": teacher.compute_dtype}  # what its outputs depend on
     cache_own = {**loaded, "load_in_4bit": cfg.teacher.load_in_4bit, "cache": d["cache"],
                  "eval_rows": cfg.eval.max_rows}
-    uses_cache = flow == "superposition-distill" or cfg.self_distill.teacher_signal == "cache"
     upstream = tokens
-    if uses_cache:
+    if uses_teacher_cache(cfg, flow):
         upstream = add("cache_teacher", cache_own, tokens)
         stages["cache_teacher"].path = layout.teacher_cache_dir(upstream)
     if flow == "superposition-distill":

@@ -18,13 +18,32 @@ quiet_torchao_logs()  # transformers imports torchao, when installed, on every f
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
+    """``teacher.device`` as a torch device: ``auto`` picks CUDA, then MPS, then the CPU; a named device must exist."""
     if spec != "auto":
-        return torch.device(spec)
+        try:
+            device = torch.device(spec)
+        except RuntimeError:
+            raise ConfigError(f"teacher.device {spec!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+        _check_present(device, spec)
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _check_present(device: torch.device, spec: str) -> None:
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"teacher.device {spec!r}: torch sees no CUDA device here (torch {torch.__version__}); "
+                              "use teacher.device: auto or cpu, or install a CUDA build of torch")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"teacher.device {spec!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                              f"cuda:{count - 1}")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"teacher.device {spec!r}: MPS is not available here; use teacher.device: auto or cpu")
 
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
@@ -71,7 +90,14 @@ def load_teacher_config(cfg: TeacherConfig):
 
 
 def check_4bit_loading(cfg: TeacherConfig) -> None:
-    if cfg.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+    if not cfg.load_in_4bit:
+        return
+    device = resolve_device(cfg.device)
+    if device.type != "cuda":  # bitsandbytes' 4-bit layers run on CUDA; load_teacher maps the model onto one
+        raise ConfigError(f"teacher.load_in_4bit loads the teacher onto a CUDA device, but teacher.device is "
+                          f"{cfg.device!r} ({device.type} here): run on a GPU machine or set teacher.load_in_4bit: "
+                          "false")
+    if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("teacher.load_in_4bit needs bitsandbytes: pip install 'bitnet-distill[quant4bit]' "
                           "(CUDA only), or set teacher.load_in_4bit: false")
 
@@ -101,6 +127,9 @@ def load_teacher(cfg: TeacherConfig, device: torch.device | None = None, dtype: 
 def resolve_layers(layers: list[int], num_hidden_layers: int) -> list[int]:
     """Hidden-state indices as non-negative ints; 0 is the embeddings, ``num_hidden_layers`` the last block."""
     count = num_hidden_layers + 1
+    if not layers:
+        raise ConfigError(f"cache.layers is empty: list at least one hidden state, e.g. [-1] (the last of "
+                          f"0..{num_hidden_layers})")
     bad = [i for i in layers if not -count <= i < count]
     if bad:
         raise ConfigError(f"cache.layers {bad} do not exist: the teacher has hidden states 0..{num_hidden_layers} "

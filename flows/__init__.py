@@ -8,5 +8,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from .self_distill import self_distill
 from .superposition import superposition_distill
+from .user_errors import show_user_errors_without_traceback
+
+show_user_errors_without_traceback()
 
 FLOWS = {"superposition-distill": superposition_distill, "self-distill": self_distill}

@@ -20,6 +20,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 import yaml
 
 from distill.config import ConfigError, load_config
+from flows.user_errors import USER_ERRORS
 
 
 def parse_sets(items: list[str]) -> dict[str, str]:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         overrides = parse_sets(args.set)
-        cfg = load_config(getattr(args, "name", None) or args.config, overrides)  # fail before Prefect starts
+        cfg = load_config(getattr(args, "name", None) or args.config, overrides)  # schema errors: before Prefect
         if args.command == "config":
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
             return 0
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
         names = list(FLOWS) if args.flow == "both" else [args.flow]
         results = {name: FLOWS[name](config=args.config, overrides=overrides) for name in names}
-    except ConfigError as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"\nfinished: {', '.join(r['run'] for r in results.values())}\n")

@@ -1,10 +1,12 @@
 """The command line and teacher-loading errors a user meets first."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from distill.config import ConfigError, TeacherConfig
 from distill.teacher import load_teacher
@@ -28,20 +30,35 @@ def test_bad_override_is_a_one_line_error_not_a_traceback():
     assert "Traceback" not in proc.stderr
 
 
+def test_override_that_is_not_yaml_is_a_one_line_error(capsys):
+    assert main(["config", "quickstart", "--set", "train.steps=["]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: override train.steps='[' is not valid YAML (expected the node content, but found '<stream end>' at "
+        "line 1, column 2); quote a string that starts with [, {, : or *, e.g. --set 'key=\"[x\"'"]
+
+
+def test_preset_file_that_is_not_yaml_is_a_one_line_error(tmp_path, capsys):
+    preset = tmp_path / "broken.yaml"
+    preset.write_text("train:\n  steps: [1\n")
+    assert main(["config", str(preset)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {preset} is not valid YAML: expected ',' or ']'")
+
+
 def test_help_lists_the_flows():
     proc = subprocess.run([sys.executable, "-m", "flows", "run", "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "superposition-distill" in proc.stdout and "self-distill" in proc.stdout
 
 
-def test_4bit_loading_without_bitsandbytes_says_how_to_get_it(tiny_teacher):
-    pytest.importorskip("transformers")
-    try:
-        import bitsandbytes  # noqa: F401
-        pytest.skip("bitsandbytes is installed here")
-    except ImportError:
-        pass
-    with pytest.raises(ConfigError, match="needs bitsandbytes: pip install 'bitnet-distill\\[quant4bit\\]'"):
+def test_4bit_loading_says_what_it_needs_that_is_missing(tiny_teacher):
+    """A CUDA device first (bitsandbytes' 4-bit layers run there), then bitsandbytes itself."""
+    if not torch.cuda.is_available():
+        expected = "teacher.load_in_4bit loads the teacher onto a CUDA device, but teacher.device is 'auto' \\(cpu"
+    elif importlib.util.find_spec("bitsandbytes") is None:
+        expected = "needs bitsandbytes: pip install 'bitnet-distill\\[quant4bit\\]'"
+    else:
+        pytest.skip("CUDA and bitsandbytes are both here")
+    with pytest.raises(ConfigError, match=expected):
         load_teacher(TeacherConfig(name_or_path=str(tiny_teacher), load_in_4bit=True))
 
 

@@ -3,6 +3,7 @@
 import importlib.util
 
 import pytest
+import torch
 
 from distill.config import ConfigError, load_config
 
@@ -139,7 +140,6 @@ def test_8bit_optimiser_on_cpu_without_a_compiler_fails_before_any_work(monkeypa
 def test_new_teacher_weights_keep_the_token_shards_and_4bit_loading_recomputes_the_cache(tiny_teacher, tmp_path):
     import shutil
 
-    import torch
     import transformers as tf
 
     from distill.plan import make_plan, preflight
@@ -161,8 +161,8 @@ def test_new_teacher_weights_keep_the_token_shards_and_4bit_loading_recomputes_t
     tokens, cache = fingerprints(tiny_teacher)
     new_tokens, new_cache = fingerprints(retrained)
     assert new_tokens == tokens and new_cache != cache
-    if importlib.util.find_spec("bitsandbytes") is None:
-        with pytest.raises(ConfigError, match="teacher.load_in_4bit needs bitsandbytes"):
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ConfigError, match="teacher.load_in_4bit (loads the teacher onto a CUDA|needs bitsandby)"):
             fingerprints(tiny_teacher, **{"teacher.load_in_4bit": True})
     else:
         four_bit_tokens, four_bit_cache = fingerprints(tiny_teacher, **{"teacher.load_in_4bit": True})

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import math
 import time
 
@@ -164,6 +165,10 @@ CACHED_SIGNAL = {"self_distill.teacher_signal": "cache"}
      "hidden_weight > 0 matches hidden states \\[1\\], which cache.layers \\[-1\\] does not hold"),
     (superposition_distill, {"cache.layers": [1, 2]}, "reconstructs one teacher layer"),
     (superposition_distill, {"cache.topk": 0, "head.topk_kl_weight": 0.5}, "head.topk_kl_weight > 0 needs cached top-k"),
+    (superposition_distill, {"cache.topk": 100000}, "cache.topk 100000 exceeds the teacher's \\d+ logits per token"),
+    (superposition_distill, {"cache.layers": []}, "cache.layers is empty: list at least one hidden state"),
+    (self_distill, {"teacher.device": "gpu"}, "teacher.device 'gpu' is not a device: use auto, cpu, cuda"),
+    (self_distill, {"teacher.device": "cuda:99"}, "teacher.device 'cuda:99': (torch sees no CUDA|this machine has)"),
 ])
 def test_bad_configurations_fail_before_any_work(tiny_teacher, tmp_path, flow, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -171,9 +176,40 @@ def test_bad_configurations_fail_before_any_work(tiny_teacher, tmp_path, flow, o
     assert not (tmp_path / "tokens").exists()
 
 
+def test_a_user_error_is_logged_without_its_traceback(tiny_teacher, tmp_path):
+    """Prefect logs the exception that ends a run with its traceback; a ConfigError's message is the whole story."""
+    records = []
+    capture = logging.Handler()
+    capture.emit = records.append
+    flow_runs = logging.getLogger("prefect.flow_runs")
+    flow_runs.addHandler(capture)
+    try:
+        overrides = tiny_overrides(tiny_teacher, tmp_path, **{"cache.topk": 100000})
+        with pytest.raises(ConfigError, match="cache.topk 100000 exceeds"):
+            superposition_distill(config=TINY, overrides=overrides)
+        try:  # any other exception keeps its traceback
+            raise RuntimeError("a bug")
+        except RuntimeError as exc:
+            flow_runs.exception("Encountered exception during execution: %r", exc, extra={"send_to_api": False})
+    finally:
+        flow_runs.removeHandler(capture)
+    failures = [r for r in records if r.getMessage().startswith("Encountered exception during execution")]
+    assert [("cache.topk 100000" in r.getMessage(), r.exc_info is None) for r in failures] == [(True, True),
+                                                                                               (False, False)]
+
+
 def test_missing_teacher_path_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="teacher.name_or_path: .*does not exist"):
         superposition_distill(config=TINY, overrides=tiny_overrides(tmp_path / "no-such-teacher", tmp_path))
+
+
+def test_malformed_data_file_is_a_clear_error(tiny_teacher, tmp_path):
+    data = tmp_path / "docs.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": "cut short\n')
+    overrides = tiny_overrides(tiny_teacher, tmp_path, **{"data.builtin": None, "data.files": [str(data)]})
+    with pytest.raises(ConfigError, match=f"data.files: cannot read {data} as jsonl: "):
+        self_distill(config=TINY, overrides=overrides)
+    assert not (tmp_path / "tokens").exists()
 
 
 def test_unknown_dataset_column_is_a_clear_error(tiny_teacher, tmp_path):

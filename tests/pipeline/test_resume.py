@@ -134,13 +134,16 @@ def test_a_killed_flow_resumes_from_its_checkpoint_when_the_flow_runs_again(tiny
                *(arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}"))]
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect")}
     store = open_store(load_config(TINY, overrides))
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # In a session of its own, so that the kill takes the temporary Prefect server the CLI started with it, as
+    # losing the machine would (a SIGKILL of the CLI alone leaves that server running).
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.monotonic() + 300
     while not (found := [p for p in store.find("runs") if "/checkpoints/step-" in p and p.endswith("_COMPLETE.json")]):
         assert proc.poll() is None, "the flow ended before it could be killed"
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     run = found[0].split("/")[1]
     killed_at = int(checkpoints.latest_checkpoint(store, run).rsplit("-", 1)[1])
