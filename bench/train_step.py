@@ -22,7 +22,6 @@ if __package__ in (None, ""):  # run as a script: python bench/train_step.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bench.common import (SHAPES, VOCAB, interleave, median, parser, ratio, report, setup, stepper, table, teacher,

@@ -165,7 +165,8 @@ def _fused() -> _Elementwise:
 
 
 def fused_on_cuda() -> bool:
-    """Whether CUDA tensors take the compiled path: yes unless ``BITNET_FUSED=0`` (or dynamo is disabled)."""
+    """Whether CUDA tensors take the compiled path: yes unless ``BITNET_FUSED=0``. (With dynamo disabled,
+    ``TORCHDYNAMO_DISABLE=1``, ``torch.compile`` returns the functions as they are, so that path runs eagerly.)"""
     return os.environ.get("BITNET_FUSED", "1") != "0"
 
 
@@ -182,7 +183,7 @@ def bitlinear(
     """``act_quant(x) @ ternary(weight).T * (s_x * s_w) (+ bias)``, trainable through the STE.
 
     The matmul runs in ``x.dtype`` (bf16 on GPU under autocast); codes are small integers, exact in any
-    float format, and the scales are applied afterwards in fp32. At full quantization (``lam >= 1``) one
+    float format, and the scales are applied afterwards in fp32. At full quantization (``lam == 1``) one
     autograd node (``_BitLinearSTE``) keeps only int8 codes for backward; on CUDA its elementwise work is compiled.
     """
     if lam == 1.0:

@@ -30,8 +30,6 @@ class TeacherFacts:
     identity: dict
     tokenizer_identity: dict  # the tokenizer files only: retrained weights keep the token shards
     compute_dtype: str
-    vocab_size: int
-    hidden_size: int
     num_hidden_layers: int
     max_positions: int | None
 
@@ -57,8 +55,6 @@ def preflight(cfg: PipelineConfig, flow: str) -> TeacherFacts:
         identity=model_identity(model_source(cfg.teacher.name_or_path), revision=cfg.teacher.revision),
         tokenizer_identity=tokenizer_identity(model_source(cfg.teacher.name_or_path), revision=cfg.teacher.revision),
         compute_dtype=str(resolve_dtype(cfg.teacher.dtype, resolve_device(cfg.teacher.device))).removeprefix("torch."),
-        vocab_size=max(text_config.vocab_size, len(tokenizer)),
-        hidden_size=text_config.hidden_size,
         num_hidden_layers=text_config.num_hidden_layers,
         max_positions=getattr(text_config, "max_position_embeddings", None),
     )
@@ -119,7 +115,8 @@ def _optim_settings(optim: dict) -> dict:
 
 
 def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> dict[str, dict]:
-    """``{stage: {name, fingerprint, path, cache_key}}`` for every stage of ``flow``."""
+    """``{stage: {name, fingerprint, path, cache_key, checkpoint_run}}`` for every stage of ``flow``, and under
+    ``"run"`` the run's name and directory."""
     d = cfg.model_dump()
     d["train"] = _optim_settings(d["train"])
     stages: dict[str, Stage] = {}

@@ -8,8 +8,8 @@ from typing import Any
 
 from prefect import get_run_logger
 
-from distill.config import PipelineConfig, load_config
-from distill.plan import TeacherFacts, make_plan, open_store, preflight
+from distill.config import load_config
+from distill.plan import make_plan, open_store, preflight
 from tasks import stages
 from tasks.common import result_storage
 from tasks.publish import publish_report
@@ -18,10 +18,8 @@ from tasks.publish import publish_report
 @dataclass
 class Prepared:
     flow: str
-    cfg: PipelineConfig
     config: dict  # the resolved configuration, as tasks receive it
     plan: dict[str, dict]
-    teacher: TeacherFacts
     task_options: dict[str, Any]
 
     @property
@@ -45,8 +43,7 @@ class Prepared:
 def prepare(flow: str, config: str | dict, overrides: dict[str, Any] | None) -> Prepared:
     cfg = load_config(config, overrides)
     teacher = preflight(cfg, flow)
-    store = open_store(cfg)
-    store.check()  # unreachable endpoint, missing bucket or credentials: fail before any work
+    store = open_store(cfg)  # checks the store: an unreachable endpoint, a missing bucket or credentials fail here
     plan = make_plan(cfg, flow, teacher)
     logger = get_run_logger()
     logger.info("artifacts under %s, run %s", store.url(plan["run"]["path"]), plan["run"]["name"])
@@ -54,4 +51,4 @@ def prepare(flow: str, config: str | dict, overrides: dict[str, Any] | None) -> 
         if "fingerprint" in stage:
             logger.info("stage %-14s fingerprint %s -> %s", name, stage["fingerprint"], stage["path"])
     options = {"result_storage": result_storage(cfg.resolved_root(), cfg.storage.storage_options)}
-    return Prepared(flow, cfg, cfg.model_dump(mode="json"), plan, teacher, options)
+    return Prepared(flow, cfg.model_dump(mode="json"), plan, options)

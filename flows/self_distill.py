@@ -19,7 +19,8 @@ def self_distill(config: str = "quickstart", overrides: dict[str, Any] | None = 
 
     Args:
         config: a preset name from configs/ (e.g. "quickstart") or a YAML path relative to the repository.
-        overrides: dotted keys to values, e.g. {"train.steps": 20, "self_distill.delta": "lora:16"}.
+        overrides: dotted keys to values, e.g. {"self_distill.steps": 20, "self_distill.delta": "lora:16"}
+            (``self_distill.steps``, where set as in the presets, wins over ``train.steps``).
     """
     p = prepare(FLOW, config, overrides)
     tokens = p.stage("tokenize")(p.config, p.plan["tokenize"])

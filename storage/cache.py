@@ -7,12 +7,6 @@ from .cache_spec import (CacheError, ChunkError, FingerprintMismatchError, Teach
 from .cache_writer import CacheWriteError, TeacherCacheWriter
 from .lease import LockedError
 
-
-def verify_cache(store, path: str, repair: bool = False) -> VerifyReport:
-    """``TeacherCacheReader(store, path).verify(repair)``: which chunks are missing or corrupt."""
-    return TeacherCacheReader(store, path).verify(repair=repair)
-
-
 __all__ = ["CacheError", "CacheWriteError", "ChunkError", "FingerprintMismatchError", "LockedError",
            "TeacherCacheReader", "TeacherCacheSpec", "TeacherCacheWriter", "VerifyReport", "compressors",
-           "layer_name", "prefetched", "verify_cache"]
+           "layer_name", "prefetched"]

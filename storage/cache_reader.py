@@ -19,7 +19,6 @@ import torch
 
 from .cache_spec import (ATTRS_KEY, GROUP_DIR, STORED_AS, CacheError, ChunkError, TeacherCacheSpec, array_sha256,
                          check_fingerprint, chunk_label, record_path, recorded_chunks, to_tensor)
-from .errors import IntegrityError
 
 _REBUILD = ("call verify(repair=True) and rerun the cache stage to rewrite the damaged chunks, or delete the cache "
             "to rebuild it")
@@ -218,11 +217,6 @@ class TeacherCacheReader(torch.utils.data.Dataset):
             with self._cache_lock:
                 self._chunks.clear()
         return report
-
-    def raise_if_damaged(self) -> None:
-        report = self.verify()
-        if not report.ok:
-            raise IntegrityError(str(report))
 
 
 def prefetched(items: Iterator, depth: int) -> Iterator:
