@@ -40,11 +40,11 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND for at most SECONDS, its o
 # Limits sum to 540 s: what the device tool's 10-minute command limit leaves after start-up. bench.memory starts a
 # fresh process per configuration and batch (each pays CUDA's start-up), so it runs as two steps with a JSON each,
 # and prints each configuration's peak as it ends: a step stopped at its limit still leaves those in the log.
-step cuda-tests 100 $PY -m pytest -q -p no:cacheprovider tests/bitnet/test_cuda.py tests/storage/test_cache.py tests/pipeline/test_teacher_forward.py -k cuda
-step cache_overhead 110 $PY -m bench.cache_overhead --rows 512 --large-rows 256 --no-sizes \
+step cuda-tests 130 $PY -m pytest -q -p no:cacheprovider tests/bitnet/test_cuda.py tests/storage/test_cache.py tests/pipeline/test_teacher_forward.py -k cuda
+step cache_overhead 100 $PY -m bench.cache_overhead --rows 512 --large-rows 256 --no-sizes \
     --out "$OUT_DIR/cache_overhead.json"
-step train_step 80 $PY -m bench.train_step --batch 64 --large-batch 32 --out "$OUT_DIR/train_step.json"
-step memory-batch8 100 $PY -m bench.memory --teachers large --batch 8 --configs two-model "dual lora" "dual full" \
+step train_step 70 $PY -m bench.train_step --batch 64 --large-batch 32 --out "$OUT_DIR/train_step.json"
+step memory-batch8 90 $PY -m bench.memory --teachers large --batch 8 --configs two-model "dual lora" "dual full" \
     "dual full, AdamW8bit" "two-model, checkpointed" "dual lora, checkpointed" --out "$OUT_DIR/memory_batch8.json"
 step memory-batch32 75 $PY -m bench.memory --teachers large --batch 32 --configs two-model "dual lora" \
     "two-model, checkpointed" "dual lora, checkpointed" --out "$OUT_DIR/memory_batch32.json"

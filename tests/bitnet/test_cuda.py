@@ -180,10 +180,22 @@ def test_superposition_student_trains_under_autocast_and_generates():
     assert out.shape == (4, 8) and out.is_cuda
 
 
-def test_fused_elementwise_kernels_match_eager(monkeypatch):
-    """On CUDA the quantizers and scalings run compiled (``bitnet.quant._fused``): the same codes and values."""
+@pytest.fixture
+def compiled_quantizers(monkeypatch):
+    """``bitnet.quant._fused`` really compiled: the suite disables dynamo (tests/conftest.py), and then
+    ``torch.compile`` hands back the eager functions, so the comparison below would be eager against eager."""
     from bitnet import quant
 
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")  # read by torch.compile when it is called
+    quant._fused.cache_clear()
+    assert quant._fused().operands is not quant._operands, "torch.compile returned the eager function"
+    yield quant
+    quant._fused.cache_clear()  # later tests build their own, under the suite's setting
+
+
+def test_fused_elementwise_kernels_match_eager(compiled_quantizers, monkeypatch):
+    """On CUDA the quantizers and scalings run compiled (``bitnet.quant._fused``): the same codes and values."""
+    quant = compiled_quantizers
     torch.manual_seed(2)
     x, w = torch.randn(3, 40, 688, device=CUDA), torch.randn(256, 688, device=CUDA)
     for dtype in (torch.float32, torch.bfloat16):

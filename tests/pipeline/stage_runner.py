@@ -4,6 +4,7 @@
 """
 
 import json
+import logging
 import sys
 
 from distill import data, teacher_cache, train_self, train_superposition
@@ -29,4 +30,5 @@ def main(config: str, overrides: str, flow: str, until: str) -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)  # the stages' messages, for the tests to read
     main(*sys.argv[1:])

@@ -7,6 +7,7 @@ import pytest
 
 from distill.config import ConfigError, DataConfig
 from distill.data import Packer, Padder, hash_split, iter_documents, pick_text, token_rows
+from storage import stdlib_corpus
 
 
 class CharTokenizer:
@@ -60,11 +61,15 @@ def test_token_rows_respect_limits_and_keep_splits_apart(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(json.dumps({"text": f"text of document {i} " * 4}) for i in range(300)))
     cfg = DataConfig(files=[str(path)], seq_len=16, eval_fraction=0.2, max_train_rows=50, max_eval_rows=7)
-    out = {}
+    out, docs = {}, {}
     for split, rows in token_rows(cfg, CharTokenizer(), batch_rows=8):
         out.setdefault(split, []).append(rows["input_ids"])
+        docs.setdefault(split, []).extend(rows["doc_id"].tolist())
     train, held_out = np.concatenate(out["train"]), np.concatenate(out["eval"])
     assert train.shape == (50, 16) and held_out.shape == (7, 16)
+    # every row starts in a document of its own split (packing never carries one split's text into the other's rows)
+    split_of = [d.split for d in iter_documents(cfg)]
+    assert {split_of[i] for i in docs["train"]} == {"train"} and {split_of[i] for i in docs["eval"]} == {"eval"}
 
 
 def test_instruction_response_fallback_and_unknown_column():
@@ -84,3 +89,5 @@ def test_stdlib_source_splits_by_module():
     docs = list(iter_documents(DataConfig(builtin="stdlib", max_documents=400)))
     assert len(docs) == 400 and all(d.text for d in docs)
     assert len({d.key for d in docs}) == 400
+    # the corpus's own split by module path, both splits present, whatever data.eval_fraction says
+    assert all(d.split == stdlib_corpus.split_of(d.key) for d in docs) and {d.split for d in docs} == {"train", "eval"}

@@ -28,13 +28,17 @@ def start(overrides: dict, flow: str, until: str) -> subprocess.Popen:
                             env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
-def finish(proc: subprocess.Popen) -> dict:
+def finish(proc: subprocess.Popen, log: list | None = None) -> dict:
+    """The plan the stage runner printed; its stderr (the stages' log) appended to ``log``."""
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
+    if log is not None:
+        log.append(err)
     return json.loads(out.strip().splitlines()[-1])
 
 
-def kill_after_first_checkpoint(overrides: dict, flow: str, run: str) -> None:
+def kill_after_first_checkpoint(overrides: dict, flow: str, run: str) -> int:
+    """The step of the last checkpoint the killed run left."""
     store = open_store(load_config(TINY, overrides))
     proc = start(overrides, flow, "train")
     deadline = time.monotonic() + 240
@@ -45,6 +49,7 @@ def kill_after_first_checkpoint(overrides: dict, flow: str, run: str) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    return int(checkpoints.latest_checkpoint(store, run).rsplit("-", 1)[1])
 
 
 # adamw8bit on the superposition student: its embedding (384 x 32) is large enough for 8-bit moments
@@ -58,10 +63,12 @@ def test_training_resumes_after_sigkill_and_matches_an_uninterrupted_run(tiny_te
     plan = finish(start(straight, flow, "train"))
 
     killed = tiny_overrides(tiny_teacher, tmp_path / "killed", **settings)
-    kill_after_first_checkpoint(killed, flow, plan["train"]["checkpoint_run"])
+    killed_at = kill_after_first_checkpoint(killed, flow, plan["train"]["checkpoint_run"])
     # resumed with another checkpoint cadence and retention: the same run (they are not in its fingerprint)
-    resumed = {**killed, "train.checkpoint_every": 7, "train.keep_checkpoints": 1}
-    assert finish(start(resumed, flow, "train"))["train"] == plan["train"]
+    resumed, log = {**killed, "train.checkpoint_every": 7, "train.keep_checkpoints": 1}, []
+    assert finish(start(resumed, flow, "train"), log)["train"] == plan["train"]
+    # from the checkpoint, not from step 0 (a restart would give the same curve and weights too)
+    assert re.search(rf": resuming from step {killed_at} \(", log[0]), log[0][-3000:]
 
     stores = [open_store(load_config(TINY, o)) for o in (straight, killed)]
     histories = [s.read_json(plan["train"]["path"] + "/history.json") for s in stores]
@@ -80,7 +87,7 @@ def test_training_resumes_after_sigkill_and_matches_an_uninterrupted_run(tiny_te
 def test_teacher_cache_stage_resumes_after_sigkill_and_matches_an_uninterrupted_build(tiny_teacher, tmp_path):
     import zarr
 
-    from storage.cache_spec import GROUP_DIR, recorded_chunks
+    from storage.cache_spec import GROUP_DIR, record_path, recorded_chunks
 
     settings = {"cache.batch_size": 1, "data.max_train_rows": 60, "cache.topk": 4}
     straight = tiny_overrides(tiny_teacher, tmp_path / "straight", **settings)
@@ -96,8 +103,13 @@ def test_teacher_cache_stage_resumes_after_sigkill_and_matches_an_uninterrupted_
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 0 < len(recorded_chunks(store, train_cache)) < 60
+    survived = recorded_chunks(store, train_cache)
+    assert 0 < len(survived) < 60
+    records = {c: (tmp_path / "killed" / train_cache / record_path(c)).stat().st_mtime_ns for c in survived}
     finish(start(killed, "superposition-distill", "cache"))
+    # only the missing chunks were written again: the survivors' records are the killed run's own
+    assert {c: (tmp_path / "killed" / train_cache / record_path(c)).stat().st_mtime_ns for c in survived} == records
+    assert len(recorded_chunks(store, train_cache)) == 60
 
     groups = [zarr.open_group(str(root / train_cache / GROUP_DIR), mode="r") for root in
               (tmp_path / "straight", tmp_path / "killed")]

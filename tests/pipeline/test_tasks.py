@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+from safetensors.torch import load_file
 
 from distill.config import load_config
 from distill.plan import make_plan, preflight
@@ -45,3 +46,5 @@ def test_self_distill_trains_every_loss_term_from_either_teacher_signal(tiny_tea
         assert {"ce", "kl", "hidden"} <= set(record)
         assert record["loss"] == pytest.approx(record["ce"] + record["kl"] + record["hidden"], rel=1e-5)
         assert all(math.isfinite(record[k]) and record[k] >= 0 for k in ("ce", "kl", "hidden"))
+    deltas = load_file(tmp_path / trained["weights"])  # dW of every patched layer, zero before training
+    assert len(deltas) >= trained["num_patched"] and all(bool(t.abs().max() > 0) for t in deltas.values())

@@ -105,4 +105,11 @@ def test_cuda_bf16_block_wise_topk_is_used(tmp_path):
         want = own_outputs(model, ids.cuda(), mask.cuda(), [2], 8)
         assert torch.equal(got["hidden/layer_2"], want["hidden/layer_2"])
         torch.testing.assert_close(got["topk_values"], want["topk_values"], rtol=0.02, atol=0.02)
+        # the tokens chosen are a top-k of the model's own logits, up to bf16 rounding: their logits are the values
+        # stored, and none lies below the k-th largest (ties may be broken either way)
+        logits = model(input_ids=ids.cuda(), attention_mask=mask.cuda(), use_cache=False).logits.float()
+        chosen = logits.gather(-1, got["topk_indices"].long())
+        torch.testing.assert_close(chosen, got["topk_values"].float(), rtol=0.02, atol=0.02)
+        kth = want["topk_values"][..., -1:].float()
+        assert (chosen >= kth - 0.02 - 0.02 * kth.abs()).all()
     assert forward.fused is True

@@ -20,6 +20,7 @@ SPEC = small_spec()  # 10 samples, chunks of 3: 4 chunks, the last holding one s
 
 def assert_reads_back(reader: TeacherCacheReader, spec: TeacherCacheSpec) -> None:
     everything = reader.get_batch(range(spec.num_samples))
+    assert set(everything) == set(spec.arrays()), sorted(everything)  # every array the spec stores, no more
     for name, tensor in everything.items():
         expected = torch.cat([expected_stored(spec, c)[name] for c in range(spec.num_chunks)])
         assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), name

@@ -96,6 +96,6 @@ def test_layout_paths():
     assert layout.checkpoint_step("runs/x/checkpoints/step-40") == 40 and layout.checkpoint_step("tmp") is None
     assert (layout.student_dir("r", "ffee" * 10), layout.eval_dir("r", "ab" * 20)) == ("runs/r/student-ffeeffeeff",
                                                                                    "runs/r/eval-ababababab")
-    for bad in ("", "../escape"):
-        with pytest.raises(ValueError):
+    for bad, problem in (("", "a run name must be a non-empty name"), ("../escape", "may not contain '..'")):
+        with pytest.raises(ValueError, match=problem):
             layout.run_dir(bad)

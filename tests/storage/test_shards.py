@@ -98,6 +98,7 @@ def test_bad_input_and_complete_splits(local_store):
 def test_interrupted_split_is_restarted_clean(local_store):
     writer = TokenShardWriter(local_store, "t", SEQ_LEN, 4)
     writer.write(_rows(9))  # two shards written, never closed: a crash
+    assert local_store.list("t") == ["t/shard-00000.parquet", "t/shard-00001.parquet"]
     assert not local_store.is_complete("t")
     assert _write(local_store, "t", batches=(3,), rows_per_shard=4)["rows"] == 3
     assert local_store.list("t") == ["t/_COMPLETE.json", "t/shard-00000.parquet"]
