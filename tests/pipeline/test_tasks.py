@@ -26,7 +26,10 @@ def test_stage_task_functions_return_small_manifests(tiny_teacher, tmp_path):
     assert tokens["splits"]["train"]["rows"] == cfg.data.max_train_rows
     assert trained["steps"] == cfg.train.steps and trained["num_patched"] == 14
     assert (tmp_path / trained["weights"]).stat().st_size > 0
-    assert stages.tokenize.fn(config, plan["tokenize"]) == tokens  # complete: returned as stored, no work
+    stored = {p: p.stat().st_mtime_ns for p in (tmp_path / tokens["path"]).rglob("*")}
+    assert any(p.suffix == ".parquet" for p in stored)
+    assert stages.tokenize.fn(config, plan["tokenize"]) == tokens  # complete: returned as stored...
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / tokens["path"]).rglob("*")} == stored  # ...and no work
 
 
 @pytest.mark.parametrize("signal", ["online", "cache"])
