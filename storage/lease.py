@@ -82,7 +82,13 @@ class FileLock:
 
 
 class ObjectLease:
-    """Expiring lease for object stores, renewed in the background while held."""
+    """Expiring lease for object stores, renewed in the background while held.
+
+    ``ensure_held`` fails once the last successful renewal is older than most of the ttl, even before the heartbeat
+    notices a takeover: a writer that hung, or whose renewals kept failing on the network, may have lost the lease
+    to a contender that saw it expire, and must not record anything more."""
+
+    HELD_FRACTION = 0.9  # of the ttl after a renewal began: the margin covers that request's own latency
 
     def __init__(self, store, path: str, what: str, ttl: float = 120.0):
         from . import s3  # imported here: s3fs is slow to import and local stores never need it
@@ -92,6 +98,7 @@ class ObjectLease:
         self.bucket, _, self.key = store.full_path(f"{path}/_lease.json").partition("/")
         self.record = _owner()
         self.etag: str | None = None
+        self._held_until = 0.0  # time.monotonic() until which the last successful write surely keeps the lease
         self._lost = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -99,11 +106,17 @@ class ObjectLease:
     def _body(self) -> bytes:
         return json.dumps({**self.record, "ttl": self.ttl, "expires": time.time() + self.ttl}).encode()
 
+    def _write(self, put, *args) -> None:
+        """A conditional write of the lease: on success the new etag, and how long the lease is surely ours."""
+        started = time.monotonic()
+        self.etag = put(self.fs, self.bucket, self.key, self._body(), *args)
+        self._held_until = started + self.HELD_FRACTION * self.ttl
+
     def acquire(self, timeout: float, poll: float = 0.5) -> None:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.etag = self._s3.put_if_absent(self.fs, self.bucket, self.key, self._body())
+                self._write(self._s3.put_if_absent)
                 break
             except self._s3.PreconditionFailed:
                 pass
@@ -111,7 +124,7 @@ class ObjectLease:
             holder = json.loads(current[0]) if current else None
             if current and holder.get("expires", 0) < time.time():  # stale: its writer died or hung
                 try:
-                    self.etag = self._s3.put_if_match(self.fs, self.bucket, self.key, self._body(), current[1])
+                    self._write(self._s3.put_if_match, current[1])
                     break
                 except self._s3.PreconditionFailed:
                     pass  # someone else took it (or renewed it) first
@@ -124,7 +137,7 @@ class ObjectLease:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl / 4):
             try:
-                self.etag = self._s3.put_if_match(self.fs, self.bucket, self.key, self._body(), self.etag)
+                self._write(self._s3.put_if_match, self.etag)
             except self._s3.PreconditionFailed:
                 self._lost.set()
                 return
@@ -135,6 +148,10 @@ class ObjectLease:
         if self._lost.is_set() or self.etag is None:
             raise LockedError(f"lost the lease on {self.what}: another process took it over after this one failed "
                               f"to renew it within {self.ttl:.0f} s; stop writing and rerun")
+        if time.monotonic() > self._held_until:
+            raise LockedError(f"the lease on {self.what} was last renewed more than {self.HELD_FRACTION * self.ttl:.3g} "
+                              f"s ago, near its ttl of {self.ttl:.3g} s (this process hung, or its renewals failed): "
+                              "another process may hold it now; stop writing and rerun")
 
     def release(self) -> None:
         self._stop.set()

@@ -316,6 +316,25 @@ def test_writer_that_lost_its_lease_records_nothing_more(s3_store):
     assert s3_store.read_bytes("cache/_lease.json") == intruder  # the new holder's lease is left alone
 
 
+def test_writer_whose_lease_went_unrenewed_records_nothing_more(s3_store):
+    """A hang (here: the heartbeat stopped) lets the lease run out before anyone has taken it over: the writer must
+    stop recording anyway, since a contender may take it at any moment."""
+    writer = TeacherCacheWriter(s3_store, "cache", SPEC, lease_ttl=1.0)
+    writer.write_chunk(0, chunk_arrays(SPEC, 0))
+    deadline = time.monotonic() + 30
+    while not s3_store.exists("cache/_chunks/chunk-000000.json"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    writer._lock._stop.set()  # the heartbeat hangs: no renewal from now on
+    writer._lock._thread.join()
+    time.sleep(1.0)
+    writer.write_chunk(1, chunk_arrays(SPEC, 1))
+    with pytest.raises(CacheWriteError, match="the lease on the teacher cache at .* was last renewed more than 0.9 s "
+                                              "ago, near its ttl of 1 s .* stop writing and rerun"):
+        writer.close()
+    assert not s3_store.exists("cache/_chunks/chunk-000001.json")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_arrays_handed_over_on_cuda_are_stored_exactly(local_store, dtype):
