@@ -10,6 +10,16 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 
+def stage_finished(store, path: str) -> bool:
+    """The stage at ``path`` is finished: its completion marker, and that of every split its manifest lists. A split
+    reopened on its own (``TeacherCacheReader.verify(repair=True)`` withdraws its marker; or it was deleted) makes
+    its stage unfinished, so the next run redoes what is missing instead of returning the stored manifest."""
+    if not store.is_complete(path):
+        return False
+    splits = store.read_manifest(path).get("splits", {})
+    return all(store.is_complete(f"{path}/{split}") for split in splits)
+
+
 def write_tensors(store, path: str, tensors: dict[str, torch.Tensor]) -> None:
     store.write_bytes(path, save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from storage import stdlib_corpus
 
+from .artifacts import stage_finished
 from .config import ConfigError, DataConfig
 
 
@@ -240,7 +241,7 @@ def run_tokenize(cfg, store, stage: dict, reporter) -> dict:
     from .teacher import load_tokenizer
 
     path = stage["path"]
-    if store.is_complete(path):
+    if stage_finished(store, path):
         return store.read_manifest(path)
     tokenizer = load_tokenizer(cfg.teacher)
     store.delete(path)  # debris of an interrupted attempt (a split may be complete while the other is not)

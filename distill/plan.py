@@ -40,8 +40,9 @@ def uses_teacher_cache(cfg: PipelineConfig, flow: str) -> bool:
     return flow == "superposition-distill" or cfg.self_distill.teacher_signal == "cache"
 
 
-def open_store(cfg: PipelineConfig) -> ArtifactStore:
-    return ArtifactStore(cfg.resolved_root(), storage_options=cfg.storage.storage_options or None)
+def open_store(cfg: PipelineConfig, check: bool = True) -> ArtifactStore:
+    """The run's artifact store; ``check`` probes it first (on S3: the endpoint, credentials and bucket)."""
+    return ArtifactStore(cfg.resolved_root(), storage_options=cfg.storage.storage_options or None, check=check)
 
 
 def preflight(cfg: PipelineConfig, flow: str) -> TeacherFacts:

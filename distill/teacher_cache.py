@@ -15,14 +15,16 @@ import torch
 
 from storage.cache import TeacherCacheSpec, TeacherCacheWriter
 
+from .artifacts import stage_finished
 from .data import load_split
 from .teacher import TeacherForward, load_teacher, resolve_device, resolve_dtype, resolve_layers
 
 
 def run_cache_teacher(cfg, store, stage: dict, reporter, tokens: dict) -> dict:
     path = stage["path"]
-    if store.is_complete(path):
+    if stage_finished(store, path):
         return store.read_manifest(path)
+    store.unmark_complete(path)  # a split was reopened (a repair): its writer rewrites exactly its missing chunks
     device = resolve_device(cfg.teacher.device)
     model = load_teacher(cfg.teacher, device, resolve_dtype(cfg.teacher.dtype, device))
     layers = resolve_layers(cfg.cache.layers, model.config.num_hidden_layers)

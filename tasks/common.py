@@ -4,7 +4,9 @@ Caching: a task's cache key is its stage's artifact path plus a file name, compu
 configuration's fingerprints (``distill.plan``). Prefect's default policy includes the run id and so never hits
 for a new scheduled run; ours hits whenever tonight's configuration equals yesterday's. The result (the stage's
 manifest, as JSON) is stored under that key in the artifact store itself, inside the stage's directory: delete a
-stage's artifacts and its Prefect cache entry goes with them, so a stale cache can never point at missing data.
+stage's artifacts and its Prefect cache entry goes with them, so a stale cache can never point at missing data;
+withdraw a stage's completion marker, or one of its splits' (a repaired teacher cache), and the entry is withdrawn
+too when the next run computes the key, so the stage runs again and redoes only what is missing.
 """
 
 from __future__ import annotations
@@ -18,11 +20,21 @@ from prefect.exceptions import MissingContextError
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 
+from distill.artifacts import stage_finished
+from distill.config import load_config
+from distill.plan import open_store
 from distill.progress import Reporter
 
 
 def stage_cache_key(_context, parameters: dict) -> str:
-    return parameters["stage"]["cache_key"]
+    """The stage's result file; withdrawn first when the stage's artifacts are no longer all finished (a split
+    reopened by a repair, a marker deleted by hand), so that Prefect runs the task instead of returning a result
+    that stands for missing data."""
+    stage = parameters["stage"]
+    store = open_store(load_config(parameters["config"]), check=False)  # the flow checked it before any stage
+    if not stage_finished(store, stage["path"]):
+        store.delete(stage["cache_key"])
+    return stage["cache_key"]
 
 
 def stage_task(name: str, **options):

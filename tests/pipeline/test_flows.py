@@ -16,6 +16,9 @@ from prefect.client.schemas.sorting import ArtifactSort, TaskRunSort
 from bitnet import load_student
 from distill.config import ConfigError
 from flows import self_distill, superposition_distill
+from storage import ArtifactStore, layout
+from storage.cache import TeacherCacheReader
+from storage.cache_spec import GROUP_DIR, RECORDS_DIR, record_path
 from storage.store import MARKER
 
 from .conftest import TINY, tiny_overrides
@@ -149,6 +152,31 @@ def test_rerun_reuses_every_stage_and_a_change_reruns_from_the_first_affected(ti
     states = task_states(student_id, stages)
     assert states["tokenize"] == states["cache-teacher"] == "Cached"
     assert states["train-superposition"] == states["evaluate"] == "Completed"
+
+
+def test_a_repaired_teacher_cache_is_rebuilt_by_the_next_run(tiny_teacher, tmp_path):
+    """verify(repair=True) withdraws the damaged chunks' records and the split's marker: the next run of the flow must
+    rewrite exactly those chunks (not return the stage's stored manifest) and reuse every other stage."""
+    first, _ = run_flow(superposition_distill, tiny_teacher, tmp_path)
+    metrics = json.loads((tmp_path / first["metrics"]["metrics_path"]).read_text())
+    store = ArtifactStore(str(tmp_path))
+    train = f"{layout.teacher_cache_dir(metrics['fingerprints']['cache_teacher'])}/train"
+    chunk_files = sorted((tmp_path / train / GROUP_DIR / "input_ids").glob("c.*"))
+    chunk_files[1].write_bytes(b"damaged")
+    report = TeacherCacheReader(store, train).verify(repair=True)
+    assert list(report.corrupt) == [1] and not store.is_complete(train)
+    def record_times() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in (tmp_path / train / RECORDS_DIR).iterdir()}
+
+    before = record_times()
+
+    _, again_id = run_flow(superposition_distill, tiny_teacher, tmp_path)
+    stages = ["tokenize", "cache-teacher", "train-superposition", "retrain-lm-head", "evaluate", "export"]
+    states = task_states(again_id, stages)
+    assert {s: states[s] for s in stages} == {**dict.fromkeys(stages, "Cached"), "cache-teacher": "Completed"}
+    assert TeacherCacheReader(store, train).verify().ok and store.is_complete(train)
+    after = record_times()
+    assert {name for name in after if before.get(name) != after[name]} == {record_path(1).rsplit("/", 1)[1]}
 
 
 CACHED_SIGNAL = {"self_distill.teacher_signal": "cache"}
