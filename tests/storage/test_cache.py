@@ -300,7 +300,7 @@ def test_reader_random_access_shuffling_and_bounded_memory(store):
 
 
 def test_writer_that_lost_its_lease_records_nothing_more(s3_store):
-    writer = TeacherCacheWriter(s3_store, "cache", SPEC, lease_ttl=0.4)  # renewed every 0.1 s
+    writer = TeacherCacheWriter(s3_store, "cache", SPEC, lease_ttl=1.0)  # renewed every 0.25 s
     writer.write_chunk(0, chunk_arrays(SPEC, 0))
     deadline = time.monotonic() + 30
     while not s3_store.exists("cache/_chunks/chunk-000000.json"):
