@@ -161,15 +161,15 @@ def test_a_repaired_teacher_cache_is_rebuilt_by_the_next_run(tiny_teacher, tmp_p
     metrics = json.loads((tmp_path / first["metrics"]["metrics_path"]).read_text())
     store = ArtifactStore(str(tmp_path))
     train = f"{layout.teacher_cache_dir(metrics['fingerprints']['cache_teacher'])}/train"
+
+    def record_times() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in (tmp_path / train / RECORDS_DIR).iterdir()}
+
     chunk_files = sorted((tmp_path / train / GROUP_DIR / "input_ids").glob("c.*"))
     chunk_files[1].write_bytes(b"damaged")
     report = TeacherCacheReader(store, train).verify(repair=True)
     assert list(report.corrupt) == [1] and not store.is_complete(train)
-    def record_times() -> dict[str, int]:
-        return {p.name: p.stat().st_mtime_ns for p in (tmp_path / train / RECORDS_DIR).iterdir()}
-
     before = record_times()
-
     _, again_id = run_flow(superposition_distill, tiny_teacher, tmp_path)
     stages = ["tokenize", "cache-teacher", "train-superposition", "retrain-lm-head", "evaluate", "export"]
     states = task_states(again_id, stages)
