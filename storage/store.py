@@ -121,14 +121,21 @@ class ArtifactStore:
             if not os.path.isdir(self.base):
                 raise StoreError(f"storage root {self.base} does not exist; check the path")
             return
-        with self.guard("create the storage root", ""):
-            os.makedirs(self.base, exist_ok=True)
-        with self.guard("write to the storage root", ""):
-            probe = os.path.join(self.base, f".write-probe-{uuid.uuid4().hex}")
-            with open(probe, "wb") as f:
-                f.write(b"probe")
-                os.fsync(f.fileno())
-            os.unlink(probe)
+        try:
+            with self.guard("create the storage root", ""):
+                os.makedirs(self.base, exist_ok=True)
+            with self.guard("write to the storage root", ""):
+                probe = os.path.join(self.base, f".write-probe-{uuid.uuid4().hex}")
+                with open(probe, "wb") as f:
+                    f.write(b"probe")
+                    os.fsync(f.fileno())
+                os.unlink(probe)
+        except StoreError:
+            raise
+        except OSError as exc:  # what guard leaves as it is: e.g. a parent that cannot hold directories (/proc)
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            raise StoreError(f"cannot use {self.base} as the storage root: {cause.strerror or cause}; choose a "
+                             "directory that can be created and written to") from exc
 
     @contextmanager
     def guard(self, action: str, path: str) -> Iterator[None]:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -124,6 +125,13 @@ def test_root_that_is_a_file(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(StoreError, match="is not a directory"):
         ArtifactStore(str(tmp_path / "file"))
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_root_that_cannot_be_created(tmp_path):
+    with pytest.raises(StoreError, match="cannot use /proc/no-such-root/x as the storage root: No such file or "
+                                         "directory; choose a directory that can be created and written to"):
+        ArtifactStore("/proc/no-such-root/x")
 
 
 # ---- read-only and full filesystems: real tmpfs mounts in a private mount namespace ------------------------------
