@@ -52,10 +52,11 @@ def preflight(cfg: PipelineConfig, flow: str) -> TeacherFacts:
     config = load_teacher_config(cfg.teacher)
     tokenizer = load_tokenizer(cfg.teacher)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    device = resolve_device(cfg.teacher.device)
     facts = TeacherFacts(
         identity=model_identity(model_source(cfg.teacher.name_or_path), revision=cfg.teacher.revision),
         tokenizer_identity=tokenizer_identity(model_source(cfg.teacher.name_or_path), revision=cfg.teacher.revision),
-        compute_dtype=str(resolve_dtype(cfg.teacher.dtype, resolve_device(cfg.teacher.device))).removeprefix("torch."),
+        compute_dtype=str(resolve_dtype(cfg.teacher.dtype, device)).removeprefix("torch."),
         num_hidden_layers=text_config.num_hidden_layers,
         max_positions=getattr(text_config, "max_position_embeddings", None),
     )
@@ -63,7 +64,7 @@ def preflight(cfg: PipelineConfig, flow: str) -> TeacherFacts:
         raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds the teacher's maximum positions "
                           f"({facts.max_positions}); use data.seq_len <= {facts.max_positions}")
     check_4bit_loading(cfg.teacher)
-    check_optimizer(cfg.train, resolve_device(cfg.teacher.device))
+    check_optimizer(cfg.train, device)
     resolve_layers(cfg.cache.layers, facts.num_hidden_layers)
     if flow == "self-distill" and cfg.self_distill.hidden_layers != "all":
         try:

@@ -185,15 +185,18 @@ class TeacherForward:
             self.fused = self._fused_matches(dict(kwargs, input_ids=input_ids[:1], attention_mask=attention_mask[:1]))
         return self._stored(*(self._fused(kwargs) if self.fused else self._full_logits(kwargs)))
 
+    def _hidden(self, out) -> dict[str, torch.Tensor]:
+        return {f"hidden/layer_{i}": out.hidden_states[i] for i in self.layers}
+
     def _full_logits(self, kwargs: dict):
         """The model's own forward: what the fused path must reproduce."""
         out = self.model(**kwargs)
-        hidden = {f"hidden/layer_{i}": out.hidden_states[i] for i in self.layers}
+        hidden = self._hidden(out)
         return (hidden, out.logits.topk(self.topk, dim=-1)) if self.topk else (hidden, None)
 
     def _fused(self, kwargs: dict):
         out = self.model.base_model(**kwargs)
-        hidden = {f"hidden/layer_{i}": out.hidden_states[i] for i in self.layers}
+        hidden = self._hidden(out)
         if not self.topk:
             return hidden, None
         last = out.last_hidden_state

@@ -24,7 +24,7 @@ def run_cache_teacher(cfg, store, stage: dict, reporter, tokens: dict) -> dict:
     path = stage["path"]
     if stage_finished(store, path):
         return store.read_manifest(path)
-    store.unmark_complete(path)  # a split was reopened (a repair): its writer rewrites exactly its missing chunks
+    store.unmark_complete(path)  # if a split was reopened (a repair): its writer rewrites just its missing chunks
     device = resolve_device(cfg.teacher.device)
     model = load_teacher(cfg.teacher, device, resolve_dtype(cfg.teacher.dtype, device))
     layers = resolve_layers(cfg.cache.layers, model.config.num_hidden_layers)

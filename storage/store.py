@@ -130,8 +130,6 @@ class ArtifactStore:
                     f.write(b"probe")
                     os.fsync(f.fileno())
                 os.unlink(probe)
-        except StoreError:
-            raise
         except OSError as exc:  # what guard leaves as it is: e.g. a parent that cannot hold directories (/proc)
             cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
             raise StoreError(f"cannot use {self.base} as the storage root: {cause.strerror or cause}; choose a "
