@@ -24,6 +24,7 @@ from .cache_spec import (ATTRS_KEY, BF16_ENCODING, CHUNK_KEY_ENCODING, FORMAT, G
                          CacheError, TeacherCacheSpec, array_sha256, check_fingerprint, chunk_label, compressors,
                          layer_name, record_path, recorded_chunks, to_stored, torch_dtype)
 from .lease import acquire_lock
+from .zarr_chunks import ChunkEncoder
 
 
 class CacheWriteError(CacheError):
@@ -107,22 +108,6 @@ def _norm_sums(staged: _StagedChunk, mask: np.ndarray) -> dict[str, float]:
             for name, norms in staged.token_norms.items()}
 
 
-def _write_together(arrays: Mapping, start: int, stop: int, values: Mapping) -> None:
-    """Rows ``start:stop`` of every array, written concurrently in one call into zarr's event loop. Each synchronous
-    zarr write is a round trip through that loop and its thread pool; one per chunk instead of one per array cut
-    the writer's CPU time per 16-row chunk of the quickstart teacher by a sixth (docs/RESULTS.md section 1), and on
-    S3 the PUTs overlap."""
-    import asyncio
-
-    from zarr.core.sync import sync  # zarr's own bridge from synchronous code to its event loop
-
-    async def write_all() -> None:
-        await asyncio.gather(*(arrays[name].async_array.setitem(slice(start, stop), value)
-                               for name, value in values.items()))
-
-    sync(write_all())
-
-
 class TeacherCacheWriter:
     """Writes the cache at ``path`` described by ``spec``. Use as a context manager, or call ``close()``::
 
@@ -143,9 +128,9 @@ class TeacherCacheWriter:
         self._lock = acquire_lock(store, path, f"the teacher cache at {self.url}", lock_timeout, lease_ttl)
         try:
             self._group = _open_group(store, path, spec)
-            # Every chunk is stored, even all-zero ones, so each has an object to make durable and to check.
-            # (Opened once: each open costs requests on S3.)
-            self._arrays = {name: self._group[name].with_config({"write_empty_chunks": True}) for name in spec.arrays()}
+            # The arrays are opened once (each open costs requests on S3). Every chunk gets an object, even an
+            # all-zero one that zarr's own writes would skip, so each has an object to check.
+            self._encoders = {name: ChunkEncoder(self._group[name]) for name in spec.arrays()}
             self._done = recorded_chunks(store, path)
         except BaseException:
             self._lock.release()
@@ -220,17 +205,13 @@ class TeacherCacheWriter:
         chunk = staged.chunk
         start, stop = self.spec.chunk_rows(chunk)
         staged.wait()
-        encoded = {name: to_stored(tensor) for name, tensor in staged.arrays.items()}
-        with self.store.guard("write", f"{self.path}/{GROUP_DIR} ({chunk_label(self.spec, chunk)})"):
-            _write_together(self._arrays, start, stop, encoded)
-        for name, values in encoded.items():
-            array = self._arrays[name]
-            key = f"{self.path}/{GROUP_DIR}/{name}/{array.metadata.encode_chunk_key((chunk,) + (0,) * (values.ndim - 1))}"
-            with self.store.guard("write", key):
-                self.store.sync(key)
+        stored = {name: to_stored(tensor) for name, tensor in staged.arrays.items()}
+        # the chunk's objects, each whole, atomically and durably (storage/zarr_chunks.py says why not through zarr)
+        self.store.write_many({f"{self.path}/{GROUP_DIR}/{name}/{self._encoders[name].key(chunk)}":
+                               self._encoders[name].encode(values) for name, values in stored.items()})
         self._lock.ensure_held()  # never record a chunk after losing the lease to another writer
-        real = encoded["attention_mask"].astype(bool)
-        record = {"chunk": chunk, "rows": [start, stop], "sha256": {n: array_sha256(v) for n, v in encoded.items()},
+        real = stored["attention_mask"].astype(bool)
+        record = {"chunk": chunk, "rows": [start, stop], "sha256": {n: array_sha256(v) for n, v in stored.items()},
                   "tokens": int(real.sum()), "norm_sums": _norm_sums(staged, real)}
         self.store.write_json(f"{self.path}/{record_path(chunk)}", record)
         with self._done_lock:

@@ -160,12 +160,18 @@ class ArtifactStore:
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write the whole file atomically (see the module docstring)."""
-        full = self.full_path(path)
-        with self.guard("write", path):
-            if self.is_local:
-                self._write_local(full, lambda f: f.write(data))
-            else:
-                self.fs.pipe_file(full, bytes(data))
+        self.write_many({path: data})
+
+    def write_many(self, files: dict[str, bytes]) -> None:
+        """Write several whole files, each atomically and durably (see the module docstring); on S3 the PUTs run
+        concurrently. Which of them exist after a failure is undefined: record completion separately."""
+        if self.is_local:
+            for path, data in files.items():
+                with self.guard("write", path):
+                    self._write_local(self.full_path(path), lambda f, data=data: f.write(data))
+        elif files:
+            with self.guard("write", ", ".join(files)):
+                self.fs.pipe({self.full_path(p): bytes(d) for p, d in files.items()})
 
     def read_bytes(self, path: str) -> bytes:
         with self.guard("read", path):
@@ -231,18 +237,6 @@ class ArtifactStore:
                 os.unlink(tmp)
             raise
         _fsync_dir(directory)
-
-    def sync(self, path: str) -> None:
-        """Make a file written by another library (e.g. a Zarr chunk) durable: fsync it and its directory.
-        A no-op on S3, where a finished PUT is already durable."""
-        if self.is_local:
-            full = self.full_path(path)
-            fd = os.open(full, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            _fsync_dir(os.path.dirname(full))
 
     # ---- listing and deletion ------------------------------------------------------------------------------
 
