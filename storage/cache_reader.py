@@ -8,6 +8,7 @@ most recent. Every chunk is checked against its completion record when loaded, s
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from collections import OrderedDict
@@ -19,6 +20,7 @@ import torch
 
 from .cache_spec import (ATTRS_KEY, GROUP_DIR, STORED_AS, CacheError, ChunkError, TeacherCacheSpec, array_sha256,
                          check_fingerprint, chunk_label, record_path, recorded_chunks, to_tensor)
+from .zarr_chunks import ChunkCodec
 
 _REBUILD = ("call verify(repair=True) and rerun the cache stage to rewrite the damaged chunks, or delete the cache "
             "to rebuild it")
@@ -87,17 +89,17 @@ class TeacherCacheReader(torch.utils.data.Dataset):
             self._group = zarr.open_group(self.store.zarr_store(f"{self.path}/{GROUP_DIR}", read_only=True), mode="r")
         except (FileNotFoundError, zarr.errors.NodeNotFoundError):
             raise CacheError(f"no teacher cache at {self.url}; run the cache stage to build it") from None
-        self._zarr_arrays: dict = {}  # opened on first use: each open costs requests on S3
+        self._codecs: dict[str, ChunkCodec] = {}  # arrays opened on first use: each open costs requests on S3
         return self._group
 
-    def _array(self, name: str):
-        if name not in self._zarr_arrays:
-            self._zarr_arrays[name] = self._group[name]
-        return self._zarr_arrays[name]
+    def _codec(self, name: str) -> ChunkCodec:
+        if name not in self._codecs:
+            self._codecs[name] = ChunkCodec(self._group[name])
+        return self._codecs[name]
 
     def __getstate__(self) -> dict:  # picklable for DataLoader workers: each reopens the group
         state = self.__dict__.copy()
-        for name in ("_group", "_zarr_arrays", "_chunks", "_cache_lock"):
+        for name in ("_group", "_codecs", "_chunks", "_cache_lock"):
             state.pop(name, None)
         return state
 
@@ -118,17 +120,23 @@ class TeacherCacheReader(torch.utils.data.Dataset):
     def read_chunk(self, chunk: int, arrays: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Stored values of the reader's arrays (or of ``arrays``) for one chunk, checked against its record (no
         caching)."""
-        try:
-            record = self.store.read_json(f"{self.path}/{record_path(chunk)}")
-        except FileNotFoundError:
+        names = list(self._arrays if arrays is None else arrays)
+        record_file = f"{self.path}/{record_path(chunk)}"
+        objects = {name: f"{self.path}/{GROUP_DIR}/{name}/{self._codec(name).key(chunk)}" for name in names}
+        data = self.store.read_many([record_file, *objects.values()])  # one round of requests for the whole chunk
+        if data[record_file] is None:
             raise self._chunk_error(chunk, "missing: it was never written (an interrupted build)",
-                                    "rerun the cache stage to write the missing chunks") from None
+                                    "rerun the cache stage to write the missing chunks")
+        record = json.loads(data[record_file])
         start, stop = self.spec.chunk_rows(chunk)
         values = {}
-        for name in self._arrays if arrays is None else arrays:
+        for name, path in objects.items():
+            if data[path] is None:
+                raise self._chunk_error(chunk, f"corrupt: {name} cannot be read (its object {self.store.url(path)} "
+                                               "is missing)")
             try:
-                values[name] = self._array(name)[start:stop]
-            except Exception as exc:  # a codec error on damaged bytes, a vanished object...
+                values[name] = self._codec(name).decode(data[path], stop - start)
+            except Exception as exc:  # a codec error on damaged bytes, a truncated object...
                 raise self._chunk_error(chunk, f"corrupt: {name} cannot be read ({type(exc).__name__}: {exc})") from exc
             if self.check_checksums and array_sha256(values[name]) != record["sha256"][name]:
                 raise self._chunk_error(chunk, f"corrupt: {name} does not match the checksum recorded when it was "

@@ -24,7 +24,7 @@ from .cache_spec import (ATTRS_KEY, BF16_ENCODING, CHUNK_KEY_ENCODING, FORMAT, G
                          CacheError, TeacherCacheSpec, array_sha256, check_fingerprint, chunk_label, compressors,
                          layer_name, record_path, recorded_chunks, to_stored, torch_dtype)
 from .lease import acquire_lock
-from .zarr_chunks import ChunkEncoder
+from .zarr_chunks import ChunkCodec
 
 
 class CacheWriteError(CacheError):
@@ -130,7 +130,7 @@ class TeacherCacheWriter:
             self._group = _open_group(store, path, spec)
             # The arrays are opened once (each open costs requests on S3). Every chunk gets an object, even an
             # all-zero one that zarr's own writes would skip, so each has an object to check.
-            self._encoders = {name: ChunkEncoder(self._group[name]) for name in spec.arrays()}
+            self._codecs = {name: ChunkCodec(self._group[name]) for name in spec.arrays()}
             self._done = recorded_chunks(store, path)
         except BaseException:
             self._lock.release()
@@ -207,8 +207,8 @@ class TeacherCacheWriter:
         staged.wait()
         stored = {name: to_stored(tensor) for name, tensor in staged.arrays.items()}
         # the chunk's objects, each whole, atomically and durably (storage/zarr_chunks.py says why not through zarr)
-        self.store.write_many({f"{self.path}/{GROUP_DIR}/{name}/{self._encoders[name].key(chunk)}":
-                               self._encoders[name].encode(values) for name, values in stored.items()})
+        self.store.write_many({f"{self.path}/{GROUP_DIR}/{name}/{self._codecs[name].key(chunk)}":
+                               self._codecs[name].encode(values) for name, values in stored.items()})
         self._lock.ensure_held()  # never record a chunk after losing the lease to another writer
         real = stored["attention_mask"].astype(bool)
         record = {"chunk": chunk, "rows": [start, stop], "sha256": {n: array_sha256(v) for n, v in stored.items()},

@@ -183,12 +183,28 @@ class ArtifactStore:
     def read_json(self, path: str) -> Any:
         return json.loads(self.read_bytes(path))
 
+    def read_many(self, paths: list[str]) -> dict[str, bytes | None]:
+        """Several whole files at once (concurrent requests on S3), by path; ``None`` for each that does not
+        exist."""
+        fulls = {self.full_path(p): p for p in paths}
+        with self.guard("read", paths[0] if paths else ""):
+            data = self.fs.cat(list(fulls), on_error="return") if fulls else {}
+        found: dict[str, bytes | None] = {}
+        for full, path in fulls.items():
+            value = data.get(full, FileNotFoundError(full))
+            if isinstance(value, BaseException) and not isinstance(value, FileNotFoundError):
+                with self.guard("read", path):
+                    raise value
+            found[path] = None if isinstance(value, FileNotFoundError) else value
+        return found
+
     def read_json_many(self, paths: list[str]) -> list:
         """Several small JSON files at once (concurrent requests on S3), in the order given."""
-        fulls = [self.full_path(p) for p in paths]
-        with self.guard("read", paths[0] if paths else ""):
-            data = self.fs.cat(fulls) if fulls else {}
-        return [json.loads(data[f]) for f in fulls]
+        data = self.read_many(paths)
+        for path in paths:
+            if data[path] is None:
+                raise FileNotFoundError(f"cannot read {self.url(path)}: it does not exist")
+        return [json.loads(data[p]) for p in paths]
 
     def put_file(self, local_file: str | os.PathLike, path: str) -> None:
         """Copy a local file in, atomically, streaming it (model weights need not fit in memory)."""

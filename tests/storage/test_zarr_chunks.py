@@ -1,5 +1,6 @@
-"""Whole-chunk writes: the objects ``ChunkEncoder`` makes are byte for byte the ones zarr writes itself, for every
-codec the cache uses and every stored dtype, edge chunks included; anything else is refused by name."""
+"""Whole-chunk access: the objects ``ChunkCodec`` encodes are byte for byte the ones zarr writes itself, and it
+decodes zarr's objects to the values zarr reads, for every codec the cache uses and every stored dtype, edge chunks
+included; anything else is refused by name."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import zarr
 
 from storage.cache_spec import CHUNK_KEY_ENCODING, compressors
-from storage.zarr_chunks import ChunkEncoder
+from storage.zarr_chunks import ChunkCodec
 
 CODECS = ["none", "zstd", "zstd:1", "blosc", "blosc:lz4:bitshuffle", "blosc:zstd:noshuffle", "gzip"]
 DTYPES = ["float32", "float16", "uint16", "int32", "int8"]
@@ -30,38 +31,45 @@ def values(dtype: str, shape) -> np.ndarray:
 
 @pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_objects_equal_zarrs_own(tmp_path, codec, dtype):
+def test_objects_are_zarrs_own_both_ways(tmp_path, codec, dtype):
     array = make_array(tmp_path, codec, dtype)
     data = values(dtype, array.shape)
     array[:] = data  # chunks 0 and 1 whole, chunk 2 the edge: one row of three
-    encoder = ChunkEncoder(array)
+    chunk_codec = ChunkCodec(array)
     directory = tmp_path / "group.zarr" / "a"
     for chunk, rows in enumerate((slice(0, 3), slice(3, 6), slice(6, 7))):
-        ours = encoder.encode(data[rows])
-        assert ours == (directory / encoder.key(chunk)).read_bytes(), f"chunk {chunk}"
-        (directory / encoder.key(chunk)).write_bytes(ours)
-    np.testing.assert_array_equal(zarr.open_array(zarr.storage.LocalStore(directory), mode="r")[:], data)
+        zarrs = (directory / chunk_codec.key(chunk)).read_bytes()
+        assert chunk_codec.encode(data[rows]) == zarrs, f"chunk {chunk}"
+        decoded = chunk_codec.decode(zarrs, rows.stop - rows.start)
+        assert decoded.dtype == data.dtype and np.array_equal(decoded, data[rows]), f"chunk {chunk}"
 
 
 def test_edge_chunk_is_padded_with_the_fill_value(tmp_path):
     array = make_array(tmp_path, "none", "int32")
-    encoder = ChunkEncoder(array)
-    stored = np.frombuffer(encoder.encode(np.ones((1, 5, 3), dtype="int32")), dtype="<i4").reshape(3, 5, 3)
+    chunk_codec = ChunkCodec(array)
+    stored = np.frombuffer(chunk_codec.encode(np.ones((1, 5, 3), dtype="int32")), dtype="<i4").reshape(3, 5, 3)
     assert (stored[0] == 1).all() and (stored[1:] == 0).all()
 
 
 def test_refuses_values_that_do_not_fit_a_chunk(tmp_path):
-    encoder = ChunkEncoder(make_array(tmp_path, "zstd", "float16"))
+    chunk_codec = ChunkCodec(make_array(tmp_path, "zstd", "float16"))
     with pytest.raises(ValueError, match="float16 values of shape \\[3, 5, 3\\], got float32"):
-        encoder.encode(np.zeros((3, 5, 3), dtype="float32"))  # never converted silently
+        chunk_codec.encode(np.zeros((3, 5, 3), dtype="float32"))  # never converted silently
     with pytest.raises(ValueError, match="got float16 of shape \\[4, 5, 3\\]"):
-        encoder.encode(np.zeros((4, 5, 3), dtype="float16"))
+        chunk_codec.encode(np.zeros((4, 5, 3), dtype="float16"))
+
+
+def test_refuses_objects_of_another_size(tmp_path):
+    chunk_codec = ChunkCodec(make_array(tmp_path, "zstd", "float16"))
+    other = ChunkCodec(make_array(tmp_path / "other", "zstd", "float16", shape=(7, 5, 2), chunks=(3, 5, 2)))
+    with pytest.raises(ValueError, match="the object holds 30 values, a chunk 45"):
+        chunk_codec.decode(other.encode(np.zeros((3, 5, 2), dtype="float16")), 3)
 
 
 def test_refuses_arrays_it_cannot_encode(tmp_path):
     with pytest.raises(ValueError, match="chunked along more than its first axis"):
-        ChunkEncoder(make_array(tmp_path, "zstd", "float16", chunks=(3, 2, 3)))
+        ChunkCodec(make_array(tmp_path, "zstd", "float16", chunks=(3, 2, 3)))
     group = zarr.open_group(zarr.storage.LocalStore(tmp_path / "other.zarr"), mode="a")
     crc = group.create_array("b", shape=(4,), chunks=(2,), dtype="int32", compressors=[zarr.codecs.Crc32cCodec()])
     with pytest.raises(ValueError, match="'crc32c' is not supported"):
-        ChunkEncoder(crc)
+        ChunkCodec(crc)
