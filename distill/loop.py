@@ -9,6 +9,7 @@ resumed run on CPU reproduces an uninterrupted one exactly.
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import threading
@@ -151,6 +152,10 @@ def train(trainable: Trainable, optim: OptimConfig, store, run: str, reporter: R
     optimizer = make_optimizer(trainable.parameters, optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, optim.warmup_steps, optim.steps, optim.min_lr_ratio))
+    if optim.warmup_steps >= optim.steps:
+        reporter.log(f"{description}: warmup_steps {optim.warmup_steps} >= steps {optim.steps}: the learning rate "
+                     f"rises for the whole run and never reaches its peak {optim.lr:g}; lower train.warmup_steps",
+                     logging.WARNING)
     step, history = 0, []
     latest = checkpoints.latest_checkpoint(store, run)
     if latest is not None:

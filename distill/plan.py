@@ -9,6 +9,7 @@ upstream changes everything downstream, and an identical configuration finds yes
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from storage import ArtifactStore, fingerprint, model_identity, tokenizer_identity
 from storage import layout
@@ -49,6 +50,10 @@ def preflight(cfg: PipelineConfig, flow: str) -> TeacherFacts:
     """Validate ``cfg`` against the teacher; raise ``ConfigError`` naming the field."""
     if flow not in FLOWS:
         raise ConfigError(f"unknown flow {flow!r}: choose one of {', '.join(FLOWS)}")
+    if cfg.teacher.revision is not None and Path(model_source(cfg.teacher.name_or_path)).is_dir():
+        raise ConfigError(f"teacher.revision {cfg.teacher.revision!r} names a Hub revision, but teacher.name_or_path "
+                          f"{cfg.teacher.name_or_path!r} is a local directory, which has none (its files are the "
+                          "teacher, fingerprinted by content); remove teacher.revision")
     config = load_teacher_config(cfg.teacher)
     tokenizer = load_tokenizer(cfg.teacher)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -30,8 +30,8 @@ class Reporter:
             if metrics:
                 self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
 
-    def log(self, message: str) -> None:
-        logger.info(message)
+    def log(self, message: str, level: int = logging.INFO) -> None:
+        logger.log(level, message)
         if self._bar is not None:
             self._bar.write(message, file=sys.stderr)
 

@@ -12,6 +12,7 @@ too when the next run computes the key, so the stage runs again and redoes only 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 
 from prefect import get_run_logger, task
@@ -94,11 +95,11 @@ class PrefectReporter(Reporter):
             update_progress_artifact(self._artifact, progress=min(100.0, 100.0 * self._done / self._total))
             self._last = time.monotonic()
 
-    def log(self, message: str) -> None:
+    def log(self, message: str, level: int = logging.INFO) -> None:
         if _in_run():
-            get_run_logger().info(message)
+            get_run_logger().log(level, message)
         else:  # called outside a run (e.g. ``task.fn(...)``): the terminal will do
-            super().log(message)
+            super().log(message, level)
 
     def close(self) -> None:
         if self._artifact is not None:

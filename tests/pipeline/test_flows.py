@@ -194,6 +194,9 @@ CACHED_SIGNAL = {"self_distill.teacher_signal": "cache"}
     (superposition_distill, {"cache.layers": [1, 2]}, "reconstructs one teacher layer"),
     (superposition_distill, {"cache.topk": 0, "head.topk_kl_weight": 0.5}, "head.topk_kl_weight > 0 needs cached top-k"),
     (superposition_distill, {"cache.topk": 100000}, "cache.topk 100000 exceeds the teacher's \\d+ logits per token"),
+    # a local teacher has no revisions: a set revision would be ignored (and split the fingerprint for nothing)
+    (superposition_distill, {"teacher.revision": "v1"}, "teacher.revision 'v1' names a Hub revision, but .* is a "
+                                                          "local directory"),
     (superposition_distill, {"cache.layers": []}, "cache.layers is empty: list at least one hidden state"),
     (self_distill, {"teacher.device": "gpu"}, "teacher.device 'gpu' is not a device: use auto, cpu, cuda"),
     (self_distill, {"teacher.device": "cuda:99"}, "teacher.device 'cuda:99': (torch sees no CUDA|this machine has)"),

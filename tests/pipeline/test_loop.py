@@ -1,14 +1,18 @@
-"""The training schedule: batches are a pure function of (seed, step), cover every row each epoch, stay chunk-local."""
+"""The training schedule: batches are a pure function of (seed, step), cover every row each epoch, stay chunk-local;
+a warm-up as long as the run is reported."""
+
+import logging
+import threading
 
 import numpy as np
 import pytest
-
-import threading
-
 import torch
 
-from distill.loop import BatchSchedule, ScheduledBatches, lr_factor
+from distill.config import OptimConfig
+from distill.loop import BatchSchedule, ScheduledBatches, Trainable, lr_factor, train
+from distill.progress import Reporter
 from distill.rows import Rows
+from storage import ArtifactStore
 
 
 def test_every_epoch_visits_every_row_once():
@@ -71,3 +75,24 @@ def test_scheduled_batches_read_ahead_on_another_thread_and_equal_the_schedule()
     assert all(name.startswith("batch-read-ahead") for _, name in calls)
     for step in (1, 2, 3, 18):  # read ahead once, then served from that read: never fetched twice
         assert read.count(tuple(schedule.indices(step).tolist())) == 1, step
+
+
+@pytest.mark.parametrize("warmup,warned", [(5, True), (3, True), (2, False)])
+def test_a_warmup_as_long_as_the_run_is_reported(tmp_path, warmup, warned):
+    class Recorder(Reporter):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def log(self, message, level=logging.INFO):
+            self.messages.append((level, message))
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    trainable = Trainable([weight], lambda step: ((weight ** 2).sum(), {}), lambda: {"w": weight.detach()},
+                          lambda state: weight.data.copy_(state["w"]))
+    reporter = Recorder()
+    history = train(trainable, OptimConfig(steps=3, warmup_steps=warmup, lr=0.1), ArtifactStore(str(tmp_path)),
+                    "run", reporter, torch.device("cpu"))
+    assert len(history) == 3
+    assert ((logging.WARNING, "train: warmup_steps {} >= steps 3: the learning rate rises for the whole run and never "
+             "reaches its peak 0.1; lower train.warmup_steps".format(warmup)) in reporter.messages) == warned
