@@ -20,7 +20,7 @@ from bitnet import (
 )
 from bitnet.quant import bitlinear_graph
 
-from .test_quant import reference_bitlinear
+from .reference import reference_bitlinear
 from .tiny_models import tiny_causal_lm, token_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -6,6 +6,7 @@ import transformers as tf
 
 from bitnet import DualModeLinear, TernaryLinear, kl_to_teacher, patch_model
 
+from .reference import reference_bitlinear
 from .tiny_models import CONFIGS, VOCAB, tiny_causal_lm, token_batch
 
 FAMILIES = list(CONFIGS)
@@ -43,14 +44,29 @@ def test_patching_shares_weights_without_copying(tmp_path):
     assert isinstance(model.lm_head, torch.nn.Linear) and not isinstance(model.lm_head, DualModeLinear)
 
 
-def test_student_at_step_zero_is_post_training_ternary_quantization(tmp_path):
+class ByTheBook(torch.nn.Module):
+    """A linear layer computed as ``reference_bitlinear`` (float64, integer matmul), sharing no code with bitnet/."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x):
+        y = reference_bitlinear(x, self.weight).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+@pytest.mark.parametrize("reference_layer", [ByTheBook, lambda linear: TernaryLinear.from_latent(linear.weight,
+                                                                                                linear.bias)],
+                         ids=["by-the-book", "exported-layer"])
+def test_student_at_step_zero_is_post_training_ternary_quantization(tmp_path, reference_layer):
     model = tiny_causal_lm("qwen2", tmp_path)
     ids = token_batch()
     reference = tiny_causal_lm("qwen2", tmp_path)  # same seed, same weights: quantize it by hand
     for name in patch_model(tiny_causal_lm("qwen2", tmp_path)).patched_names:
         linear = reference.get_submodule(name)
         parent, _, child = name.rpartition(".")
-        setattr(reference.get_submodule(parent), child, TernaryLinear.from_latent(linear.weight, linear.bias))
+        setattr(reference.get_submodule(parent), child, reference_layer(linear))
     dual = patch_model(model)
     with torch.no_grad(), dual.student():
         ours = model(ids).logits

@@ -7,15 +7,7 @@ import torch.nn.functional as F
 from bitnet import BitLinear, bitlinear, int8_activation, ternary_weight
 from bitnet.quant import bitlinear_graph
 
-
-def reference_bitlinear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """W1.58A8 by the book, in float64 with an integer matmul."""
-    x64, w64 = x.double(), w.double()
-    s_w = w64.abs().mean().clamp(min=1e-5)
-    w_q = (w64 / s_w).round().clamp(-1, 1).long()
-    absmax = x64.abs().amax(-1, keepdim=True).clamp(min=1e-5)
-    x_q = (x64 * 127 / absmax).round().clamp(-128, 127).long()
-    return (x_q @ w_q.T).double() * (absmax / 127) * s_w
+from .reference import reference_bitlinear
 
 
 def test_ternary_weight_codes_and_absmean_scale():

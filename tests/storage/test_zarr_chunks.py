@@ -15,10 +15,10 @@ CODECS = ["none", "zstd", "zstd:1", "blosc", "blosc:lz4:bitshuffle", "blosc:zstd
 DTYPES = ["float32", "float16", "uint16", "int32", "int8"]
 
 
-def make_array(tmp_path, codec: str, dtype: str, shape=(7, 5, 3), chunks=(3, 5, 3)):
+def make_array(tmp_path, codec: str, dtype: str, shape=(7, 5, 3), chunks=(3, 5, 3), keys=CHUNK_KEY_ENCODING):
     group = zarr.open_group(zarr.storage.LocalStore(tmp_path / "group.zarr"), mode="a")
     return group.create_array("a", shape=shape, chunks=chunks, dtype=dtype, compressors=compressors(codec),
-                              chunk_key_encoding=CHUNK_KEY_ENCODING, fill_value=0)
+                              chunk_key_encoding=keys, fill_value=0)
 
 
 def values(dtype: str, shape) -> np.ndarray:
@@ -73,3 +73,15 @@ def test_refuses_arrays_it_cannot_encode(tmp_path):
     crc = group.create_array("b", shape=(4,), chunks=(2,), dtype="int32", compressors=[zarr.codecs.Crc32cCodec()])
     with pytest.raises(ValueError, match="'crc32c' is not supported"):
         ChunkCodec(crc)
+
+
+def test_names_objects_by_the_arrays_own_key_encoding(tmp_path):
+    """Caches written before chunk keys were flat use zarr's default nested keys; they are read (and resumed) as
+    they are."""
+    array = make_array(tmp_path, "zstd", "int32", keys={"name": "default", "separator": "/"})
+    data = values("int32", array.shape)
+    array[:] = data
+    chunk_codec = ChunkCodec(array)
+    assert chunk_codec.key(2) == "c/2/0/0"
+    stored = (tmp_path / "group.zarr" / "a" / "c" / "2" / "0" / "0").read_bytes()
+    assert np.array_equal(chunk_codec.decode(stored, 1), data[6:7])
