@@ -8,8 +8,8 @@ as the evaluate stage computes them (the same ``eval.max_rows`` held-out rows fo
 Rows:
 - teacher, and naive post-training ternary quantization (dW = 0);
 - self-distillation over ``--seeds``: the default recipe's 1000 steps (the quickstart preset's), and the 300 steps
-  the preset ran before 2026-12-01; the recipe with the learning rate decayed to 0.1x instead of 0 (the earlier default), alone and with the per-layer
-  hidden cosine added (``--hidden-seeds``);
+  the preset ran before 2026-12-01; the recipe with the learning rate decayed to 0.1x instead of 0 (the earlier
+  default), alone and with the per-layer hidden cosine added (``--hidden-seeds``);
 - the search behind the recipe, from an earlier preset (``PREVIOUS_DEFAULT``: 2048 training rows, 300 steps), one
   seed: other lengths (``--steps``) and learning rates (``--lrs``); then at 1000 steps: twice the steps and rows,
   lr 2e-3, temperature 2; and the default recipe cut short (``--recipe-steps``);

@@ -152,8 +152,8 @@ def train(trainable: Trainable, optim: OptimConfig, store, run: str, reporter: R
     optimizer = make_optimizer(trainable.parameters, optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, optim.warmup_steps, optim.steps, optim.min_lr_ratio))
-    if optim.warmup_steps >= optim.steps:
-        reporter.log(f"{description}: warmup_steps {optim.warmup_steps} >= steps {optim.steps}: the learning rate "
+    if optim.warmup_steps > optim.steps:
+        reporter.log(f"{description}: warmup_steps {optim.warmup_steps} > steps {optim.steps}: the learning rate "
                      f"rises for the whole run and never reaches its peak {optim.lr:g}; lower train.warmup_steps",
                      logging.WARNING)
     step, history = 0, []

@@ -94,7 +94,11 @@ class TeacherCacheReader(torch.utils.data.Dataset):
 
     def _codec(self, name: str) -> ChunkCodec:
         if name not in self._codecs:
-            self._codecs[name] = ChunkCodec(self._group[name])
+            try:
+                self._codecs[name] = ChunkCodec(self._group[name])
+            except Exception as exc:  # its metadata gone or damaged: no chunk of it can be read
+                raise CacheError(f"the teacher cache at {self.url}: array {name} cannot be opened "
+                                 f"({type(exc).__name__}: {exc}); delete the cache to rebuild it") from exc
         return self._codecs[name]
 
     def __getstate__(self) -> dict:  # picklable for DataLoader workers: each reopens the group
@@ -119,7 +123,7 @@ class TeacherCacheReader(torch.utils.data.Dataset):
 
     def read_chunk(self, chunk: int, arrays: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Stored values of the reader's arrays (or of ``arrays``) for one chunk, checked against its record (no
-        caching)."""
+        caching; read-only arrays over the decoded bytes)."""
         names = list(self._arrays if arrays is None else arrays)
         record_file = f"{self.path}/{record_path(chunk)}"
         objects = {name: f"{self.path}/{GROUP_DIR}/{name}/{self._codec(name).key(chunk)}" for name in names}

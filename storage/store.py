@@ -170,7 +170,8 @@ class ArtifactStore:
                 with self.guard("write", path):
                     self._write_local(self.full_path(path), lambda f, data=data: f.write(data))
         elif files:
-            with self.guard("write", ", ".join(files)):
+            first = next(iter(files))
+            with self.guard("write", first if len(files) == 1 else f"{first} (and {len(files) - 1} more files)"):
                 self.fs.pipe({self.full_path(p): bytes(d) for p, d in files.items()})
 
     def read_bytes(self, path: str) -> bytes:
@@ -186,12 +187,12 @@ class ArtifactStore:
     def read_many(self, paths: list[str]) -> dict[str, bytes | None]:
         """Several whole files at once (concurrent requests on S3), by path; ``None`` for each that does not
         exist."""
-        fulls = {self.full_path(p): p for p in paths}
-        with self.guard("read", paths[0] if paths else ""):
-            data = self.fs.cat(list(fulls), on_error="return") if fulls else {}
+        if not paths:
+            return {}
+        with self.guard("read", paths[0]):  # cat_ranges, unlike cat, takes no path for a glob pattern
+            data = self.fs.cat_ranges([self.full_path(p) for p in paths], None, None, on_error="return")
         found: dict[str, bytes | None] = {}
-        for full, path in fulls.items():
-            value = data.get(full, FileNotFoundError(full))
+        for path, value in zip(paths, data):
             if isinstance(value, BaseException) and not isinstance(value, FileNotFoundError):
                 with self.guard("read", path):
                     raise value

@@ -4,10 +4,11 @@ The teacher cache writes each chunk of each array exactly once, whole, and reads
 zarr-python 3 every such access is a round trip through zarr's event loop and its thread pool (selection, a
 read-modify-write check, one thread hop per codec and one for the store), which cost the writer 1-3 ms of CPU per
 16-row chunk of the quickstart teacher on a 2-core CPU, where the writer has no core of its own (docs/RESULTS.md
-section 1), and serialises a chunk's requests on S3. A chunk object of a ``bytes``-then-compressor array is just its
-C-order little-endian bytes through that compressor, and the compressor is the numcodecs codec zarr itself calls,
-configured from the array's own metadata; so the bytes are exactly the ones zarr writes and reads
-(tests/storage/test_zarr_chunks.py compares them), and the cache stays an ordinary zarr group.
+section 1), and made the reader fetch a chunk's arrays one after another. A chunk object of a
+``bytes``-then-compressor array is just its C-order bytes, in the byte order the ``bytes`` codec names, through that
+compressor, and the compressor is the numcodecs codec zarr itself calls, configured from the array's own metadata;
+so the bytes are exactly the ones zarr writes and reads (tests/storage/test_zarr_chunks.py compares them), and the
+cache stays an ordinary zarr group.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class ChunkCodec:
             raise ValueError(f"zarr array {array.path!r} is chunked along more than its first axis: {array.chunks}")
         self.chunk_shape = tuple(array.chunks)
         self.dtype = np.dtype(array.dtype)
-        self._stored_dtype = self.dtype.newbyteorder("<")  # the bytes codec: little-endian
+        endian = codecs[0].get("configuration", {}).get("endian")  # absent for one-byte types
+        self._stored_dtype = self.dtype.newbyteorder(">" if endian == "big" else "<")
         self._fill_value = metadata.fill_value
         self._compressors = [_numcodec(c) for c in codecs[1:]]
         self._encode_key = metadata.encode_chunk_key
@@ -72,8 +74,8 @@ class ChunkCodec:
         return bytes(data)
 
     def decode(self, data: bytes, rows: int) -> np.ndarray:
-        """The first ``rows`` rows of the chunk stored as ``data`` (read-only, no copy); ``ValueError`` or the
-        codec's own error if ``data`` is not such a chunk."""
+        """The first ``rows`` rows of the chunk stored as ``data``, read-only (no copy unless the byte order is
+        foreign); ``ValueError`` or the codec's own error if ``data`` is not such a chunk."""
         for compressor in reversed(self._compressors):
             data = compressor.decode(data)
         values = np.frombuffer(data, dtype=self._stored_dtype)

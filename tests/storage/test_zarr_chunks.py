@@ -15,10 +15,11 @@ CODECS = ["none", "zstd", "zstd:1", "blosc", "blosc:lz4:bitshuffle", "blosc:zstd
 DTYPES = ["float32", "float16", "uint16", "int32", "int8"]
 
 
-def make_array(tmp_path, codec: str, dtype: str, shape=(7, 5, 3), chunks=(3, 5, 3), keys=CHUNK_KEY_ENCODING):
+def make_array(tmp_path, codec: str, dtype: str, shape=(7, 5, 3), chunks=(3, 5, 3), keys=CHUNK_KEY_ENCODING,
+               **options):
     group = zarr.open_group(zarr.storage.LocalStore(tmp_path / "group.zarr"), mode="a")
     return group.create_array("a", shape=shape, chunks=chunks, dtype=dtype, compressors=compressors(codec),
-                              chunk_key_encoding=keys, fill_value=0)
+                              chunk_key_encoding=keys, **{"fill_value": 0, **options})
 
 
 def values(dtype: str, shape) -> np.ndarray:
@@ -32,7 +33,7 @@ def values(dtype: str, shape) -> np.ndarray:
 @pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_objects_are_zarrs_own_both_ways(tmp_path, codec, dtype):
-    array = make_array(tmp_path, codec, dtype)
+    array = make_array(tmp_path, codec, dtype, fill_value=3)
     data = values(dtype, array.shape)
     array[:] = data  # chunks 0 and 1 whole, chunk 2 the edge: one row of three
     chunk_codec = ChunkCodec(array)
@@ -45,10 +46,21 @@ def test_objects_are_zarrs_own_both_ways(tmp_path, codec, dtype):
 
 
 def test_edge_chunk_is_padded_with_the_fill_value(tmp_path):
-    array = make_array(tmp_path, "none", "int32")
+    array = make_array(tmp_path, "none", "int32", fill_value=-7)
     chunk_codec = ChunkCodec(array)
     stored = np.frombuffer(chunk_codec.encode(np.ones((1, 5, 3), dtype="int32")), dtype="<i4").reshape(3, 5, 3)
-    assert (stored[0] == 1).all() and (stored[1:] == 0).all()
+    assert (stored[0] == 1).all() and (stored[1:] == -7).all()
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_follows_the_byte_order_the_bytes_codec_names(tmp_path, codec):
+    array = make_array(tmp_path, codec, "float32", serializer=zarr.codecs.BytesCodec(endian="big"))
+    data = values("float32", array.shape)
+    array[:] = data
+    chunk_codec = ChunkCodec(array)
+    zarrs = (tmp_path / "group.zarr" / "a" / chunk_codec.key(0)).read_bytes()
+    assert chunk_codec.encode(data[:3]) == zarrs
+    assert np.array_equal(chunk_codec.decode(zarrs, 3), data[:3]) and chunk_codec.decode(zarrs, 3).dtype == "float32"
 
 
 def test_refuses_values_that_do_not_fit_a_chunk(tmp_path):
@@ -67,6 +79,8 @@ def test_refuses_objects_of_another_size(tmp_path):
 
 
 def test_refuses_arrays_it_cannot_encode(tmp_path):
+    with pytest.raises(ValueError, match="needs the 'bytes' codec first, got \\['transpose', 'bytes'"):
+        ChunkCodec(make_array(tmp_path / "t", "zstd", "int32", filters=[zarr.codecs.TransposeCodec(order=(2, 1, 0))]))
     with pytest.raises(ValueError, match="chunked along more than its first axis"):
         ChunkCodec(make_array(tmp_path, "zstd", "float16", chunks=(3, 2, 3)))
     group = zarr.open_group(zarr.storage.LocalStore(tmp_path / "other.zarr"), mode="a")
