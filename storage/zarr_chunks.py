@@ -74,8 +74,9 @@ class ChunkCodec:
         return bytes(data)
 
     def decode(self, data: bytes, rows: int) -> np.ndarray:
-        """The first ``rows`` rows of the chunk stored as ``data``, read-only (no copy unless the byte order is
-        foreign); ``ValueError`` or the codec's own error if ``data`` is not such a chunk."""
+        """The first ``rows`` rows of the chunk stored as ``data``: a read-only view of the decoded bytes (a copy
+        when their byte order is not the machine's); ``ValueError`` or the codec's own error if ``data`` is not such
+        a chunk."""
         for compressor in reversed(self._compressors):
             data = compressor.decode(data)
         values = np.frombuffer(data, dtype=self._stored_dtype)

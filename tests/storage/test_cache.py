@@ -199,6 +199,14 @@ def test_reader_asked_for_an_array_the_cache_lacks_says_what_it_holds(local_stor
         TeacherCacheReader(local_store, "cache", arrays=["input_ids", "hidden/layer_1"])
 
 
+def test_an_array_whose_metadata_is_gone_is_named(local_store):
+    build_cache(local_store, "cache", SPEC)
+    local_store.delete("cache/data.zarr/hidden/layer_2/zarr.json")
+    with pytest.raises(CacheError, match=r"teacher cache at \S+/cache: array hidden/layer_2 cannot be opened .*; "
+                                         "delete the cache to rebuild it"):
+        TeacherCacheReader(local_store, "cache")[0]
+
+
 def test_deleted_chunk_object_is_not_read_as_zeros(store):
     build_cache(store, "cache", SPEC)
     store.delete("cache/data.zarr/input_ids/c.3.0")
