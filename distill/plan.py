@@ -50,7 +50,8 @@ def preflight(cfg: PipelineConfig, flow: str) -> TeacherFacts:
     """Validate ``cfg`` against the teacher; raise ``ConfigError`` naming the field."""
     if flow not in FLOWS:
         raise ConfigError(f"unknown flow {flow!r}: choose one of {', '.join(FLOWS)}")
-    if cfg.teacher.revision is not None and Path(model_source(cfg.teacher.name_or_path)).is_dir():
+    source = model_source(cfg.teacher.name_or_path)  # a local directory, or the Hub name as given
+    if cfg.teacher.revision is not None and Path(source).is_dir():
         raise ConfigError(f"teacher.revision {cfg.teacher.revision!r} names a Hub revision, but teacher.name_or_path "
                           f"{cfg.teacher.name_or_path!r} is a local directory, which has none (its files are the "
                           "teacher, fingerprinted by content); remove teacher.revision")
@@ -59,8 +60,8 @@ def preflight(cfg: PipelineConfig, flow: str) -> TeacherFacts:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     device = resolve_device(cfg.teacher.device)
     facts = TeacherFacts(
-        identity=model_identity(model_source(cfg.teacher.name_or_path), revision=cfg.teacher.revision),
-        tokenizer_identity=tokenizer_identity(model_source(cfg.teacher.name_or_path), revision=cfg.teacher.revision),
+        identity=model_identity(source, revision=cfg.teacher.revision),
+        tokenizer_identity=tokenizer_identity(source, revision=cfg.teacher.revision),
         compute_dtype=str(resolve_dtype(cfg.teacher.dtype, device)).removeprefix("torch."),
         num_hidden_layers=text_config.num_hidden_layers,
         max_positions=getattr(text_config, "max_position_embeddings", None),
