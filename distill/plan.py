@@ -137,8 +137,11 @@ def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> dict[str
     tokens = add("tokenize", {"data": d["data"], "tokenizer": teacher.tokenizer_identity}, None)
     stages["tokenize"].path = layout.tokens_dir(tokens)
     loaded = {"teacher": teacher.identity, "compute_dtype": teacher.compute_dtype}  # what its outputs depend on
-    cache_own = {**loaded, "load_in_4bit": cfg.teacher.load_in_4bit, "cache": d["cache"],
-                 "eval_rows": cfg.eval.max_rows}
+    # cache.eval_samples is hashed under the name its value had before it was a setting of its own (eval.max_rows),
+    # so that the caches and runs made then keep their fingerprints where the two are equal
+    cache_settings = {k: v for k, v in d["cache"].items() if k != "eval_samples"}
+    cache_own = {**loaded, "load_in_4bit": cfg.teacher.load_in_4bit, "cache": cache_settings,
+                 "eval_rows": cfg.cache.eval_samples}
     upstream = tokens
     if uses_teacher_cache(cfg, flow):
         upstream = add("cache_teacher", cache_own, tokens)

@@ -3,7 +3,7 @@ chosen hidden states (and optional top-k logits) into the Zarr teacher cache, ch
 
 A chunk is one forward batch. The writer compresses and writes in a background thread, so the teacher never waits
 on I/O; a rerun after a crash computes only the chunks that are not recorded complete. Both splits are cached:
-train for the student, eval (``eval.max_rows`` rows) for held-out reconstruction metrics during training.
+train for the student, eval (``cache.eval_samples`` rows) for the held-out metrics the training stages log.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def run_cache_teacher(cfg, store, stage: dict, reporter, tokens: dict) -> dict:
     vocab_size = model.get_output_embeddings().weight.shape[0]  # what the student's vocabulary must cover
     forward = TeacherForward(model, layers, cfg.cache.topk, log=reporter.log)
     splits = {}
-    for split, limit in (("train", cfg.cache.max_samples), ("eval", cfg.eval.max_rows)):
+    for split, limit in (("train", cfg.cache.max_samples), ("eval", cfg.cache.eval_samples)):
         rows = load_split(store, tokens, split)
         count = min(rows.count, limit or rows.count)
         spec = TeacherCacheSpec(num_samples=count, seq_len=cfg.data.seq_len, layers=layers,

@@ -99,6 +99,30 @@ def test_self_distill_steps_lr_and_lr_floor_override_train_for_that_flow_only():
     assert train_fingerprints({"self_distill.steps": 7, "train.optimizer": "adamw"}) == [self_fp, super_fp]
 
 
+def test_evaluation_rows_rebuild_neither_the_teacher_cache_nor_the_student():
+    from distill.plan import make_plan, preflight
+
+    def fingerprints(flow, overrides):
+        cfg = load_config("quickstart", overrides)
+        return {name: stage["fingerprint"] for name, stage in make_plan(cfg, flow, preflight(cfg, flow)).items()
+                if name != "run"}
+
+    for flow in ("superposition-distill", "self-distill"):
+        base = fingerprints(flow, {})
+        changed = {name for name, fp in fingerprints(flow, {"eval.max_rows": 64}).items() if fp != base[name]}
+        assert changed == {"evaluate", "export"}, flow
+    # the cache's own held-out rows are a cache setting: the cache and everything after it are new
+    base = fingerprints("superposition-distill", {})
+    changed = {name for name, fp in fingerprints("superposition-distill", {"cache.eval_samples": 64}).items()
+               if fp != base[name]}
+    assert changed == {"cache_teacher", "train", "lm_head", "evaluate", "export"}
+    # hashed as eval.max_rows was before cache.eval_samples existed: the quickstart's cache and the runs made then
+    # (docs/RESULTS.md's headline among them) keep their fingerprints; on a CPU, whose compute dtype they hash
+    on_cpu = {"teacher.device": "cpu"}
+    assert fingerprints("superposition-distill", on_cpu)["cache_teacher"] == "0abe4e602ecb380b"
+    assert fingerprints("self-distill", on_cpu)["train"] == "15a96be707dbe942"
+
+
 def test_the_configs_top_k_codec_default_is_the_caches():
     from storage.cache_spec import TOPK_CODEC  # the reason for it is written there; config.py repeats the literal
 

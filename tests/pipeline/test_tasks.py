@@ -36,13 +36,16 @@ def test_stage_task_functions_return_small_manifests(tiny_teacher, tmp_path):
 def test_self_distill_trains_every_loss_term_from_either_teacher_signal(tiny_teacher, tmp_path, signal):
     every_term = {"self_distill.ce_weight": 1.0, "self_distill.hidden_weight": 1.0,
                   "self_distill.magnitude_weight": 0.1, "self_distill.teacher_signal": signal,
-                  "cache.layers": [1, 2]}  # the cached signal needs every hidden state it matches
+                  "cache.layers": [1, 2],  # the cached signal needs every hidden state it matches
+                  "cache.eval_samples": 4}
     cfg = load_config(TINY, tiny_overrides(tiny_teacher, tmp_path, **every_term))
     plan = make_plan(cfg, "self-distill", preflight(cfg, "self-distill"))
     config = cfg.model_dump(mode="json")
     tokens = stages.tokenize.fn(config, plan["tokenize"])
     cache = stages.cache_teacher.fn(config, plan["cache_teacher"], tokens) if signal == "cache" else None
     trained = stages.train_self_distill.fn(config, plan["train"], tokens, cache)
+    if cache is not None:  # its held-out rows are a cache setting of their own, not the evaluation's
+        assert (cache["splits"]["eval"]["rows"], cfg.eval.max_rows) == (4, 8)
     history = json.loads((tmp_path / trained["history"]).read_text())
     assert len(history) == cfg.train.steps
     for record in history:
