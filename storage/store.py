@@ -4,7 +4,8 @@ Paths given to the methods are relative to the root (``tokens/<fp>/train/shard-0
 
 Atomicity
     A file is never visible half-written. Locally it is written to a hidden temporary name in the same directory,
-    fsync'ed, then renamed over the target (``os.replace`` is atomic on POSIX). On S3 a PUT is atomic by itself.
+    fsync'ed, then renamed over the target (``os.replace`` is atomic on POSIX), and the directory (and any directory
+    the write created, in its parent) fsync'ed. On S3 a PUT is atomic by itself.
     An artifact made of several files is finished by ``mark_complete``, which writes ``_COMPLETE.json`` (the
     artifact's manifest) last; readers trust only artifacts that have it, and ``delete`` removes it first. So a crash
     or a full disk at any point leaves at worst an unfinished artifact that a rerun rebuilds, never one that looks
@@ -241,7 +242,7 @@ class ArtifactStore:
 
     def _write_local(self, full: str, fill: Callable[[IO[bytes]], object]) -> None:
         directory, name = os.path.split(full)
-        os.makedirs(directory, exist_ok=True)
+        _make_dirs_durable(directory)
         tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
         try:
             with open(tmp, "wb") as f:
@@ -323,6 +324,19 @@ class ArtifactStore:
 def _copy_stream(src: IO[bytes], dst: IO[bytes], block: int = 16 << 20) -> None:
     while chunk := src.read(block):
         dst.write(chunk)
+
+
+def _make_dirs_durable(directory: str) -> None:
+    """``os.makedirs``, and each directory it creates persisted in its parent: a file renamed into a new directory
+    is durable only once that directory's own entry is."""
+    missing = []
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    if missing:
+        os.makedirs(missing[0], exist_ok=True)
+        for created in reversed(missing):
+            _fsync_dir(os.path.dirname(created))
 
 
 def _fsync_dir(directory: str) -> None:
