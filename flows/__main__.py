@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
             return 0
         from flows import FLOWS
+        from flows.temporary_server import start_temporary_server
 
+        start_temporary_server()  # where no server is configured: one that stops with this command, even killed
         names = list(FLOWS) if args.flow == "both" else [args.flow]
         results = {name: FLOWS[name](config=args.config, overrides=overrides) for name in names}
     except USER_ERRORS as exc:

@@ -1,16 +1,25 @@
 """The command line and teacher-loading errors a user meets first."""
 
 import importlib.util
+import os
+import re
+import socket
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from distill.config import ConfigError, TeacherConfig
+from distill.config import ConfigError, TeacherConfig, load_config
+from distill.plan import open_store
 from distill.teacher import load_teacher
 from flows.__main__ import main
+
+from .conftest import TINY, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,8 +73,6 @@ def test_4bit_loading_says_what_it_needs_that_is_missing(tiny_teacher):
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_run_both_prints_the_summary_table(tiny_teacher, tmp_path, capsys):
-    from .conftest import TINY
-
     assert main(["run", "both", "--config", TINY, "--set", f"teacher.name_or_path={tiny_teacher}",
                  "--set", f"storage.root={tmp_path}"]) == 0
     out = capsys.readouterr().out
@@ -74,3 +81,84 @@ def test_run_both_prints_the_summary_table(tiny_teacher, tmp_path, capsys):
         assert label in out, label
     reports = [line.split()[-1] for line in out.splitlines() if " report " in line]
     assert len(reports) == 2 and all(Path(r).read_text().startswith("# ") for r in reports)
+
+
+class RunningCommand:
+    """``python -m flows run self-distill`` on the tiny config in a session of its own (so that a signal can reach
+    its process group as the terminal's Ctrl-C does), with no Prefect server configured; its output collected."""
+
+    def __init__(self, tiny_teacher, tmp_path, **overrides):
+        self.overrides = tiny_overrides(tiny_teacher, tmp_path, **overrides)
+        command = [sys.executable, "-m", "flows", "run", "self-distill", "--config", TINY,
+                   *(arg for key, value in self.overrides.items() for arg in ("--set", f"{key}={value}"))]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect")}
+        self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, what: str, found, seconds: float = 180):
+        deadline = time.monotonic() + seconds
+        while not (result := found()):
+            assert self.proc.poll() is None, f"the command ended before {what}:\n{self.output()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {what} after {seconds} s:\n{self.output()[-3000:]}"
+            time.sleep(0.05)
+        return result
+
+    def server_port(self) -> int:
+        """The temporary server's port, once it answers."""
+        started = self.wait_for("temporary server", lambda: re.search(
+            r"Starting temporary server on http://127\.0\.0\.1:(\d+)", self.output()))
+        port = int(started.group(1))
+        self.wait_for("answer from the temporary server", lambda: _serving(port))
+        return port
+
+
+def _serving(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _stops_serving(port: int, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while _serving(port):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_a_killed_command_takes_its_temporary_prefect_server_with_it(tiny_teacher, tmp_path):
+    """SIGKILL (the OOM killer's signal) runs no exit handler; the server the command started must stop anyway."""
+    command = RunningCommand(tiny_teacher, tmp_path, **{"train.steps": 100_000})  # still running when killed
+    try:
+        port = command.server_port()
+    finally:
+        os.killpg(command.proc.pid, signal.SIGKILL)  # the command's whole process group
+        command.proc.wait()
+    assert _stops_serving(port), f"the temporary server on port {port} outlived the killed command"
+
+
+def test_ctrl_c_stops_training_at_a_checkpoint_and_the_command_exits(tiny_teacher, tmp_path):
+    """The terminal's SIGINT reaches the command's whole process group; the temporary server must not die of it
+    while the command still reports to it."""
+    command = RunningCommand(tiny_teacher, tmp_path, **{"train.steps": 100_000, "train.checkpoint_every": 3,
+                                                        "train.eval_every": 1000})
+    try:
+        port = command.server_port()
+        store = open_store(load_config(TINY, command.overrides))
+        command.wait_for("checkpoint", lambda: [p for p in store.find("runs") if "/checkpoints/step-" in p])
+        os.killpg(command.proc.pid, signal.SIGINT)
+        command.proc.wait(timeout=120)
+    finally:
+        if command.proc.poll() is None:
+            os.killpg(command.proc.pid, signal.SIGKILL)
+    command.reader.join(timeout=10)
+    assert command.proc.returncode == 2, command.output()[-3000:]
+    assert re.search(r"error: .*stopped by signal 2 at step \d+; a checkpoint was written, rerun to "
+                     r"resume", command.output()), command.output()[-3000:]
+    assert _stops_serving(port), f"the temporary server on port {port} outlived the command"

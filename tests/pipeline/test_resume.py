@@ -146,8 +146,9 @@ def test_a_killed_flow_resumes_from_its_checkpoint_when_the_flow_runs_again(tiny
                *(arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}"))]
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect")}
     store = open_store(load_config(TINY, overrides))
-    # In a session of its own, so that the kill takes the temporary Prefect server the CLI started with it, as
-    # losing the machine would (a SIGKILL of the CLI alone leaves that server running).
+    # In a session of its own, so that the kill takes the command's whole process group, as losing the machine
+    # would (the temporary Prefect server, in a session of its own, then stops through its watchdog:
+    # tests/pipeline/test_cli.py).
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 300
