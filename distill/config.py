@@ -65,8 +65,9 @@ class CacheConfig(Section):
     topk_codec: str = "blosc:lz4:bitshuffle"  # top-k values and indices (storage/cache_spec.py says why)
     batch_size: int = Field(default=8, gt=0)  # teacher forward batch = cache chunk size
     max_samples: int | None = Field(default=None, gt=0)
-    # held-out rows cached for the training stages' own held-out metrics (each reads 4 of its batches); the evaluate
-    # stage reads its rows (eval.max_rows) from the token shards, so changing those rebuilds neither cache nor student
+    # held-out rows cached for the held-out loss logged while training from the cache (the superposition student's
+    # reconstruction, the LM head's with head.topk_kl_weight; 4 batches of them); the evaluate stage reads its rows
+    # (eval.max_rows) from the token shards, so changing those rebuilds neither the cache nor the student
     eval_samples: int | None = Field(default=256, gt=0)
 
     @field_validator("codec", "topk_codec")

@@ -3,7 +3,8 @@ chosen hidden states (and optional top-k logits) into the Zarr teacher cache, ch
 
 A chunk is one forward batch. The writer compresses and writes in a background thread, so the teacher never waits
 on I/O; a rerun after a crash computes only the chunks that are not recorded complete. Both splits are cached:
-train for the student, eval (``cache.eval_samples`` rows) for the held-out metrics the training stages log.
+train for the student, eval (``cache.eval_samples`` rows) for the held-out loss logged while training from the
+cache.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Prefect's temporary server for the command line: out of the terminal's reach, and stopped with the command however
-the command ends.
+"""Prefect's temporary server for the command line: out of the terminal's reach, and stopped with the command
+however the command ends.
 
 Where no Prefect server is configured, Prefect starts a temporary one in a child process and stops it from an exit
 handler. Two things go wrong with that child as it is. Ctrl-C reaches the terminal's whole process group, so the
@@ -8,33 +8,62 @@ needs it, and the command hangs in the Prefect client's retries. And a command k
 handlers (SIGKILL, the kernel's OOM killer, SIGHUP) leaves the server running for good. So the command starts the
 server itself, as Prefect would but in a session of its own, with a watchdog process, also in a session of its own,
 that reads a pipe whose write end only the command holds. The kernel closes that pipe when the command dies, however
-it dies, and the watchdog then stops the server. A normal exit tells the watchdog first, and Prefect's own handler
-stops the server as before.
+it dies, and the watchdog then stops the server. On a normal exit Prefect's own handler stops the server as before,
+and then the watchdog is told to leave it be. (POSIX only; elsewhere Prefect starts its server as it always does.)
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import subprocess
 import sys
 
 # The watchdog reads lines: a server's pid (the latest is the one to stop), or "exit" for a normal exit. End of file
-# without "exit" means the command is gone.
+# without "exit" means the command is gone. Where the OS has pidfds (Linux 5.3+), the server is held by one, so a
+# process that later gets the same pid is never signalled.
 _WATCHDOG = """
-import os, signal, sys, time
-server = None
+import os, select, signal, sys, time
+
+server = pidfd = None
 for line in sys.stdin:
     if line.strip() == "exit":
         sys.exit(0)
     server = int(line)
+    if pidfd is not None:
+        os.close(pidfd)
+        pidfd = None
+    try:
+        pidfd = os.pidfd_open(server)
+    except ProcessLookupError:
+        server = None
+    except (AttributeError, OSError):
+        pass  # no pidfds here: signal by pid
+
+
+def send(sig):
+    if pidfd is not None:
+        signal.pidfd_send_signal(pidfd, sig)
+    else:
+        os.kill(server, sig)
+
+
+def exits_within(seconds):
+    if pidfd is not None:  # readable once the process has exited
+        return bool(select.select([pidfd], [], [], seconds)[0])
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        os.kill(server, 0)  # ProcessLookupError once it is gone
+        time.sleep(0.1)
+    return False
+
+
 if server is not None:
     try:
-        os.kill(server, signal.SIGTERM)
-        for _ in range(100):  # 10 s to shut down, then SIGKILL
-            time.sleep(0.1)
-            os.kill(server, 0)
-        os.kill(server, signal.SIGKILL)
+        send(signal.SIGTERM)
+        if not exits_within(10):
+            send(signal.SIGKILL)
     except ProcessLookupError:
         pass
 """
@@ -44,9 +73,12 @@ class Watchdog:
     """A process that stops the process it was last told about once this process dies without exiting normally."""
 
     def __init__(self):
-        self.process = subprocess.Popen([sys.executable, "-c", _WATCHDOG], stdin=subprocess.PIPE, text=True,
-                                        start_new_session=True)  # a kill of the command's process group spares it
-        # atexit runs its handlers last registered first: this one runs before Prefect's own stops the server
+        # -I: nothing from the working directory (a local signal.py) is imported; a session of its own: a kill of
+        # the command's process group spares it
+        self.process = subprocess.Popen([sys.executable, "-I", "-c", _WATCHDOG], stdin=subprocess.PIPE, text=True,
+                                        start_new_session=True)
+        # registered before the server starts, and so run after the handler Prefect registers then: the watchdog
+        # stays armed while Prefect stops the server
         atexit.register(self.exiting_normally)
 
     def guard(self, pid: int) -> None:
@@ -60,17 +92,22 @@ class Watchdog:
         try:
             self.process.stdin.write(line)
             self.process.stdin.flush()
-        except OSError:  # the watchdog is gone already
+        except (OSError, ValueError):  # the watchdog is gone already, or its pipe closed
             pass
+
+
+_api_url: str | None = None  # the server this process started
 
 
 def start_temporary_server() -> str | None:
     """Start Prefect's temporary server now, in a session of its own and guarded by a watchdog, unless a server is
-    configured (``PREFECT_API_URL``) or temporary servers are switched off; its API URL, or None."""
+    configured (``PREFECT_API_URL``), temporary servers are switched off or this is not a POSIX system; its API URL,
+    or None. Calling it again returns the same server."""
+    global _api_url
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return None
+    if _api_url or PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value() or os.name != "posix":
+        return _api_url
     import prefect.server.api.server as prefect_server
 
     server = prefect_server.SubprocessASGIServer()  # the instance Prefect's clients use: they find it running
@@ -85,8 +122,10 @@ def start_temporary_server() -> str | None:
 
         server._run_uvicorn_command = spawn_guarded
     server.start()
-    watchdog.guard(server.server_process.pid)
-    return server.api_url
+    if not callable(spawn):
+        watchdog.guard(server.server_process.pid)
+    _api_url = server.api_url
+    return _api_url
 
 
 @contextlib.contextmanager

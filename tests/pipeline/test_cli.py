@@ -1,5 +1,6 @@
 """The command line and teacher-loading errors a user meets first."""
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -95,8 +96,18 @@ class RunningCommand:
         self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)
         self.lines: list[str] = []
-        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader = threading.Thread(target=self._collect, daemon=True)
         self.reader.start()
+
+    def _collect(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def stop(self) -> None:
+        """Whatever is left of its process group."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
     def output(self) -> str:
         return "".join(self.lines)
@@ -132,17 +143,42 @@ def _stops_serving(port: int, seconds: float = 30) -> bool:
     return True
 
 
+def test_watchdog_stops_its_process_only_when_the_command_dies(tmp_path):
+    from flows.temporary_server import Watchdog
+
+    guarded = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) for _ in range(2)]
+    try:
+        for process, normal_exit in zip(guarded, (True, False)):
+            watchdog = Watchdog()
+            watchdog.guard(process.pid)
+            if normal_exit:
+                watchdog.exiting_normally()
+            else:  # what the kernel does to the pipe when the command dies
+                watchdog.process.stdin.close()
+                watchdog.process.wait(timeout=30)
+        assert guarded[0].poll() is None  # left to Prefect's own handler
+        assert guarded[1].wait(timeout=30) == -signal.SIGTERM
+    finally:
+        for process in guarded:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
 def test_a_killed_command_takes_its_temporary_prefect_server_with_it(tiny_teacher, tmp_path):
-    """SIGKILL (the OOM killer's signal) runs no exit handler; the server the command started must stop anyway."""
+    """SIGKILL (the OOM killer's signal, to one process) runs no exit handler; the server the command started must
+    stop anyway."""
     command = RunningCommand(tiny_teacher, tmp_path, **{"train.steps": 100_000})  # still running when killed
     try:
         port = command.server_port()
-    finally:
-        os.killpg(command.proc.pid, signal.SIGKILL)  # the command's whole process group
+        os.kill(command.proc.pid, signal.SIGKILL)
         command.proc.wait()
-    assert _stops_serving(port), f"the temporary server on port {port} outlived the killed command"
+        assert _stops_serving(port), f"the temporary server on port {port} outlived the killed command"
+    finally:
+        command.stop()
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_training_at_a_checkpoint_and_the_command_exits(tiny_teacher, tmp_path):
     """The terminal's SIGINT reaches the command's whole process group; the temporary server must not die of it
     while the command still reports to it."""
@@ -155,8 +191,7 @@ def test_ctrl_c_stops_training_at_a_checkpoint_and_the_command_exits(tiny_teache
         os.killpg(command.proc.pid, signal.SIGINT)
         command.proc.wait(timeout=120)
     finally:
-        if command.proc.poll() is None:
-            os.killpg(command.proc.pid, signal.SIGKILL)
+        command.stop()
     command.reader.join(timeout=10)
     assert command.proc.returncode == 2, command.output()[-3000:]
     assert re.search(r"error: .*stopped by signal 2 at step \d+; a checkpoint was written, rerun to "

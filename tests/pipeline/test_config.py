@@ -107,10 +107,12 @@ def test_evaluation_rows_rebuild_neither_the_teacher_cache_nor_the_student():
         return {name: stage["fingerprint"] for name, stage in make_plan(cfg, flow, preflight(cfg, flow)).items()
                 if name != "run"}
 
-    for flow in ("superposition-distill", "self-distill"):
-        base = fingerprints(flow, {})
-        changed = {name for name, fp in fingerprints(flow, {"eval.max_rows": 64}).items() if fp != base[name]}
-        assert changed == {"evaluate", "export"}, flow
+    from_cache = {"self_distill.teacher_signal": "cache"}
+    for flow, settings in (("superposition-distill", {}), ("self-distill", from_cache), ("self-distill", {})):
+        base = fingerprints(flow, settings)
+        changed = {name for name, fp in fingerprints(flow, {**settings, "eval.max_rows": 64}).items()
+                   if fp != base[name]}
+        assert changed == {"evaluate", "export"}, (flow, settings)
     # the cache's own held-out rows are a cache setting: the cache and everything after it are new
     base = fingerprints("superposition-distill", {})
     changed = {name for name, fp in fingerprints("superposition-distill", {"cache.eval_samples": 64}).items()

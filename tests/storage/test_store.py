@@ -67,11 +67,11 @@ def test_a_file_written_into_new_directories_is_durable_with_them(local_store, m
     fsync = os.fsync
 
     def recording_fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))  # a resolved path
         fsync(fd)
 
     local_store.write_bytes("old/file", b"0")
-    root = Path(local_store.full_path("old")).parent
+    root = Path(local_store.full_path("old")).parent.resolve()
     monkeypatch.setattr(os, "fsync", recording_fsync)
     local_store.write_bytes("old/new/deeper/file.bin", b"data")
     # each new directory's entry in its parent, then the file, then the directory it was renamed in
