@@ -75,6 +75,7 @@ class Watchdog:
     def __init__(self):
         # -I: nothing from the working directory (a local signal.py) is imported; a session of its own: a kill of
         # the command's process group spares it
+        self.pid: int | None = None  # the process it stops
         self.process = subprocess.Popen([sys.executable, "-I", "-c", _WATCHDOG], stdin=subprocess.PIPE, text=True,
                                         start_new_session=True)
         # registered before the server starts, and so run after the handler Prefect registers then: the watchdog
@@ -82,6 +83,7 @@ class Watchdog:
         atexit.register(self.exiting_normally)
 
     def guard(self, pid: int) -> None:
+        self.pid = pid
         self._send(f"{pid}\n")
 
     def exiting_normally(self) -> None:
@@ -122,7 +124,7 @@ def start_temporary_server() -> str | None:
 
         server._run_uvicorn_command = spawn_guarded
     server.start()
-    if not callable(spawn):
+    if watchdog.pid != server.server_process.pid:  # started without the hook (or already running)
         watchdog.guard(server.server_process.pid)
     _api_url = server.api_url
     return _api_url
