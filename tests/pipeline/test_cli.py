@@ -143,7 +143,7 @@ def _stops_serving(port: int, seconds: float = 30) -> bool:
     return True
 
 
-def test_watchdog_stops_its_process_only_when_the_command_dies(tmp_path):
+def test_watchdog_stops_its_process_only_when_the_command_dies():
     from flows.temporary_server import Watchdog
 
     guarded = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) for _ in range(2)]
