@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from storage import stdlib_corpus
+from storage import layout, stdlib_corpus
+from storage.lease import holding_lock
 
 from .artifacts import stage_finished
 from .config import ConfigError, DataConfig
@@ -234,15 +235,31 @@ def _limit(batch: dict[str, np.ndarray], limit: int | None, already: int) -> dic
     return {k: v[:keep] for k, v in batch.items()}
 
 
+TOKENIZE_LOCK_TIMEOUT_S = 3600.0  # how long a second run waits for the one building the same token shards
+
+
 def run_tokenize(cfg, store, stage: dict, reporter) -> dict:
-    """The tokenize stage: token shards of both splits under ``stage["path"]``; returns the manifest."""
+    """The tokenize stage: token shards of both splits under ``stage["path"]``; returns the manifest.
+
+    Runs of different flows share ``tokens/<fp>`` (the fingerprint covers only the data and the tokenizer), so the
+    build holds a lock: a second run waits for the first and then reuses its shards instead of deleting them as
+    debris under it."""
+    path = stage["path"]
+    if stage_finished(store, path):
+        return store.read_manifest(path)
+    what = f"the token shards at {store.url(path)}"
+    with holding_lock(store, layout.lock_dir(path), what, TOKENIZE_LOCK_TIMEOUT_S, on_wait=reporter.log) as lock:
+        if stage_finished(store, path):  # built by the run this one waited for
+            return store.read_manifest(path)
+        return _build_tokens(cfg, store, stage, reporter, lock)
+
+
+def _build_tokens(cfg, store, stage: dict, reporter, lock) -> dict:
     from storage import shards
 
     from .teacher import load_tokenizer
 
     path = stage["path"]
-    if stage_finished(store, path):
-        return store.read_manifest(path)
     tokenizer = load_tokenizer(cfg.teacher)
     store.delete(path)  # debris of an interrupted attempt (a split may be complete while the other is not)
     writers = {split: shards.TokenShardWriter(store, f"{path}/{split}", cfg.data.seq_len, cfg.data.rows_per_shard)
@@ -256,6 +273,7 @@ def run_tokenize(cfg, store, stage: dict, reporter) -> dict:
     for split, rows in token_rows(cfg.data, tokenizer, documents=counted(iter_documents(cfg.data))):
         writers[split].write(rows)
     reporter.close()
+    lock.ensure_held()  # on S3 a lease lost to another run (this one hung) must not mark anything complete
     manifest = {"stage": "tokenize", "fingerprint": stage["fingerprint"], "path": path,
                 "seq_len": cfg.data.seq_len, "packing": cfg.data.packing,
                 "splits": {split: w.close() for split, w in writers.items()}}

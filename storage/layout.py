@@ -8,6 +8,8 @@ identical configuration finds yesterday's tokens and cache; a run's own artifact
     runs/<run>/lm-head-<fp>/          superposition: the retrained head (and its checkpoints/)
     runs/<run>/eval-<fp>/             evaluation report and metrics
     runs/<run>/student-<fp>/          the exported student
+    locks/<artifact>/                 the lock of a shared artifact being built (outside it: a build starts by
+                                      deleting the artifact's debris, and must not delete its own lock)
 
 A run is named by its training stage's fingerprint; the stages after it carry their own fingerprints in their
 directory names, so that changing only their settings (``head.*``, ``eval.*``) writes beside the earlier results
@@ -37,6 +39,11 @@ def tokens_dir(fingerprint: str) -> str:
 
 def teacher_cache_dir(fingerprint: str) -> str:
     return f"teacher-cache/{_name(fingerprint, 'a teacher-cache fingerprint')}"
+
+
+def lock_dir(artifact: str) -> str:
+    """Where the lock guarding the build of the artifact at ``artifact`` (e.g. ``tokens/<fp>``) lives."""
+    return f"locks/{_name(artifact, 'an artifact path')}"
 
 
 def run_dir(run: str) -> str:

@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -167,7 +168,7 @@ class ObjectLease:
 
 def _locked_message(what: str, holder: dict | None, timeout: float) -> str:
     return (f"{what} is being written by {_describe(holder)} (waited {timeout:.0f} s); wait for it to finish and "
-            "rerun (the finished chunks will be reused), or stop that process")
+            "rerun (what it finished will be reused), or stop that process")
 
 
 def acquire_lock(store, path: str, what: str, timeout: float, ttl: float = 120.0):
@@ -176,3 +177,19 @@ def acquire_lock(store, path: str, what: str, timeout: float, ttl: float = 120.0
     lock = FileLock(store.local_path(path), what) if store.is_local else ObjectLease(store, path, what, ttl)
     lock.acquire(timeout)
     return lock
+
+
+@contextmanager
+def holding_lock(store, path: str, what: str, timeout: float, ttl: float = 120.0, on_wait=None):
+    """``acquire_lock`` for the duration of a ``with`` block (released however the block ends). If another process
+    holds the lock, ``on_wait(message)`` is called once before waiting for it."""
+    try:
+        lock = acquire_lock(store, path, what, 0.0, ttl)
+    except LockedError:
+        if on_wait is not None:
+            on_wait(f"{what} is being written by another process; waiting up to {timeout:.0f} s for it to finish")
+        lock = acquire_lock(store, path, what, timeout, ttl)
+    try:
+        yield lock
+    finally:
+        lock.release()
