@@ -15,6 +15,7 @@ identical to integer arithmetic while the gradients are those of the usual fake-
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable
@@ -76,6 +77,14 @@ def ste_int8_codes(x: torch.Tensor, lam: float = 1.0) -> tuple[torch.Tensor, tor
     return _straight_through(x.float() / scale, x_q, lam), scale
 
 
+def matmul_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype BitLinear's matmuls run in for a layer computing in ``dtype``: that dtype, except float32 for
+    float16, which has the range for neither the unscaled products (integer sums up to 127 x in_features, above
+    fp16's 65504 on wide layers) nor the scaled gradient ``dy * s_x * s_w`` (about 1e-3 dy: typical gradients fall
+    below fp16's smallest subnormal and train nothing). bfloat16 has float32's exponent range and stays itself."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def bitlinear_graph(x: torch.Tensor, weight: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
     """``bitlinear`` without bias, composed from the straight-through quantizers (autograd derives the backward).
 
@@ -85,8 +94,21 @@ def bitlinear_graph(x: torch.Tensor, weight: torch.Tensor, lam: float = 1.0) -> 
     """
     w_codes, w_scale = ste_ternary_codes(weight, lam)
     x_codes, x_scale = ste_int8_codes(x, lam)
-    y = F.linear(x_codes.to(x.dtype), w_codes.to(x.dtype))
+    _, mm_dtype, autocast_off = _compute_dtypes(x)
+    with autocast_off:
+        y = F.linear(x_codes.to(mm_dtype), w_codes.to(mm_dtype))
     return (y.float() * (x_scale * w_scale)).to(x.dtype)
+
+
+def _compute_dtypes(x: torch.Tensor):
+    """``(output dtype, matmul dtype, context for the matmul)``: under CUDA autocast the output takes autocast's dtype,
+    like any autocast linear; the matmul runs in ``matmul_dtype`` of it, with autocast held off where that differs
+    (float16 autocast would cast the operands back down)."""
+    autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
+    out_dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
+    mm_dtype = matmul_dtype(out_dtype)
+    off = torch.autocast("cuda", enabled=False) if autocast and mm_dtype != out_dtype else contextlib.nullcontext()
+    return out_dtype, mm_dtype, off
 
 
 class _BitLinearSTE(torch.autograd.Function):
@@ -100,14 +122,14 @@ class _BitLinearSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # Under CUDA autocast the matmul takes bf16 codes and, like any autocast linear, the output stays in bf16.
-        autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
-        mm_dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
+        out_dtype, mm_dtype, autocast_off = _compute_dtypes(x)
         ops = _elementwise(x)
         x_mm, w_mm, x_q, w_q, x_scale, w_scale = ops.operands(x, weight, mm_dtype)
-        y = F.linear(x_mm, w_mm)
+        with autocast_off:
+            y = F.linear(x_mm, w_mm)
         ctx.save_for_backward(x_q, w_q, x_scale, w_scale)
-        ctx.dtypes = y.dtype, x.dtype, weight.dtype
-        return ops.scaled(y, x_scale * w_scale, mm_dtype)
+        ctx.dtypes = mm_dtype, x.dtype, weight.dtype
+        return ops.scaled(y, x_scale * w_scale, out_dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -182,8 +204,8 @@ def bitlinear(
 ) -> torch.Tensor:
     """``act_quant(x) @ ternary(weight).T * (s_x * s_w) (+ bias)``, trainable through the STE.
 
-    The matmul runs in ``x.dtype`` (bf16 on GPU under autocast); codes are small integers, exact in any
-    float format, and the scales are applied afterwards in fp32. At full quantization (``lam == 1``) one
+    The matmul runs in ``x.dtype`` (bf16 on GPU under autocast; fp32 for fp16, see ``matmul_dtype``); codes are
+    small integers, exact in any float format, and the scales are applied afterwards in fp32. At full quantization (``lam == 1``) one
     autograd node (``_BitLinearSTE``) keeps only int8 codes for backward; on CUDA its elementwise work is compiled.
     """
     if lam == 1.0:

@@ -102,6 +102,27 @@ def test_bitlinear_bf16_runs_in_bf16():
     torch.testing.assert_close(y.double(), reference_bitlinear(x, w), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("lam", [1.0, 0.5], ids=["node", "warm-up graph"])
+def test_bitlinear_fp16_neither_overflows_nor_loses_its_gradients(lam):
+    """fp16 lacks the range for the unscaled integer products and the scaled gradients: the matmuls run in fp32."""
+    wide = torch.ones(2, 8192, dtype=torch.float16)  # codes 127 x 1 summed over 8192 inputs: 1,040,384 > 65504
+    y = bitlinear(wide, torch.ones(4, 8192, dtype=torch.float16), lam=lam)
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    if lam == 1.0:
+        assert torch.equal(y, torch.full_like(y, 8192))  # 1,040,384 * (1 / 127) * 1, exact
+    torch.manual_seed(6)
+    x16 = torch.randn(64, 256, dtype=torch.float16)
+    w16 = (0.02 * torch.randn(128, 256)).half()
+    upstream = 1e-4 * torch.randn(64, 128)  # dy * s_x * s_w ~ 1e-7: deep in fp16's subnormals
+    grads = {}
+    for dtype in (torch.float16, torch.float32):  # the same fp16 values, computed in each dtype
+        x, w = x16.to(dtype).clone().requires_grad_(), w16.to(dtype).clone().requires_grad_()
+        (bitlinear(x, w, lam=lam).float() * upstream).sum().backward()
+        grads[dtype] = x.grad.float(), w.grad.float()
+    for got, want in zip(grads[torch.float16], grads[torch.float32]):
+        assert (got - want).norm() / want.norm() < 1e-2  # 0.46 when g = dy * s_x * s_w was fp16: a bit or two left
+
+
 def test_fused_straight_through_matches_the_composed_graph():
     """bitlinear's fused node (int8 codes saved for backward) gives the values and gradients of the STE graph."""
     torch.manual_seed(5)
