@@ -111,6 +111,9 @@ def load_dual(cfg: PipelineConfig, device: torch.device) -> DualModel:
     teacher = cfg.teacher.model_copy(update={"load_in_4bit": False})
     model = load_teacher(teacher, device, resolve_dtype(teacher.dtype, device))
     sd = cfg.self_distill
+    # LoRA's A starts random: drawn from the run's seed, not from whatever this process drew before (a served
+    # flow's process runs many), so that a seed names one initialisation and a rerun from step 0 repeats it.
+    torch.manual_seed(cfg.seed)
     return patch_model(model, delta=sd.delta, delta_dtype=DTYPES[sd.delta_dtype])
 
 

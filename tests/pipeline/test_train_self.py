@@ -1,4 +1,5 @@
-"""The self-distillation training stage with activation checkpointing trains exactly the run without it."""
+"""The self-distillation training stage: with activation checkpointing it trains exactly the run without it; its
+LoRA patch starts from the run's seed."""
 
 import logging
 
@@ -34,3 +35,14 @@ def test_activation_checkpointing_trains_the_same_student_bit_for_bit(tiny_teach
     assert plain[1].keys() == checkpointed[1].keys() and plain[1]
     assert all(torch.equal(plain[1][k], checkpointed[1][k]) for k in plain[1])
     assert plain[2] == checkpointed[2]  # and it is the same run: a run may resume with the setting switched
+
+
+def test_lora_starts_from_the_runs_seed_whatever_the_process_drew_before(tiny_teacher, tmp_path):
+    def lora_a(seed: int) -> torch.Tensor:
+        torch.rand(7)  # an earlier run in the same process (a served flow) moved the global generator on
+        cfg = load_config(TINY, tiny_overrides(tiny_teacher, tmp_path, seed=seed, **{"self_distill.delta": "lora:4"}))
+        dual = train_self.load_dual(cfg, torch.device("cpu"))
+        return torch.cat([layer.delta.lora_A.detach().flatten() for layer in dual.layers.values()])
+
+    first = lora_a(0)
+    assert torch.equal(first, lora_a(0)) and not torch.equal(first, lora_a(1))
