@@ -158,7 +158,9 @@ class HeadConfig(Section):
     steps: int = Field(default=200, gt=0)
     lr: float = Field(default=1e-3, gt=0)
     batch_size: int = Field(default=16, gt=0)
-    untied: bool = True  # train a separate head; the student's embeddings and blocks stay frozen
+    # train a separate head (the student's embeddings and blocks stay frozen); false retrains the tied embedding
+    # matrix, as the reference does (needs student.tie_embeddings: true)
+    untied: bool = True
     topk_kl_weight: float = Field(default=0.0, ge=0.0)  # sparse KL to cached top-k teacher logits
 
 
@@ -194,6 +196,14 @@ class PipelineConfig(Section):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
             raise ValueError("use letters, digits, '.', '_' and '-' (it names a directory)")
         return value
+
+    @model_validator(mode="after")
+    def _tied_head_needs_tied_embeddings(self):
+        if not self.head.untied and not self.student.tie_embeddings:
+            raise ValueError("head.untied: false retrains the student's tied embedding matrix, but "
+                             "student.tie_embeddings is false (its head is a separate, untrained matrix): set "
+                             "student.tie_embeddings: true, or keep head.untied: true (the default)")
+        return self
 
     def self_distill_optim(self) -> OptimConfig:
         """The optimiser settings of the self-distillation flow (``train`` with ``self_distill.lr``, ``.steps`` and

@@ -46,6 +46,8 @@ def test_yaml_file_path(tmp_path):
     ({"self_distill.kl_weight": 0, "self_distill.hidden_weight": 0},
      "self_distill: .*all 0: nothing would train dW"),
     ({"self_distill.magnitude_weight": 0.1}, "self_distill: .*magnitude_weight .*needs hidden_weight > 0"),
+    ({"student.tie_embeddings": False, "head.untied": False},
+     "config: .*head.untied: false retrains the student's tied embedding .*set student.tie_embeddings: true"),
 ])
 def test_invalid_configurations_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):
