@@ -116,6 +116,7 @@ class ObjectLease:
     def acquire(self, timeout: float, poll: float = 0.5) -> None:
         deadline = time.monotonic() + timeout
         while True:
+            started = time.monotonic()
             try:
                 self._write(self._s3.put_if_absent)
                 break
@@ -123,6 +124,8 @@ class ObjectLease:
                 pass
             current = self._s3.get_with_etag(self.fs, self.bucket, self.key)
             holder = json.loads(current[0]) if current else None
+            if self._adopt(current, started):  # the create succeeded; a retry of it was refused
+                break
             if current and holder.get("expires", 0) < time.time():  # stale: its writer died or hung
                 try:
                     self._write(self._s3.put_if_match, current[1])
@@ -135,13 +138,27 @@ class ObjectLease:
         self._thread = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
         self._thread.start()
 
+    def _adopt(self, current: tuple[bytes, str] | None, started: float) -> bool:
+        """After a refused conditional write: whether the lease object is this lease's own (then its ETag is taken).
+
+        A write whose response was lost (a timeout, a reset connection) is retried by the S3 client with the same
+        condition, and the retry is refused because the first attempt succeeded: a refusal alone does not mean that
+        another process holds the lease. Only the write begun at ``started`` can have stored this owner since."""
+        if current is None or json.loads(current[0]).get("owner") != self.record["owner"]:
+            return False
+        self.etag, self._held_until = current[1], started + self.HELD_FRACTION * self.ttl
+        return True
+
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl / 4):
+            started = time.monotonic()
             try:
-                self._write(self._s3.put_if_match, self.etag)
-            except self._s3.PreconditionFailed:
-                self._lost.set()
-                return
+                try:
+                    self._write(self._s3.put_if_match, self.etag)
+                except self._s3.PreconditionFailed:
+                    if not self._adopt(self._s3.get_with_etag(self.fs, self.bucket, self.key), started):
+                        self._lost.set()
+                        return
             except Exception:  # a transient network error: retry at the next beat, the ttl leaves room
                 continue
 
