@@ -131,7 +131,7 @@ class TeacherCacheReader(torch.utils.data.Dataset):
         if data[record_file] is None:
             raise self._chunk_error(chunk, "missing: it was never written (an interrupted build)",
                                     "rerun the cache stage to write the missing chunks")
-        record = json.loads(data[record_file])
+        checksums = self._recorded_checksums(chunk, data[record_file], names)
         start, stop = self.spec.chunk_rows(chunk)
         values = {}
         for name, path in objects.items():
@@ -142,10 +142,18 @@ class TeacherCacheReader(torch.utils.data.Dataset):
                 values[name] = self._codec(name).decode(data[path], stop - start)
             except Exception as exc:  # a codec error on damaged bytes, a truncated object...
                 raise self._chunk_error(chunk, f"corrupt: {name} cannot be read ({type(exc).__name__}: {exc})") from exc
-            if self.check_checksums and array_sha256(values[name]) != record["sha256"][name]:
+            if self.check_checksums and array_sha256(values[name]) != checksums[name]:
                 raise self._chunk_error(chunk, f"corrupt: {name} does not match the checksum recorded when it was "
                                                "written")
         return values
+
+    def _recorded_checksums(self, chunk: int, record: bytes, names: list[str]) -> dict[str, str]:
+        """The sha256 of each array in a chunk's record; a damaged record makes the chunk corrupt, like its data."""
+        try:
+            checksums = json.loads(record)["sha256"]
+            return {name: checksums[name] for name in names}
+        except (ValueError, KeyError, TypeError) as exc:  # not JSON, not an object, a checksum missing
+            raise self._chunk_error(chunk, f"corrupt: its record cannot be read ({type(exc).__name__}: {exc})") from None
 
     def _chunk_error(self, chunk: int, problem: str, fix: str = _REBUILD) -> ChunkError:
         return ChunkError(f"{chunk_label(self.spec, chunk)} of the teacher cache at {self.url} is {problem}; {fix}",

@@ -177,6 +177,23 @@ def test_corrupt_chunk_is_named_by_verify_and_reader_then_repaired(store):
     assert TeacherCacheReader(store, "cache").verify().ok and store.read_bytes(chunk_object) == original
 
 
+def test_damaged_chunk_records_are_corrupt_chunks_for_verify_and_reader_then_repaired(store):
+    build_cache(store, "cache", SPEC)
+    record = "cache/_chunks/chunk-{:06d}.json"
+    store.write_bytes(record.format(1), store.read_bytes(record.format(1))[:40])  # torn: not JSON
+    store.write_bytes(record.format(2), b'{"chunk": 2}')  # JSON, but no checksums
+    reader = TeacherCacheReader(store, "cache")
+    report = reader.verify()
+    assert sorted(report.corrupt) == [1, 2] and not report.missing
+    assert "chunk 1 (samples 3-5) corrupt: its record cannot be read (JSONDecodeError" in report.corrupt[1]
+    assert "chunk 2 (samples 6-8) corrupt: its record cannot be read (KeyError" in report.corrupt[2]
+    with pytest.raises(ChunkError, match=r"chunk 1 \(samples 3-5\) .* its record cannot be read"):
+        reader[4]
+    reader.verify(repair=True)
+    assert build_cache(store, "cache", SPEC) == 2  # exactly the two chunks rewritten
+    assert TeacherCacheReader(store, "cache").verify().ok
+
+
 def test_reader_of_some_arrays_never_touches_the_others_but_verify_checks_all(local_store):
     build_cache(local_store, "cache", SPEC)
     local_store.write_bytes("cache/data.zarr/topk_values/c.1.0.0", b"\x00garbage")  # damaged, and never read below
