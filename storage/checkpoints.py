@@ -27,10 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import layout
-from .errors import IncompleteArtifactError, IntegrityError
+from .errors import IncompleteArtifactError, IntegrityError, StoreError
 from .fingerprint import file_sha256
 
 TENSORS, STATE, METADATA = "tensors.safetensors", "state.safetensors", "metadata.json"
@@ -174,9 +175,15 @@ def save_checkpoint(store, run: str, step: int, tensors: dict[str, torch.Tensor]
     store.unmark_complete(path)  # rewriting a step: it must not look complete while half-replaced
     hashes = {}
     with tempfile.TemporaryDirectory(prefix="checkpoint-") as tmp:
-        save_file(_serializable(tensors), f"{tmp}/{TENSORS}")
-        save_file(_serializable(state), f"{tmp}/{STATE}")
-        Path(tmp, METADATA).write_text(json.dumps(meta_json, sort_keys=True))
+        try:
+            save_file(_serializable(tensors), f"{tmp}/{TENSORS}")
+            save_file(_serializable(state), f"{tmp}/{STATE}")
+            Path(tmp, METADATA).write_text(json.dumps(meta_json, sort_keys=True))
+        except (OSError, SafetensorError) as exc:  # a full or small temporary disk (a tmpfs holds it in memory)
+            raise StoreError(f"cannot stage checkpoint step {step} of {run} in the temporary directory {tmp} "
+                             f"({exc}): it needs room for the trained weights and the optimiser state; free space "
+                             "there or point TMPDIR at a disk with room, then rerun (it resumes from the last "
+                             "checkpoint)") from exc
         for name in (TENSORS, STATE, METADATA):
             hashes[name] = file_sha256(f"{tmp}/{name}")
             store.put_file(f"{tmp}/{name}", f"{path}/{name}")

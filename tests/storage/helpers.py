@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from storage import ArtifactStore
@@ -89,3 +91,26 @@ def build_cache(store: ArtifactStore, path: str, spec: TeacherCacheSpec, before_
                 before_chunk(chunk)
             writer.write_chunk(chunk, chunk_arrays(spec, chunk))
     return len(missing)
+
+
+# ---- read-only and full filesystems: real tmpfs mounts in a private mount namespace ------------------------------
+
+def can_mount() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+def run_on_tmpfs(mount_options: str, mount_point, code: str) -> dict:
+    """Run ``code`` in a child process that sees a fresh tmpfs (``mount_options``) at ``mount_point``; the child
+    prints one JSON line, returned here."""
+    if not can_mount():
+        pytest.skip("needs `unshare --user --mount` (unprivileged user namespaces) to mount a real tmpfs")
+    mount_point.mkdir()
+    script = f'mount -t tmpfs -o {mount_options} tmpfs "{mount_point}" && exec "$0" "$@"'
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, sys.executable,
+                             "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -12,6 +12,8 @@ from storage import IncompleteArtifactError, IntegrityError
 from storage.checkpoints import (decode_tree, encode_tree, latest_checkpoint, load_checkpoint, rng_state,
                                  save_checkpoint, set_rng_state)
 
+from .helpers import run_on_tmpfs
+
 
 def _adamw8bit(params, **kwargs):
     return pytest.importorskip("torchao.optim").AdamW8bit(params, **kwargs)
@@ -145,3 +147,29 @@ def test_metadata_encoding_is_faithful():
     assert decoded["__dunder"] == 1 and decoded["flag"] is True and decoded["scalar"] == 0.5
     with pytest.raises(TypeError, match="checkpoint metadata/bad is a object"):
         encode_tree({"bad": object()}, {})
+
+
+STAGING_ON_A_FULL_DISK = """
+import json, tempfile, torch
+from storage import ArtifactStore, StoreError
+from storage.checkpoints import latest_checkpoint, save_checkpoint
+tempfile.tempdir = MOUNT  # where checkpoints are staged: a 1 MB tmpfs
+store = ArtifactStore(ROOT)
+out = {}
+try:
+    save_checkpoint(store, "run", 5, {"w": torch.zeros(1 << 19)}, {"lr": 0.1})  # 2 MB of weights
+    out["error"] = None
+except StoreError as exc:
+    out["error"] = str(exc)
+out["latest"] = latest_checkpoint(store, "run")
+print(json.dumps(out))
+"""
+
+
+def test_a_full_temporary_disk_is_a_clear_error_and_leaves_no_checkpoint(tmp_path):
+    mount = tmp_path / "tmp"
+    out = run_on_tmpfs("size=1m", mount, f"MOUNT = {str(mount)!r}\nROOT = {str(tmp_path / 'store')!r}\n"
+                       + STAGING_ON_A_FULL_DISK)
+    assert out["error"].startswith(f"cannot stage checkpoint step 5 of run in the temporary directory {mount}/")
+    assert "free space there or point TMPDIR at a disk with room" in out["error"]
+    assert out["latest"] is None  # nothing that looks like a checkpoint to resume from

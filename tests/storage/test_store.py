@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import pytest
 from storage import ArtifactStore, IncompleteArtifactError, StoreError
 
 from .conftest import CREDENTIALS, free_port, make_bucket
-from .helpers import REPO
+from .helpers import can_mount, run_on_tmpfs
 
 
 def test_bytes_and_json_round_trip(store):
@@ -158,27 +155,6 @@ def test_root_that_cannot_be_created(tmp_path):
 
 # ---- read-only and full filesystems: real tmpfs mounts in a private mount namespace ------------------------------
 
-def _can_mount() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True)
-    return probe.returncode == 0
-
-
-def run_on_tmpfs(mount_options: str, mount_point, code: str) -> dict:
-    """Run ``code`` in a child process that sees a fresh tmpfs (``mount_options``) at ``mount_point``; the child
-    prints one JSON line, returned here."""
-    if not _can_mount():
-        pytest.skip("needs `unshare --user --mount` (unprivileged user namespaces) to mount a real tmpfs")
-    mount_point.mkdir()
-    script = f'mount -t tmpfs -o {mount_options} tmpfs "{mount_point}" && exec "$0" "$@"'
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, sys.executable,
-                             "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 READ_ONLY = """
 import json
 from storage import ArtifactStore, StoreError
@@ -196,7 +172,7 @@ print(json.dumps(out))
 
 def test_read_only_root(tmp_path):
     mount = tmp_path / "ro"
-    if _can_mount():  # a read-only file system
+    if can_mount():  # a read-only file system
         out = run_on_tmpfs("ro,size=1m", mount, f"MOUNT = {str(mount)!r}\n" + READ_ONLY)
     elif os.geteuid() != 0:  # no namespaces, but permissions bind a normal user
         mount.mkdir(mode=0o555)
