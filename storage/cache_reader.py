@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .cache_spec import (ATTRS_KEY, GROUP_DIR, STORED_AS, CacheError, ChunkError, TeacherCacheSpec, array_sha256,
-                         check_fingerprint, chunk_label, record_path, recorded_chunks, to_tensor)
+                         check_fingerprint, chunk_label, damaged_metadata, record_path, recorded_chunks, to_tensor)
 from .zarr_chunks import ChunkCodec
 
 _REBUILD = ("call verify(repair=True) and rerun the cache stage to rewrite the damaged chunks, or delete the cache "
@@ -89,6 +89,8 @@ class TeacherCacheReader(torch.utils.data.Dataset):
             self._group = zarr.open_group(self.store.zarr_store(f"{self.path}/{GROUP_DIR}", read_only=True), mode="r")
         except (FileNotFoundError, zarr.errors.NodeNotFoundError):
             raise CacheError(f"no teacher cache at {self.url}; run the cache stage to build it") from None
+        except ValueError as exc:  # a zarr.json that is not JSON, or not zarr's: torn or overwritten
+            raise damaged_metadata(self.url, exc) from None
         self._codecs: dict[str, ChunkCodec] = {}  # arrays opened on first use: each open costs requests on S3
         return self._group
 

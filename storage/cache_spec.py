@@ -79,6 +79,11 @@ def check_fingerprint(url: str, stored: str, wanted: str) -> None:
             "configuration: use the path of the new fingerprint, or delete the old cache")
 
 
+def damaged_metadata(url: str, exc: Exception) -> CacheError:
+    return CacheError(f"the teacher cache at {url} has damaged Zarr metadata (a zarr.json: {type(exc).__name__}: "
+                      f"{exc}), so its layout and spec are unknown; delete the cache and rerun the cache stage")
+
+
 def record_path(chunk: int) -> str:
     return f"{RECORDS_DIR}/chunk-{chunk:06d}.json"
 

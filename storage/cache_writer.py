@@ -22,7 +22,7 @@ import numpy as np
 
 from .cache_spec import (ATTRS_KEY, BF16_ENCODING, CHUNK_KEY_ENCODING, FORMAT, GROUP_DIR, RECORDS_DIR, STORED_AS,
                          CacheError, TeacherCacheSpec, array_sha256, check_fingerprint, chunk_label, compressors,
-                         layer_name, record_path, recorded_chunks, to_stored, torch_dtype)
+                         damaged_metadata, layer_name, record_path, recorded_chunks, to_stored, torch_dtype)
 from .lease import acquire_lock
 from .zarr_chunks import ChunkCodec
 
@@ -41,6 +41,8 @@ def _open_group(store, path: str, spec: TeacherCacheSpec):
         stored = group.attrs.get(ATTRS_KEY, {}).get("spec")
     except (FileNotFoundError, zarr.errors.NodeNotFoundError):
         stored = None
+    except ValueError as exc:  # a zarr.json that is not JSON, or not zarr's: torn or overwritten
+        raise damaged_metadata(store.url(path), exc) from None
     if stored is not None:  # the spec is written last, so the group is whole
         check_fingerprint(store.url(path), stored.get("fingerprint"), spec.fingerprint)
         differing = sorted(k for k, v in spec.to_dict().items() if stored.get(k) != v)
@@ -58,7 +60,14 @@ def _open_group(store, path: str, spec: TeacherCacheSpec):
                            compressors=compressors(spec.codec_of(name)), chunk_key_encoding=CHUNK_KEY_ENCODING,
                            fill_value=0, overwrite=True, attributes=attributes)
     group.attrs[ATTRS_KEY] = {"format": FORMAT, "spec": spec.to_dict()}
+    _persist_metadata(store, path)
     return group
+
+
+def _persist_metadata(store, path: str) -> None:
+    """zarr writes its metadata (``zarr.json``) atomically but never fsyncs it: persist it as the chunks and
+    records are, so that a power loss cannot leave a complete-marked cache without its spec."""
+    store.make_durable([f for f in store.find(f"{path}/{GROUP_DIR}") if f.rsplit("/", 1)[-1] == "zarr.json"])
 
 
 @dataclass
@@ -130,7 +139,10 @@ class TeacherCacheWriter:
             self._group = _open_group(store, path, spec)
             # The arrays are opened once (each open costs requests on S3). Every chunk gets an object, even an
             # all-zero one that zarr's own writes would skip, so each has an object to check.
-            self._codecs = {name: ChunkCodec(self._group[name]) for name in spec.arrays()}
+            try:
+                self._codecs = {name: ChunkCodec(self._group[name]) for name in spec.arrays()}
+            except ValueError as exc:  # an array's zarr.json damaged
+                raise damaged_metadata(self.url, exc) from None
             self._done = recorded_chunks(store, path)
         except BaseException:
             self._lock.release()
@@ -248,5 +260,6 @@ class TeacherCacheWriter:
         stats = {layer_name(i): {"mean_norm": sum(r["norm_sums"][str(i)] for r in records) / max(tokens, 1),
                                  "tokens": tokens} for i in self.spec.layers}
         self._group.attrs[ATTRS_KEY] = {**self._group.attrs[ATTRS_KEY], "layer_stats": stats}
+        self.store.make_durable([f"{self.path}/{GROUP_DIR}/zarr.json"])  # the group's metadata, rewritten by zarr
         self.store.mark_complete(self.path, {"format": FORMAT, "spec": self.spec.to_dict(), "layer_stats": stats,
                                              "chunks": self.spec.num_chunks, "samples": self.spec.num_samples})

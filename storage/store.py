@@ -256,6 +256,22 @@ class ArtifactStore:
             raise
         _fsync_dir(directory)
 
+    def make_durable(self, paths: list[str]) -> None:
+        """Persist files that another library wrote into the store (zarr's metadata): each file's data and its
+        directory's entry, as this store's own writes are. An object store needs nothing: a PUT that returned is
+        durable."""
+        if not self.is_local:
+            return
+        with self.guard("persist", paths[0] if paths else ""):
+            for path in paths:
+                full = self.full_path(path)
+                fd = os.open(full, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                _fsync_dir(os.path.dirname(full))
+
     # ---- listing and deletion ------------------------------------------------------------------------------
 
     def list(self, prefix: str = "") -> list[str]:

@@ -4,6 +4,7 @@ HTTP through s3fs by the same code path as AWS or MinIO."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import uuid
 
@@ -63,3 +64,24 @@ def local_store(tmp_path) -> ArtifactStore:
 def store(request) -> ArtifactStore:
     """The same test against a local directory and against S3."""
     return request.getfixturevalue(f"{request.param}_store")
+
+
+@pytest.fixture
+def fsyncs(monkeypatch):
+    """Call it to start recording what each ``os.fsync`` reaches, by resolved path (the OS call itself still runs);
+    returns the list it appends to."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("names an fd's file through /proc")
+
+    def start() -> list[str]:
+        synced: list[str] = []
+        fsync = os.fsync
+
+        def recording_fsync(fd: int) -> None:
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", recording_fsync)
+        return synced
+
+    return start

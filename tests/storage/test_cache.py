@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,6 +176,34 @@ def test_corrupt_chunk_is_named_by_verify_and_reader_then_repaired(store):
         for chunk in writer.missing_chunks():
             writer.write_chunk(chunk, chunk_arrays(SPEC, chunk))
     assert TeacherCacheReader(store, "cache").verify().ok and store.read_bytes(chunk_object) == original
+
+
+def test_zarr_metadata_is_durable_before_the_cache_is_marked_complete(local_store, fsyncs):
+    """zarr writes its zarr.json files atomically but never fsyncs them; the writer does, the group's last rewrite
+    (the layer statistics) before the completion marker."""
+    synced = fsyncs()
+    build_cache(local_store, "cache", SPEC)
+    root = Path(local_store.full_path("cache")).resolve()
+    metadata = sorted(str(p.resolve()) for p in (root / "data.zarr").rglob("zarr.json"))
+    assert len(metadata) >= 1 + len(SPEC.arrays()) and set(metadata) <= set(synced)
+    group = str(root / "data.zarr" / "zarr.json")
+    marker = max(i for i, p in enumerate(synced) if "._COMPLETE.json." in p)
+    assert max(i for i, p in enumerate(synced) if p == group) < marker
+
+
+@pytest.mark.parametrize("metadata", ["data.zarr/zarr.json", "data.zarr/hidden/layer_2/zarr.json"],
+                         ids=["group", "array"])
+def test_damaged_zarr_metadata_is_a_clear_error_for_writer_and_reader(local_store, metadata):
+    build_cache(local_store, "cache", SPEC)
+    local_store.unmark_complete("cache")  # as if the damage came before the marker
+    torn = Path(local_store.full_path(f"cache/{metadata}"))
+    torn.write_bytes(torn.read_bytes()[:100])
+    message = "the teacher cache at .* has damaged Zarr metadata .* delete the cache and rerun the cache stage"
+    for _ in range(2):  # and the failed writer released its lock: the second sees the damage, not a LockedError
+        with pytest.raises(CacheError, match=message):
+            TeacherCacheWriter(local_store, "cache", SPEC, lock_timeout=0)
+    with pytest.raises(CacheError, match=message if metadata == "data.zarr/zarr.json" else "array hidden/layer_2"):
+        TeacherCacheReader(local_store, "cache").read_chunk(0)
 
 
 def test_damaged_chunk_records_are_corrupt_chunks_for_verify_and_reader_then_repaired(store):

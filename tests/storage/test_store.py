@@ -58,18 +58,10 @@ def test_upload_and_download_directory(store, tmp_path):
     assert json.loads((target / "_COMPLETE.json").read_text()) == {"files": 2}
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fd's file through /proc")
-def test_a_file_written_into_new_directories_is_durable_with_them(local_store, monkeypatch):
-    synced: list[str] = []  # what each fsync reached, by path (the OS call itself still runs)
-    fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))  # a resolved path
-        fsync(fd)
-
+def test_a_file_written_into_new_directories_is_durable_with_them(local_store, fsyncs):
     local_store.write_bytes("old/file", b"0")
     root = Path(local_store.full_path("old")).parent.resolve()
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    synced = fsyncs()
     local_store.write_bytes("old/new/deeper/file.bin", b"data")
     # each new directory's entry in its parent, then the file, then the directory it was renamed in
     assert [Path(p) for p in synced[:2]] == [root / "old", root / "old/new"]
