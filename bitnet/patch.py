@@ -8,6 +8,7 @@ student on ``W + dW``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -33,12 +34,23 @@ def find_block_lists(model: nn.Module) -> list[str]:
 
 
 def find_block_linears(model: nn.Module) -> list[str]:
-    """Names of the ``nn.Linear`` modules inside the model's transformer blocks (``find_block_lists``).
+    """Names of the ``nn.Linear`` modules inside the model's transformer blocks (``find_block_lists``), except those
+    the model keeps in full precision (``kept_in_full_precision``).
 
     This is architecture-agnostic and leaves the LM head and any projection outside the blocks alone.
     """
-    return [f"{name}.{sub}" for name in find_block_lists(model)
-            for sub, m in model.get_submodule(name).named_modules() if isinstance(m, nn.Linear)]
+    return [full for name in find_block_lists(model) for sub, m in model.get_submodule(name).named_modules()
+            if isinstance(m, nn.Linear) and not kept_in_full_precision(model, full := f"{name}.{sub}")]
+
+
+def kept_in_full_precision(model: nn.Module, name: str) -> bool:
+    """Whether the module ``name`` matches the model's ``_keep_in_fp32_modules`` (e.g. DeepSeek-V3.2's
+    ``indexer.weights_proj``): transformers' bitnet loader never converts those, so a ternary one could not be loaded.
+    Matched as transformers does (a prefix up to a module boundary, a regex, a suffix), and as a substring, as its
+    older releases did: a layer wrongly left in full precision costs a little size, one wrongly packed a failed load."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return any(pattern in name or re.match(rf"(?:{pattern}){boundary}", name)
+               for pattern in getattr(model, "_keep_in_fp32_modules", None) or ())
 
 
 class DualModel:

@@ -132,3 +132,19 @@ def test_student_save_load_round_trip_is_exact(tied, tmp_path):
 def test_load_student_from_wrong_directory_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="student.json missing"):
         load_student(tmp_path)
+
+
+def test_modules_the_model_keeps_in_full_precision_are_neither_patched_nor_packed(tmp_path, monkeypatch):
+    """transformers' bitnet loader never converts a model's ``_keep_in_fp32_modules`` (DeepSeek-V3.2's indexer
+    projection, T5's ``wo``): packed, such a layer would fail to load; here a Llama is given one."""
+    monkeypatch.setattr(tf.LlamaForCausalLM, "_keep_in_fp32_modules", ["mlp.down_proj"])
+    dual = trained_dual("llama", tmp_path, torch.float32)
+    assert dual.num_patched and not any(name.endswith("down_proj") for name in dual.patched_names)
+    ids = token_batch(batch=2, seq=8)
+    with torch.no_grad(), dual.student():
+        ours = dual(ids).logits
+    save_ternary_pretrained(dual, tmp_path / "export")
+    stock = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert type(stock.get_submodule("model.layers.0.mlp.down_proj")) is torch.nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(stock(ids).logits, ours, **TOLERANCE[torch.float32])
