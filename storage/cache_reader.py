@@ -20,6 +20,7 @@ import torch
 
 from .cache_spec import (ATTRS_KEY, GROUP_DIR, STORED_AS, CacheError, ChunkError, TeacherCacheSpec, array_sha256,
                          check_fingerprint, chunk_label, damaged_metadata, record_path, recorded_chunks, to_tensor)
+from .lease import holding_lock
 from .zarr_chunks import ChunkCodec
 
 _REBUILD = ("call verify(repair=True) and rerun the cache stage to rewrite the damaged chunks, or delete the cache "
@@ -219,9 +220,17 @@ class TeacherCacheReader(torch.utils.data.Dataset):
 
     # ---- integrity -----------------------------------------------------------------------------------------
 
-    def verify(self, repair: bool = False) -> VerifyReport:
+    def verify(self, repair: bool = False, lock_timeout: float = 0.0) -> VerifyReport:
         """Re-read every chunk and compare it with its record. With ``repair``, forget the corrupt chunks (delete
-        their records and the cache's completion marker) so that the next writer run rewrites exactly them."""
+        their records and the cache's completion marker) so that the next writer run rewrites exactly them; a repair
+        holds the writers' lock (waiting up to ``lock_timeout`` s, else ``LockedError``), so that it never deletes
+        records under a writer."""
+        if repair:
+            with holding_lock(self.store, self.path, f"the teacher cache at {self.url}", lock_timeout):
+                return self._verify(repair)
+        return self._verify(repair)
+
+    def _verify(self, repair: bool) -> VerifyReport:
         report = VerifyReport(self.url, self.spec.num_chunks)
         recorded = recorded_chunks(self.store, self.path)
         for chunk in range(self.spec.num_chunks):

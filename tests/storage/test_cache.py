@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from storage.cache import (CacheError, CacheWriteError, ChunkError, FingerprintMismatchError, TeacherCacheReader,
-                           TeacherCacheSpec, TeacherCacheWriter)
+from storage.cache import (CacheError, CacheWriteError, ChunkError, FingerprintMismatchError, LockedError,
+                           TeacherCacheReader, TeacherCacheSpec, TeacherCacheWriter)
 
 from .helpers import build_cache, chunk_arrays, expected_stored, small_spec
 
@@ -218,6 +218,10 @@ def test_damaged_chunk_records_are_corrupt_chunks_for_verify_and_reader_then_rep
     assert "chunk 2 (samples 6-8) corrupt: its record cannot be read (KeyError" in report.corrupt[2]
     with pytest.raises(ChunkError, match=r"chunk 1 \(samples 3-5\) .* its record cannot be read"):
         reader[4]
+    with TeacherCacheWriter(store, "cache", SPEC):  # a writer at work: a repair must not delete records under it
+        with pytest.raises(LockedError, match="the teacher cache at .* is being written by process"):
+            reader.verify(repair=True)
+    assert store.exists(record.format(1)) and store.is_complete("cache")
     reader.verify(repair=True)
     assert build_cache(store, "cache", SPEC) == 2  # exactly the two chunks rewritten
     assert TeacherCacheReader(store, "cache").verify().ok
