@@ -87,6 +87,26 @@ def test_fused_straight_through_matches_the_graph_under_bf16_autocast():
     torch.testing.assert_close(y.float(), bitlinear(x.detach(), w.detach()), rtol=1e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("lam", [1.0, 0.5], ids=["node", "warm-up graph"])
+def test_fp16_autocast_runs_the_matmuls_in_fp32(lam):
+    """Under fp16 autocast the output is fp16, like autocast's F.linear, but the matmuls must not be: fp16 has the
+    range for neither the unscaled integer products nor the scaled gradients (``bitnet.quant.matmul_dtype``)."""
+    wide = torch.ones(2, 8192, device=CUDA)  # codes 127 x 1 over 8192 inputs: 1,040,384 > fp16's 65504
+    with torch.autocast("cuda", dtype=torch.float16):
+        y = bitlinear(wide, torch.ones(4, 8192, device=CUDA), lam=lam)
+    assert torch.isfinite(y).all() and (lam < 1.0 or torch.equal(y.float(), torch.full_like(y.float(), 8192)))
+    torch.manual_seed(6)
+    x = torch.randn(64, 256, device=CUDA, requires_grad=True)
+    w = (0.02 * torch.randn(128, 256, device=CUDA)).requires_grad_()
+    upstream = 1e-4 * torch.randn(64, 128, device=CUDA)  # dy * s_x * s_w ~ 1e-7: deep in fp16's subnormals
+    with torch.autocast("cuda", dtype=torch.float16):
+        (bitlinear(x, w, lam=lam).float() * upstream).sum().backward()
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    (bitlinear(x2, w2, lam=lam) * upstream).sum().backward()  # fp32 throughout
+    for got, want in ((x.grad, x2.grad), (w.grad, w2.grad)):
+        assert (got - want).norm() / want.norm() < 1e-2
+
+
 @pytest.mark.parametrize("delta", ["full", "lora:8"])
 def test_self_distillation_steps_on_bf16_teacher_under_autocast(tmp_path, delta):
     """What the pipeline runs on a GPU: a bf16 teacher, fp32 dW, the student step under bf16 autocast."""
