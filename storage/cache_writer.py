@@ -136,6 +136,7 @@ class TeacherCacheWriter:
         self.url = store.url(path)
         self._lock = acquire_lock(store, path, f"the teacher cache at {self.url}", lock_timeout, lease_ttl)
         try:
+            store.remove_temporaries(path)  # a killed writer's unrenamed chunk objects: rewritten, never read
             self._group = _open_group(store, path, spec)
             # The arrays are opened once (each open costs requests on S3). Every chunk gets an object, even an
             # all-zero one that zarr's own writes would skip, so each has an object to check.

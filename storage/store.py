@@ -272,6 +272,20 @@ class ArtifactStore:
                     os.close(fd)
                 _fsync_dir(os.path.dirname(full))
 
+    def remove_temporaries(self, prefix: str) -> int:
+        """Delete the hidden temporary files that writes killed before their rename left under ``prefix`` (local
+        disk; an object store has none); returns how many. Only for an artifact whose writer holds its lock."""
+        if not self.is_local:
+            return 0
+        removed = 0
+        for directory, _, files in os.walk(self.full_path(prefix)):
+            for name in files:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    with suppress(FileNotFoundError):
+                        os.unlink(os.path.join(directory, name))
+                        removed += 1
+        return removed
+
     # ---- listing and deletion ------------------------------------------------------------------------------
 
     def list(self, prefix: str = "") -> list[str]:
