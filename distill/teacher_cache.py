@@ -39,7 +39,7 @@ def run_cache_teacher(cfg, store, stage: dict, reporter, tokens: dict) -> dict:
                                 hidden_size=model.config.hidden_size, dtype=cfg.cache.dtype, codec=cfg.cache.codec,
                                 topk_codec=cfg.cache.topk_codec, chunk_size=cfg.cache.batch_size, topk=cfg.cache.topk,
                                 fingerprint=stage["fingerprint"])
-        with TeacherCacheWriter(store, f"{path}/{split}", spec) as writer:
+        with TeacherCacheWriter(store, f"{path}/{split}", spec, on_wait=reporter.log) as writer:
             missing = writer.missing_chunks()
             reporter.start(spec.num_chunks, f"cache teacher ({split})", initial=spec.num_chunks - len(missing))
             for chunk in missing:

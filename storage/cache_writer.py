@@ -126,15 +126,16 @@ class TeacherCacheWriter:
 
     ``threads`` writer threads store chunks in parallel (each chunk is written by exactly one of them);
     ``queue_size`` chunks may wait for them; only when that many are waiting does ``write_chunk`` block.
+    ``on_wait(message)`` is called once if another writer holds the cache's lock, before waiting for it.
     """
 
     def __init__(self, store, path: str, spec: TeacherCacheSpec, *, threads: int = 4, queue_size: int | None = None,
-                 lock_timeout: float = 3600.0, lease_ttl: float = 120.0):
+                 lock_timeout: float = 3600.0, lease_ttl: float = 120.0, on_wait=None):
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
         self.store, self.path, self.spec = store, path, spec
         self.url = store.url(path)
-        self._lock = acquire_lock(store, path, f"the teacher cache at {self.url}", lock_timeout, lease_ttl)
+        self._lock = acquire_lock(store, path, f"the teacher cache at {self.url}", lock_timeout, lease_ttl, on_wait)
         try:
             store.remove_temporaries(path)  # a killed writer's unrenamed chunk objects: rewritten, never read
             self._group = _open_group(store, path, spec)

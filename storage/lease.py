@@ -188,24 +188,27 @@ def _locked_message(what: str, holder: dict | None, timeout: float) -> str:
             "rerun (what it finished will be reused), or stop that process")
 
 
-def acquire_lock(store, path: str, what: str, timeout: float, ttl: float = 120.0):
+def acquire_lock(store, path: str, what: str, timeout: float, ttl: float = 120.0, on_wait=None):
     """Take the exclusive lock on the artifact at ``path`` (waiting up to ``timeout`` s); returns an object with
-    ``ensure_held()`` and ``release()``."""
+    ``ensure_held()`` and ``release()``. If another process holds it, ``on_wait(message)`` is called once before
+    waiting for it."""
     lock = FileLock(store.local_path(path), what) if store.is_local else ObjectLease(store, path, what, ttl)
+    try:
+        lock.acquire(0.0)
+        return lock
+    except LockedError:
+        if timeout <= 0:
+            raise
+    if on_wait is not None:
+        on_wait(f"{what} is being written by another process; waiting up to {timeout:.0f} s for it to finish")
     lock.acquire(timeout)
     return lock
 
 
 @contextmanager
 def holding_lock(store, path: str, what: str, timeout: float, ttl: float = 120.0, on_wait=None):
-    """``acquire_lock`` for the duration of a ``with`` block (released however the block ends). If another process
-    holds the lock, ``on_wait(message)`` is called once before waiting for it."""
-    try:
-        lock = acquire_lock(store, path, what, 0.0, ttl)
-    except LockedError:
-        if on_wait is not None:
-            on_wait(f"{what} is being written by another process; waiting up to {timeout:.0f} s for it to finish")
-        lock = acquire_lock(store, path, what, timeout, ttl)
+    """``acquire_lock`` for the duration of a ``with`` block (released however the block ends)."""
+    lock = acquire_lock(store, path, what, timeout, ttl, on_wait)
     try:
         yield lock
     finally:

@@ -32,7 +32,8 @@ if __name__ == "__main__":
     print("ready", flush=True)
     try:
         wrote = build_cache(store, path, spec, pace(float(delay), gate[0] if gate else None),
-                            lock_timeout=float(lock_timeout), lease_ttl=float(lease_ttl))
+                            lock_timeout=float(lock_timeout), lease_ttl=float(lease_ttl),
+                            on_wait=lambda message: print(f"waiting: {message}", flush=True))
     except LockedError as exc:
         print(f"locked: {exc}", flush=True)
         sys.exit(3)

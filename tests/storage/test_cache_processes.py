@@ -99,4 +99,6 @@ def test_two_writers_never_write_the_same_cache(store, reference, tmp_path):
     first_out, patient_out = finish(first), finish(patient)
     assert first.returncode == 0 and first_out.strip().endswith("wrote 12"), first_out
     assert patient.returncode == 0 and patient_out.strip().endswith("wrote 0"), patient_out  # waited, found it done
+    assert (f"waiting: the teacher cache at {store.url('cache')} is being written by another process; waiting up "
+            "to 60 s") in patient_out and "waiting" not in out  # said so first; the impatient one did not wait
     assert relative_tree(store, "cache") == reference
