@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import bitlinear, int8_activation, ternary_weight
+from .quant import bitlinear, compute_dtypes, int8_activation, ternary_weight
 
 TEACHER, STUDENT = "teacher", "student"
 
@@ -137,6 +137,8 @@ class TernaryLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_q, x_scale = int8_activation(x)
-        y = F.linear(x_q.to(x.dtype), self.weight_codes.to(x.dtype))
+        _, mm_dtype, autocast_off = compute_dtypes(x)  # fp32 for fp16: its range cannot hold the integer products
+        with autocast_off:
+            y = F.linear(x_q.to(mm_dtype), self.weight_codes.to(mm_dtype))
         y = (y.float() * (x_scale * self.weight_scale)).to(x.dtype)
         return y + self.bias if self.bias is not None else y

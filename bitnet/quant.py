@@ -94,13 +94,13 @@ def bitlinear_graph(x: torch.Tensor, weight: torch.Tensor, lam: float = 1.0) -> 
     """
     w_codes, w_scale = ste_ternary_codes(weight, lam)
     x_codes, x_scale = ste_int8_codes(x, lam)
-    _, mm_dtype, autocast_off = _compute_dtypes(x)
+    _, mm_dtype, autocast_off = compute_dtypes(x)
     with autocast_off:
         y = F.linear(x_codes.to(mm_dtype), w_codes.to(mm_dtype))
     return (y.float() * (x_scale * w_scale)).to(x.dtype)
 
 
-def _compute_dtypes(x: torch.Tensor):
+def compute_dtypes(x: torch.Tensor):
     """``(output dtype, matmul dtype, context for the matmul)``: under CUDA autocast the output takes autocast's dtype,
     like any autocast linear; the matmul runs in ``matmul_dtype`` of it, with autocast held off where that differs
     (float16 autocast would cast the operands back down)."""
@@ -122,7 +122,7 @@ class _BitLinearSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # Under CUDA autocast the matmul takes bf16 codes and, like any autocast linear, the output stays in bf16.
-        out_dtype, mm_dtype, autocast_off = _compute_dtypes(x)
+        out_dtype, mm_dtype, autocast_off = compute_dtypes(x)
         ops = _elementwise(x)
         x_mm, w_mm, x_q, w_q, x_scale, w_scale = ops.operands(x, weight, mm_dtype)
         with autocast_off:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitnet import BitLinear, bitlinear, int8_activation, ternary_weight
+from bitnet import BitLinear, TernaryLinear, bitlinear, int8_activation, ternary_weight
 from bitnet.quant import bitlinear_graph
 
 from .reference import reference_bitlinear
@@ -121,6 +121,12 @@ def test_bitlinear_fp16_neither_overflows_nor_loses_its_gradients(lam):
         grads[dtype] = x.grad.float(), w.grad.float()
     for got, want in zip(grads[torch.float16], grads[torch.float32]):
         assert (got - want).norm() / want.norm() < 1e-2  # 0.46 when g = dy * s_x * s_w was fp16: a bit or two left
+
+
+def test_frozen_ternary_layer_in_fp16_does_not_overflow():
+    layer = TernaryLinear.from_latent(torch.ones(4, 8192)).half()
+    y = layer(torch.ones(2, 8192, dtype=torch.float16))  # 127 x 1 summed over 8192 inputs: 1,040,384 > 65504
+    assert y.dtype == torch.float16 and torch.equal(y, torch.full_like(y, 8192))
 
 
 def test_fused_straight_through_matches_the_composed_graph():
