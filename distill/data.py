@@ -79,6 +79,20 @@ def _file_rows(path: Path) -> Iterator[dict]:
                           f"{exc}") from None
 
 
+def files_identity(cfg: DataConfig) -> list[list[str]]:
+    """``[name, sha256]`` of each of ``data.files``: what the tokens depend on (documents are keyed by file name), so
+    that a file edited in place, or another file of the same name, rebuilds them."""
+    from storage.fingerprint import file_sha256
+
+    identity = []
+    for name in cfg.files:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"data.files: {path} does not exist")
+        identity.append([path.name, file_sha256(path)])
+    return identity
+
+
 def check_source(cfg: DataConfig) -> None:
     """Fail fast on an unreadable source or a missing text column: read up to the first document (a Hub dataset
     that is not streamed is downloaded first, and the built-in corpus lists its files first)."""

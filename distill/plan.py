@@ -15,7 +15,7 @@ from storage import ArtifactStore, fingerprint, model_identity, tokenizer_identi
 from storage import layout
 
 from .config import ConfigError, OptimConfig, PipelineConfig
-from .data import check_source, special_ids
+from .data import check_source, files_identity, special_ids
 from .optim import check_optimizer
 from .teacher import (check_4bit_loading, load_teacher_config, load_tokenizer, model_source, resolve_device,
                       resolve_dtype, resolve_layers)
@@ -134,7 +134,10 @@ def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> dict[str
         stages[name] = Stage(name, fp, "")
         return fp
 
-    tokens = add("tokenize", {"data": d["data"], "tokenizer": teacher.tokenizer_identity}, None)
+    tokens_own = {"data": d["data"], "tokenizer": teacher.tokenizer_identity}
+    if cfg.data.files:  # their contents, not only their names (the built-in corpus and Hub datasets are named)
+        tokens_own["files"] = files_identity(cfg.data)
+    tokens = add("tokenize", tokens_own, None)
     stages["tokenize"].path = layout.tokens_dir(tokens)
     loaded = {"teacher": teacher.identity, "compute_dtype": teacher.compute_dtype}  # what its outputs depend on
     # cache.eval_samples is hashed under the name its value had before it was a setting of its own (eval.max_rows),

@@ -195,3 +195,21 @@ def test_new_teacher_weights_keep_the_token_shards_and_4bit_loading_recomputes_t
     else:
         four_bit_tokens, four_bit_cache = fingerprints(tiny_teacher, **{"teacher.load_in_4bit": True})
         assert four_bit_tokens == tokens and four_bit_cache != cache
+
+
+def test_a_data_file_edited_in_place_rebuilds_the_tokens(tiny_teacher, tmp_path):
+    from distill.plan import make_plan, preflight
+
+    from .conftest import TINY, tiny_overrides
+
+    data = tmp_path / "corpus.jsonl"
+
+    def tokens_fingerprint(text: str) -> str:
+        data.write_text("".join(f'{{"text": "{text} {i}"}}\n' for i in range(40)))
+        cfg = load_config(TINY, tiny_overrides(tiny_teacher, tmp_path, **{"data.builtin": None,
+                                                                          "data.files": [str(data)]}))
+        return make_plan(cfg, "self-distill", preflight(cfg, "self-distill"))["tokenize"]["fingerprint"]
+
+    first = tokens_fingerprint("def f(x): return x")
+    assert tokens_fingerprint("def f(x): return x") == first  # the same contents: the same tokens
+    assert tokens_fingerprint("class A: pass") != first  # the same name, other contents: not yesterday's tokens
