@@ -7,6 +7,7 @@ A configuration is resolved as: preset (a name in ``configs/`` or a YAML path) -
 from __future__ import annotations
 
 import copy
+import datetime
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -171,6 +172,14 @@ class EvalConfig(Section):
                                                         "def fibonacci(n):"])
     max_new_tokens: int = Field(default=32, ge=0)
 
+    @field_validator("prompts")
+    @classmethod
+    def _no_blank_prompt(cls, value: list[str]) -> list[str]:
+        if any(not prompt.strip() for prompt in value):
+            raise ValueError("a prompt is blank: generation needs at least one token to continue; drop it "
+                             "(eval.prompts: [] samples nothing)")
+        return value
+
 
 class StorageConfig(Section):
     root: str = "artifacts"  # a local path (relative to the repository) or s3://bucket/prefix
@@ -221,9 +230,10 @@ class PipelineConfig(Section):
     def resolved_root(self) -> str:
         """The artifact root; a relative local path is taken relative to the repository."""
         root = self.storage.root
-        if "://" in root or Path(root).is_absolute():
+        if "://" in root:
             return root
-        return str(REPO_ROOT / root)
+        path = Path(root).expanduser()  # "~/x": neither the shell (after "=") nor YAML expands it
+        return str(path if path.is_absolute() else REPO_ROOT / path)
 
 
 class ConfigError(ValueError):
@@ -252,11 +262,20 @@ def apply_overrides(raw: dict, overrides: dict[str, Any] | None) -> dict:
             if not isinstance(node, dict):
                 raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
         try:
-            node[leaf] = yaml.safe_load(value) if isinstance(value, str) else value
+            parsed = yaml.safe_load(value) if isinstance(value, str) else value
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {dotted}={value!r} is not valid YAML ({_yaml_problem(exc)}); quote a "
                               "string that starts with [, {, : or *, e.g. --set 'key=\"[x\"'") from None
+        if isinstance(parsed, dict) and isinstance(node.get(leaf), dict):
+            node[leaf] = _merged(node[leaf], parsed)  # "train={steps: 5}" sets steps, keeps the preset's others
+        else:
+            node[leaf] = parsed
     return raw
+
+
+def _merged(base: dict, update: dict) -> dict:
+    return {**base, **{k: _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in update.items()}}
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -285,7 +304,13 @@ def load_config(config: str | Path | dict | PipelineConfig = "quickstart",
     try:
         return PipelineConfig.model_validate(apply_overrides(raw, overrides))
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(_problem(err) for err in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+def _problem(err: dict) -> str:
+    where = ".".join(str(p) for p in err["loc"]) or "config"
+    if err["type"] == "string_type" and isinstance(err.get("input"), (int, float, bool, datetime.date)):
+        return (f"{where}: {err['msg']}, got {err['input']!r} (YAML reads an unquoted 2024, 1.0, on or 2024-06-01 "
+                f"as a number, a boolean or a date); quote the value, e.g. --set '{where}=\"...\"'")
+    return f"{where}: {err['msg']}"

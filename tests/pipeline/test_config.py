@@ -27,6 +27,18 @@ def test_overrides_take_dotted_keys_and_yaml_strings():
     assert cfg.train.steps == 20 and cfg.cache.layers == [-1, 4] and cfg.storage.root == "s3://b/p"
 
 
+def test_a_section_valued_override_sets_its_keys_and_keeps_the_others():
+    preset = load_config("quickstart")
+    cfg = load_config("quickstart", {"train": "{steps: 5, lr: 0.01}"})
+    assert (cfg.train.steps, cfg.train.lr) == (5, 0.01)
+    assert cfg.train.model_dump(exclude={"steps", "lr"}) == preset.train.model_dump(exclude={"steps", "lr"})
+
+
+def test_a_home_relative_storage_root_is_expanded(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_config("quickstart", {"storage.root": "~/artifacts"}).resolved_root() == str(tmp_path / "artifacts")
+
+
 def test_yaml_file_path(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("name: mine\ndata:\n  files: [a.jsonl]\n")
@@ -46,6 +58,8 @@ def test_yaml_file_path(tmp_path):
     ({"self_distill.kl_weight": 0, "self_distill.hidden_weight": 0},
      "self_distill: .*all 0: nothing would train dW"),
     ({"self_distill.magnitude_weight": 0.1}, "self_distill: .*magnitude_weight .*needs hidden_weight > 0"),
+    ({"name": "2024"}, "name: Input should be a valid string, got 2024 .*quote the value, e.g. --set 'name=\"...\"'"),
+    ({"eval.prompts": "['ok', ' ']"}, "eval.prompts: .*a prompt is blank"),
     ({"student.tie_embeddings": False, "head.untied": False},
      "config: .*head.untied: false retrains the student's tied embedding .*set student.tie_embeddings: true"),
 ])
