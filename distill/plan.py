@@ -89,6 +89,11 @@ def preflight(cfg: PipelineConfig, flow: str) -> TeacherFacts:
     if uses_teacher_cache(cfg, flow) and cfg.cache.topk > text_config.vocab_size:
         raise ConfigError(f"cache.topk {cfg.cache.topk} exceeds the teacher's {text_config.vocab_size} logits per "
                           f"token; use cache.topk <= {text_config.vocab_size} (the quickstart caches 32), or 0")
+    if len(tokenizer) > text_config.vocab_size:  # token ids past the embedding: an IndexError in training
+        raise ConfigError(f"the teacher's tokenizer has {len(tokenizer)} tokens but its model only "
+                          f"{text_config.vocab_size} embeddings (teacher.name_or_path {cfg.teacher.name_or_path!r}): "
+                          "tokens were added to the tokenizer without resizing the model; use the tokenizer the "
+                          "model was saved with, or resize its embeddings (model.resize_token_embeddings) and save it")
     check_source(cfg.data)
     special_ids(tokenizer, cfg.data.packing)  # raises when the tokenizer lacks what data.packing needs
     return facts

@@ -24,6 +24,8 @@ def resolve_device(spec: str = "auto") -> torch.device:
             device = torch.device(spec)
         except RuntimeError:
             raise ConfigError(f"teacher.device {spec!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+        if device.type not in ("cpu", "cuda", "mps"):  # xpu, meta, ...: torch knows them; this pipeline does not
+            raise ConfigError(f"teacher.device {spec!r}: the pipeline runs on cpu, cuda (cuda:N) or mps")
         _check_present(device, spec)
         return device
     if torch.cuda.is_available():
@@ -83,10 +85,28 @@ def load_teacher_config(cfg: TeacherConfig):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(model_source(cfg.name_or_path), revision=cfg.revision,
-                                          trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(model_source(cfg.name_or_path), revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code)
     except OSError as exc:
         raise _hub_error(cfg, "config", exc) from None
+    except ValueError as exc:  # a config.json without a model_type transformers knows
+        raise ConfigError(f"teacher.name_or_path {cfg.name_or_path!r} is not a Hugging Face model transformers "
+                          f"can load: {str(exc).splitlines()[0]}; point it at a causal LM's directory or Hub "
+                          "name") from None
+    check_causal_lm(cfg, config)
+    return config
+
+
+def check_causal_lm(cfg: TeacherConfig, config) -> None:
+    """The teacher must load as ``AutoModelForCausalLM`` (a T5 or BERT config would fail only at the cache stage)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if cfg.trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(f"teacher.name_or_path {cfg.name_or_path!r} is a {config.model_type} model, which "
+                          "transformers does not load as a causal LM (AutoModelForCausalLM): distil a decoder-only "
+                          "language model (Llama, Qwen2, Mistral, Phi3, GPT-NeoX, ...)")
 
 
 def check_4bit_loading(cfg: TeacherConfig) -> None:

@@ -227,3 +227,33 @@ def test_a_data_file_edited_in_place_rebuilds_the_tokens(tiny_teacher, tmp_path)
     first = tokens_fingerprint("def f(x): return x")
     assert tokens_fingerprint("def f(x): return x") == first  # the same contents: the same tokens
     assert tokens_fingerprint("class A: pass") != first  # the same name, other contents: not yesterday's tokens
+
+
+def test_a_teacher_that_is_not_a_causal_lm_or_whose_tokenizer_outgrew_it_fails_in_preflight(tiny_teacher, tmp_path):
+    import shutil
+
+    import transformers as tf
+
+    from distill.plan import preflight
+
+    from .conftest import TINY, tiny_overrides
+
+    def check(teacher):
+        preflight(load_config(TINY, tiny_overrides(teacher, tmp_path)), "self-distill")
+
+    t5 = tmp_path / "t5"
+    tf.T5Config(d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32, vocab_size=400).save_pretrained(t5)
+    with pytest.raises(ConfigError, match="is a t5 model, which transformers does not load as a causal LM"):
+        check(t5)
+    (tmp_path / "no-model-type").mkdir()
+    (tmp_path / "no-model-type" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is not a Hugging Face model transformers can load: Unrecognized model"):
+        check(tmp_path / "no-model-type")
+    grown = tmp_path / "grown"
+    shutil.copytree(tiny_teacher, grown)
+    tokenizer = tf.AutoTokenizer.from_pretrained(grown)
+    tokenizer.add_tokens(["<new-token>"])  # and the model not resized
+    tokenizer.save_pretrained(grown)
+    with pytest.raises(ConfigError, match=f"tokenizer has {len(tokenizer)} tokens but its model only "
+                                          f"{len(tokenizer) - 1} embeddings .*resize_token_embeddings"):
+        check(grown)
