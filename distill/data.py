@@ -61,9 +61,16 @@ def _hub_rows(cfg: DataConfig) -> Iterable[dict]:
         ) from None
 
 
-def _file_rows(path: Path) -> Iterator[dict]:
+def check_data_file(path: Path) -> None:
     if not path.is_file():
-        raise ConfigError(f"data.files: {path} does not exist")
+        what = "is a directory: list its files" if path.is_dir() else "does not exist"
+        raise ConfigError(f"data.files: {path} {what}")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"data.files: {path} is empty")
+
+
+def _file_rows(path: Path) -> Iterator[dict]:
+    check_data_file(path)
     if path.suffix in (".txt", ".md", ".py"):
         yield {"text": path.read_text(encoding="utf-8", errors="replace")}
         return
@@ -87,8 +94,7 @@ def files_identity(cfg: DataConfig) -> list[list[str]]:
     identity = []
     for name in cfg.files:
         path = Path(name).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"data.files: {path} does not exist")
+        check_data_file(path)
         identity.append([path.name, file_sha256(path)])
     return identity
 
@@ -294,7 +300,8 @@ def _build_tokens(cfg, store, stage: dict, reporter, lock) -> dict:
     for split in ("train", "eval"):
         if not manifest["splits"][split]["rows"]:
             # the built-in corpus has its own fixed split (storage/stdlib_corpus.py); other sources split by hash
-            more = "raise data.max_documents" if cfg.data.builtin else "raise data.eval_fraction"
+            more = ("raise data.max_documents" if cfg.data.builtin
+                    else f"{'raise' if split == 'eval' else 'lower'} data.eval_fraction ({cfg.data.eval_fraction})")
             raise ConfigError(f"tokenize produced no {split} rows from the configured data: add documents, lower "
                               f"data.seq_len ({cfg.data.seq_len}) or {more}")
     store.mark_complete(path, manifest)

@@ -80,9 +80,14 @@ def test_instruction_response_fallback_and_unknown_column():
         pick_text({"content": "t"}, None, "x")
 
 
-def test_missing_local_file_is_a_clear_error(tmp_path):
+def test_missing_empty_or_directory_data_files_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         list(iter_documents(DataConfig(files=[str(tmp_path / "nope.jsonl")])))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="data.files: .*empty.jsonl is empty"):
+        list(iter_documents(DataConfig(files=[str(tmp_path / "empty.jsonl")])))
+    with pytest.raises(ConfigError, match="is a directory: list its files"):
+        list(iter_documents(DataConfig(files=[str(tmp_path)])))
 
 
 def test_stdlib_source_splits_by_module():
