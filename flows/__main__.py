@@ -58,14 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("flow", choices=["superposition-distill", "self-distill", "both"])
     show = sub.add_parser("config", help="print the resolved configuration")
     for p in (run, show):
-        p.add_argument("--config", "-c", default="quickstart", help="preset name in configs/ or a YAML path")
+        p.add_argument("--config", "-c", help="preset name in configs/ or a YAML path (default: quickstart)")
         p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field, e.g. --set train.steps=20 (repeatable)")
     show.add_argument("name", nargs="?", help="preset name or YAML path (same as --config)")
     args = parser.parse_args(argv)
     try:
         overrides = parse_sets(args.set)
-        cfg = load_config(getattr(args, "name", None) or args.config, overrides)  # schema errors: before Prefect
+        name = getattr(args, "name", None)
+        if name and args.config and name != args.config:
+            raise ConfigError(f"two configurations given, {name!r} and --config {args.config!r}: give one")
+        config = name or args.config or "quickstart"
+        cfg = load_config(config, overrides)  # schema errors: before Prefect
         if args.command == "config":
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
             return 0
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
         start_temporary_server()  # where no server is configured: one that stops with this command, even killed
         names = list(FLOWS) if args.flow == "both" else [args.flow]
-        results = {name: FLOWS[name](config=args.config, overrides=overrides) for name in names}
+        results = {name: FLOWS[name](config=config, overrides=overrides) for name in names}
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

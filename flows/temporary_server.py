@@ -101,6 +101,24 @@ class Watchdog:
 _api_url: str | None = None  # the server this process started
 
 
+class ServerUnreachable(RuntimeError):
+    """The configured Prefect server does not answer; the message says how to start it or run without it."""
+
+
+def check_configured_server(api_url: str, timeout: float = 5.0) -> None:
+    """Fail at once, in one line, if the configured server does not answer (Prefect's client would retry, then end
+    in a long traceback). Any HTTP answer counts, an authentication error included: the server is there."""
+    import httpx
+
+    try:
+        httpx.get(f"{api_url.rstrip('/')}/health", timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise ServerUnreachable(
+            f"the Prefect server at {api_url} (PREFECT_API_URL) does not answer ({type(exc).__name__}: {exc}): start "
+            "it (prefect server start), or unset PREFECT_API_URL (prefect config unset PREFECT_API_URL, or the "
+            "environment variable) to run on a temporary server that stops with this command") from None
+
+
 def start_temporary_server() -> str | None:
     """Start Prefect's temporary server now, in a session of its own and guarded by a watchdog, unless a server is
     configured (``PREFECT_API_URL``), temporary servers are switched off or this is not a POSIX system; its API URL,
@@ -108,7 +126,10 @@ def start_temporary_server() -> str | None:
     global _api_url
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
-    if _api_url or PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value() or os.name != "posix":
+    if PREFECT_API_URL.value() and not _api_url:
+        check_configured_server(PREFECT_API_URL.value())
+        return None
+    if _api_url or not PREFECT_SERVER_EPHEMERAL_ENABLED.value() or os.name != "posix":
         return _api_url
     import prefect.server.api.server as prefect_server
 
