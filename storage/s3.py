@@ -6,6 +6,8 @@ Everything goes through s3fs, so moto, MinIO and AWS S3 take the very same code 
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 import uuid
 from typing import Any
@@ -32,6 +34,7 @@ def s3_options(storage_options: dict | None) -> dict[str, Any]:
                 or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
     region = (opts.pop("region", None) or opts.pop("region_name", None) or client_kwargs.pop("region_name", None)
               or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
+    _check_known(opts)
     if endpoint:
         opts["endpoint_url"] = endpoint
     if region:
@@ -39,6 +42,25 @@ def s3_options(storage_options: dict | None) -> dict[str, Any]:
     # Listings are never cached: completion markers and leases written by other processes must be seen at once.
     opts.setdefault("use_listings_cache", False)
     return {**opts, "client_kwargs": client_kwargs}
+
+
+# What s3fs.S3FileSystem passes to the fsspec layers below it; the rest of its unnamed options go to aiobotocore's
+# session (profile, ...). Anything else fails deep inside aiobotocore, at the first request.
+_FSSPEC_OPTIONS = {"use_listings_cache", "listings_expiry_time", "max_paths", "skip_instance_cache", "batch_size"}
+
+
+def _check_known(opts: dict) -> None:
+    from aiobotocore.session import AioSession
+
+    named = (set(inspect.signature(s3fs.S3FileSystem.__init__).parameters)
+             | set(inspect.signature(AioSession.__init__).parameters))
+    known = named - {"self", "kwargs"} | _FSSPEC_OPTIONS
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, sorted(known | {"endpoint_url", "region"}), n=1) for k in unknown}
+        named = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+        raise StoreError(f"storage.storage_options: unknown option {named} for an s3:// root; s3fs takes "
+                         "endpoint_url, region, key, secret, token, anon, client_kwargs, config_kwargs, ...")
 
 
 def open_s3(options: dict) -> s3fs.S3FileSystem:

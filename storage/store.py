@@ -64,6 +64,10 @@ class ArtifactStore:
         self.read_only = read_only
         self.is_local = scheme == "file"
         if self.is_local:
+            if storage_options:
+                raise StoreError(f"storage options {sorted(storage_options)} were given for the local root "
+                                 f"{root!r}, which takes none (they are for an s3:// root); remove them or use an "
+                                 "s3:// root")
             self.base = os.path.abspath(os.path.expanduser(rest))
             self.root = self.base
             self.storage_options: dict[str, Any] = {}

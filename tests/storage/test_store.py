@@ -108,6 +108,14 @@ def test_s3_root_without_bucket():
         ArtifactStore("s3://")
 
 
+def test_storage_options_that_would_be_ignored_or_fail_deep_in_aiobotocore_are_named(tmp_path):
+    with pytest.raises(StoreError, match=r"unknown option 'endpoint' \(did you mean 'endpoint_url'\?\)"):
+        ArtifactStore("s3://bucket/x", storage_options={"endpoint": "http://127.0.0.1:9"}, check=False)
+    ArtifactStore("s3://bucket/x", storage_options={"profile": "ci", "aws_access_key_id": "k"}, check=False)
+    with pytest.raises(StoreError, match=r"storage options \['endpoint_url'\] were given for the local root"):
+        ArtifactStore(str(tmp_path), storage_options={"endpoint_url": "http://127.0.0.1:9"})
+
+
 def test_unreachable_endpoint_fails_fast():
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
