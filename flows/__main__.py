@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside training (which checkpoints and stops with TrainingInterrupted)
+        print("error: interrupted (Ctrl-C); rerun the same command to go on: finished stages, cache chunks and "
+              "checkpoints are reused", file=sys.stderr)
+        return 130
     print(f"\nfinished: {', '.join(r['run'] for r in results.values())}\n")
     print(summary_table(results))
     return 0

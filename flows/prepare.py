@@ -47,6 +47,10 @@ def prepare(flow: str, config: str | dict, overrides: dict[str, Any] | None) -> 
     plan = make_plan(cfg, flow, teacher)
     logger = get_run_logger()
     logger.info("artifacts under %s, run %s", store.url(plan["run"]["path"]), plan["run"]["name"])
+    sd = cfg.self_distill
+    if flow == "self-distill" and sd.steps and sd.steps != cfg.train.steps:  # a --set train.steps would look ignored
+        logger.info("self-distillation runs self_distill.steps = %d steps (train.steps = %d is the superposition "
+                    "flow's); set self_distill.steps to change it", sd.steps, cfg.train.steps)
     for name, stage in plan.items():
         if "fingerprint" in stage:
             logger.info("stage %-14s fingerprint %s -> %s", name, stage["fingerprint"], stage["path"])
