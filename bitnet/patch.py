@@ -45,9 +45,10 @@ def find_block_linears(model: nn.Module) -> list[str]:
 
 def kept_in_full_precision(model: nn.Module, name: str) -> bool:
     """Whether the module ``name`` matches the model's ``_keep_in_fp32_modules`` (e.g. DeepSeek-V3.2's
-    ``indexer.weights_proj``): transformers' bitnet loader never converts those, so a ternary one could not be loaded.
-    Matched as transformers does (a prefix up to a module boundary, a regex, a suffix), and as a substring, as its
-    older releases did: a layer wrongly left in full precision costs a little size, one wrongly packed a failed load."""
+    ``indexer.weights_proj``): transformers' bitnet loader never converts those, so a ternary one could not be
+    loaded. Matched as transformers does (a prefix up to a module boundary, a regex, a suffix), and as a substring,
+    as its older releases did: a layer wrongly left in full precision costs a little size, one wrongly packed a
+    failed load."""
     boundary = r"(?:(?<=\.)|(?=\.|$))"
     return any(pattern in name or re.match(rf"(?:{pattern}){boundary}", name)
                for pattern in getattr(model, "_keep_in_fp32_modules", None) or ())

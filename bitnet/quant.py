@@ -205,8 +205,9 @@ def bitlinear(
     """``act_quant(x) @ ternary(weight).T * (s_x * s_w) (+ bias)``, trainable through the STE.
 
     The matmul runs in ``x.dtype`` (bf16 on GPU under autocast; fp32 for fp16, see ``matmul_dtype``); codes are
-    small integers, exact in any float format, and the scales are applied afterwards in fp32. At full quantization (``lam == 1``) one
-    autograd node (``_BitLinearSTE``) keeps only int8 codes for backward; on CUDA its elementwise work is compiled.
+    small integers, exact in any float format, and the scales are applied afterwards in fp32. At full quantization
+    (``lam == 1``) one autograd node (``_BitLinearSTE``) keeps only int8 codes for backward; on CUDA its elementwise
+    work is compiled.
     """
     if lam == 1.0:
         y = _BitLinearSTE.apply(x, weight)

@@ -156,7 +156,8 @@ class TeacherCacheReader(torch.utils.data.Dataset):
             checksums = json.loads(record)["sha256"]
             return {name: checksums[name] for name in names}
         except (ValueError, KeyError, TypeError) as exc:  # not JSON, not an object, a checksum missing
-            raise self._chunk_error(chunk, f"corrupt: its record cannot be read ({type(exc).__name__}: {exc})") from None
+            problem = f"corrupt: its record cannot be read ({type(exc).__name__}: {exc})"
+            raise self._chunk_error(chunk, problem) from None
 
     def _chunk_error(self, chunk: int, problem: str, fix: str = _REBUILD) -> ChunkError:
         return ChunkError(f"{chunk_label(self.spec, chunk)} of the teacher cache at {self.url} is {problem}; {fix}",

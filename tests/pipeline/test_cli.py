@@ -44,19 +44,20 @@ def test_bad_override_is_a_one_line_error_not_a_traceback():
 def test_a_configured_prefect_server_that_does_not_answer_is_a_one_line_error(tmp_path):
     port = free_port()  # nothing listens there
     env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
-    proc = subprocess.run([sys.executable, "-m", "flows", "run", "self-distill", "--set",
-                           f"storage.root={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    command = [sys.executable, "-m", "flows", "run", "self-distill", "--set", f"storage.root={tmp_path}"]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        f"error: the Prefect server at http://127.0.0.1:{port}/api (PREFECT_API_URL) does not answer (ConnectError: "
-        "[Errno 111] Connection refused): start it (prefect server start), or unset PREFECT_API_URL (prefect config "
-        "unset PREFECT_API_URL, or the environment variable) to run on a temporary server that stops with this command"]
+        f"error: the Prefect server at http://127.0.0.1:{port}/api (PREFECT_API_URL) does not answer "
+        "(ConnectError: [Errno 111] Connection refused): start it (prefect server start), or unset "
+        "PREFECT_API_URL (prefect config unset PREFECT_API_URL, or the environment variable) to run on a "
+        "temporary server that stops with this command"]
 
 
 def test_a_preset_named_twice_differently_is_an_error(capsys):
     assert main(["config", "reference", "--config", "tinyllama"]) == 2
-    assert capsys.readouterr().err.strip() == ("error: two configurations given, 'reference' and --config 'tinyllama': "
-                                               "give one")
+    error = capsys.readouterr().err.strip()
+    assert error == "error: two configurations given, 'reference' and --config 'tinyllama': give one"
 
 
 def test_override_that_is_not_yaml_is_a_one_line_error(capsys):
