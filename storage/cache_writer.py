@@ -60,14 +60,10 @@ def _open_group(store, path: str, spec: TeacherCacheSpec):
                            compressors=compressors(spec.codec_of(name)), chunk_key_encoding=CHUNK_KEY_ENCODING,
                            fill_value=0, overwrite=True, attributes=attributes)
     group.attrs[ATTRS_KEY] = {"format": FORMAT, "spec": spec.to_dict()}
-    _persist_metadata(store, path)
+    # zarr writes its metadata atomically but never fsyncs it: persisted as the chunks and records are, so that a
+    # power loss cannot leave a complete-marked cache without its spec
+    store.make_durable(f"{path}/{GROUP_DIR}", "zarr.json")
     return group
-
-
-def _persist_metadata(store, path: str) -> None:
-    """zarr writes its metadata (``zarr.json``) atomically but never fsyncs it: persist it as the chunks and
-    records are, so that a power loss cannot leave a complete-marked cache without its spec."""
-    store.make_durable([f for f in store.find(f"{path}/{GROUP_DIR}") if f.rsplit("/", 1)[-1] == "zarr.json"])
 
 
 @dataclass
@@ -262,6 +258,6 @@ class TeacherCacheWriter:
         stats = {layer_name(i): {"mean_norm": sum(r["norm_sums"][str(i)] for r in records) / max(tokens, 1),
                                  "tokens": tokens} for i in self.spec.layers}
         self._group.attrs[ATTRS_KEY] = {**self._group.attrs[ATTRS_KEY], "layer_stats": stats}
-        self.store.make_durable([f"{self.path}/{GROUP_DIR}/zarr.json"])  # the group's metadata, rewritten by zarr
+        self.store.make_durable(f"{self.path}/{GROUP_DIR}", "zarr.json")  # the group's, rewritten by zarr
         self.store.mark_complete(self.path, {"format": FORMAT, "spec": self.spec.to_dict(), "layer_stats": stats,
                                              "chunks": self.spec.num_chunks, "samples": self.spec.num_samples})

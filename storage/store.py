@@ -258,23 +258,19 @@ class ArtifactStore:
             with suppress(OSError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(directory)
+        _fsync(directory)
 
-    def make_durable(self, paths: list[str]) -> None:
-        """Persist files that another library wrote into the store (zarr's metadata): each file's data and its
-        directory's entry, as this store's own writes are. An object store needs nothing: a PUT that returned is
-        durable."""
+    def make_durable(self, prefix: str, name: str) -> None:
+        """Persist the files called ``name`` under ``prefix`` that another library wrote into the store (zarr's
+        ``zarr.json``): each file's data and its directory's entry, as this store's own writes are. An object store
+        needs nothing: a PUT that returned is durable."""
         if not self.is_local:
             return
-        with self.guard("persist", paths[0] if paths else ""):
-            for path in paths:
-                full = self.full_path(path)
-                fd = os.open(full, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                _fsync_dir(os.path.dirname(full))
+        with self.guard("persist", prefix):
+            for directory, _, files in os.walk(self.full_path(prefix)):
+                if name in files:
+                    _fsync(os.path.join(directory, name))
+                    _fsync(directory)
 
     def remove_temporaries(self, prefix: str) -> int:
         """Delete the hidden temporary files that writes killed before their rename left under ``prefix`` (local
@@ -370,12 +366,12 @@ def _make_dirs_durable(directory: str) -> None:
     if missing:
         os.makedirs(missing[0], exist_ok=True)
         for created in reversed(missing):
-            _fsync_dir(os.path.dirname(created))
+            _fsync(os.path.dirname(created))
 
 
-def _fsync_dir(directory: str) -> None:
-    """Persist a rename: the directory entry must reach the disk too, not only the file's data."""
-    fd = os.open(directory, os.O_RDONLY)
+def _fsync(path: str) -> None:
+    """Persist a file's data, or a directory's entries (after a rename the directory must reach the disk too)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
