@@ -99,6 +99,7 @@ def self_distill_trainable(dual: DualModel, cfg: PipelineConfig, rows: Rows, dev
         state=dual.delta_state_dict,
         load_state=dual.load_delta_state_dict,
         evaluate=evaluate if eval_rows is not None and eval_rows.count else None,
+        compute_dtype=dual.model.dtype,  # teacher.dtype: float16 turns on loss scaling
     )
 
 

@@ -1,7 +1,11 @@
 """The training schedule: batches are a pure function of (seed, step), cover every row each epoch, stay chunk-local;
-a warm-up as long as the run is reported."""
+a warm-up as long as the run is reported; float16 models train with loss scaling, checkpointed for resume."""
 
+import json
 import logging
+import math
+import os
+import signal
 import threading
 
 import numpy as np
@@ -9,7 +13,7 @@ import pytest
 import torch
 
 from distill.config import OptimConfig
-from distill.loop import BatchSchedule, ScheduledBatches, Trainable, lr_factor, train
+from distill.loop import BatchSchedule, ScheduledBatches, Trainable, TrainingInterrupted, lr_factor, train
 from distill.progress import Reporter
 from distill.rows import Rows
 from storage import ArtifactStore
@@ -91,3 +95,62 @@ def test_a_warmup_longer_than_the_run_is_reported(tmp_path, caplog, warmup, warn
     expected = (f"train: warmup_steps {warmup} > steps 3: the learning rate rises for the whole run and never "
                 "reaches its peak 0.1; lower train.warmup_steps")
     assert warnings == ([expected] if warned else [])
+
+
+def fp16_trainable(multiplier) -> tuple[Trainable, torch.nn.Parameter]:
+    """A weight whose forward runs in float16 and whose loss gradient is ``multiplier(step)`` per element: 1e-8 is
+    below float16's smallest subnormal (6e-8), 1.0 overflows it (65504) once scaled by 2**16."""
+    weight = torch.nn.Parameter(torch.ones(4))
+
+    def loss(step):
+        return (weight.half() * torch.ones(4, dtype=torch.float16)).float().sum() * multiplier(step), {}
+
+    return Trainable([weight], loss, lambda: {"w": weight.detach().clone()},
+                     lambda state: weight.data.copy_(state["w"]), compute_dtype=torch.float16), weight
+
+
+CONSTANT_LR = dict(lr=0.1, warmup_steps=0, min_lr_ratio=1.0)
+
+
+def test_float16_gradients_below_its_range_train_with_loss_scaling_and_an_overflow_skips_its_step(tmp_path, caplog):
+    trainable, weight = fp16_trainable(lambda step: 1.0 if step == 1 else 1e-8)
+    with caplog.at_level(logging.INFO, logger="bitnet_distill"):
+        history = train(trainable, OptimConfig(steps=4, **CONSTANT_LR), ArtifactStore(str(tmp_path)), "run",
+                        Reporter(), torch.device("cpu"))
+    assert "dynamic loss scaling on (from 65536" in caplog.text
+    assert [h["loss_scale"] for h in history] == [2.0 ** 16, 2.0 ** 16, 2.0 ** 15, 2.0 ** 15]
+    assert [h["skipped"] for h in history] == [0.0, 1.0, 0.0, 0.0]
+    assert "grad_norm" not in history[1] and all(math.isfinite(history[i]["grad_norm"]) for i in (0, 2, 3))
+    json.dumps(history, allow_nan=False)  # the history file stays plain JSON
+    # three Adam steps of a 1e-8 gradient, each moving by lr * 1e-8 / (1e-8 + eps 1e-8) = 0.05; the overflow step none
+    assert torch.allclose(weight.detach(), torch.full((4,), 1.0 - 3 * 0.05), atol=2e-3)
+
+    # the same gradients unscaled (as a float32 model's are) round to zero in float16 and never move the weight
+    unscaled, weight = fp16_trainable(lambda step: 1e-8)
+    unscaled.compute_dtype = torch.float32
+    history = train(unscaled, OptimConfig(steps=3, **CONSTANT_LR), ArtifactStore(str(tmp_path / "unscaled")), "run",
+                    Reporter(), torch.device("cpu"))
+    assert torch.equal(weight.detach(), torch.ones(4)) and "loss_scale" not in history[0]
+
+
+def test_the_loss_scale_is_checkpointed_and_a_resumed_float16_run_equals_an_uninterrupted_one(tmp_path):
+    def run(root, interrupt_at: int | None):
+        def multiplier(step):
+            if step == interrupt_at:  # as a scheduler's SIGTERM would: the loop checkpoints after this step
+                os.kill(os.getpid(), signal.SIGTERM)
+            return 1.0 if step == 1 else 1e-8  # the overflow at step 1 halves the scale: the resume must keep it
+
+        trainable, weight = fp16_trainable(multiplier)
+        optim = OptimConfig(steps=5, checkpoint_every=100, **CONSTANT_LR)
+        return lambda: (train(trainable, optim, ArtifactStore(str(root)), "run", Reporter(), torch.device("cpu")),
+                        weight.detach().clone())
+
+    straight, straight_weight = run(tmp_path / "straight", None)()
+    interrupted = run(tmp_path / "interrupted", 2)
+    with pytest.raises(TrainingInterrupted, match="stopped by signal 15 at step 3"):
+        interrupted()
+    resumed, resumed_weight = run(tmp_path / "interrupted", None)()  # a new process: a fresh weight and scaler
+    assert [h["loss_scale"] for h in resumed] == [2.0 ** 16, 2.0 ** 16] + [2.0 ** 15] * 3
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in resumed] == \
+        [{k: v for k, v in h.items() if k != "seconds"} for h in straight]
+    assert torch.equal(resumed_weight, straight_weight)

@@ -1,7 +1,8 @@
 """The self-distillation training stage: with activation checkpointing it trains exactly the run without it; its
-LoRA patch starts from the run's seed."""
+LoRA patch starts from the run's seed; a float16 teacher trains with loss scaling."""
 
 import logging
+import math
 
 import torch
 
@@ -46,3 +47,11 @@ def test_lora_starts_from_the_runs_seed_whatever_the_process_drew_before(tiny_te
 
     first = lora_a(0)
     assert torch.equal(first, lora_a(0)) and not torch.equal(first, lora_a(1))
+
+
+def test_a_float16_teacher_trains_its_patch_with_loss_scaling(tiny_teacher, tmp_path):
+    history, weights, _ = train(tiny_teacher, tmp_path / "fp16", **{"teacher.dtype": "float16", "train.steps": 2})
+    assert [h["loss_scale"] for h in history] == [2.0 ** 16] * 2 and all(math.isfinite(h["loss"]) for h in history)
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() and w.abs().sum() > 0 for w in weights.values())
+    history, _, _ = train(tiny_teacher, tmp_path / "fp32", **{"teacher.dtype": "float32", "train.steps": 2})
+    assert "loss_scale" not in history[0]
