@@ -54,5 +54,5 @@ def prepare(flow: str, config: str | dict, overrides: dict[str, Any] | None) -> 
     for name, stage in plan.items():
         if "fingerprint" in stage:
             logger.info("stage %-14s fingerprint %s -> %s", name, stage["fingerprint"], stage["path"])
-    options = {"result_storage": result_storage(cfg.resolved_root(), cfg.storage.storage_options)}
+    options = {"result_storage": result_storage(store)}
     return Prepared(flow, cfg.model_dump(mode="json"), plan, options)

@@ -4,6 +4,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import time
 
 import pytest
@@ -20,6 +21,7 @@ from storage import ArtifactStore, layout
 from storage.cache import TeacherCacheReader
 from storage.cache_spec import GROUP_DIR, RECORDS_DIR, record_path
 from storage.store import MARKER
+from tasks.common import FAILED_RESULTS
 
 from .conftest import TINY, tiny_overrides
 
@@ -251,3 +253,21 @@ def test_unknown_dataset_column_is_a_clear_error(tiny_teacher, tmp_path):
                                                           "data.text_field": "content"})
     with pytest.raises(ConfigError, match="data.text_field 'content' is not a column"):
         self_distill(config=TINY, overrides=overrides)
+
+
+def test_a_failed_stage_leaves_prefects_record_of_it_in_one_folder_and_readable(tiny_teacher, tmp_path):
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"  # preflight reads the first; tokenizing fails on the next
+    good.write_text(json.dumps({"text": "def f(x):\n    return x\n" * 8}) + "\n")
+    bad.write_text('{"text": "cut short\n')
+    root = tmp_path / "artifacts"
+    overrides = tiny_overrides(tiny_teacher, root, **{"data.builtin": None, "data.files": [str(good), str(bad)]})
+    state = self_distill(config=TINY, overrides=overrides, return_state=True)
+    assert state.is_failed()
+    [tokenize] = read_api("read_task_runs", state.state_details.flow_run_id)
+    assert tokenize.state.is_failed() and f"cannot read {bad} as jsonl" in tokenize.state.message
+    # Prefect persists the failure under a random key of the result storage: not among the stages' directories
+    [record] = (root / FAILED_RESULTS).iterdir()
+    assert not [p.name for p in root.iterdir() if re.fullmatch(r"[0-9a-f]{32}", p.name)]
+    with pytest.raises(ConfigError, match=f"cannot read {bad} as jsonl"):  # and reads it back from there
+        tokenize.state.result()
+    assert record.name == tokenize.state.data.storage_key

@@ -1,15 +1,20 @@
-"""Task functions called directly (``.fn``): each returns a small JSON manifest and reuses finished work."""
+"""Task functions called directly (``.fn``): each returns a small JSON manifest and reuses finished work; the result
+storage blocks over the artifact root."""
 
 import json
 import math
+import uuid
 
 import pytest
 from safetensors.torch import load_file
 
 from distill.config import load_config
 from distill.plan import make_plan, preflight
+from storage import ArtifactStore
 from tasks import stages
+from tasks.common import FAILED_RESULTS, result_storage
 
+from ..storage.conftest import CREDENTIALS, make_bucket, s3_endpoint  # noqa: F401 (s3_endpoint: fixture)
 from .conftest import TINY, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -54,3 +59,24 @@ def test_self_distill_trains_every_loss_term_from_either_teacher_signal(tiny_tea
         assert all(math.isfinite(record[k]) and record[k] >= 0 for k in ("ce", "kl", "hidden"))
     deltas = load_file(tmp_path / trained["weights"])  # dW of every patched layer, zero before training
     assert len(deltas) >= trained["num_patched"] and all(bool(t.abs().max() > 0) for t in deltas.values())
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_the_artifact_roots_result_storage_keeps_failed_task_records_in_one_folder(where, tmp_path, request):
+    if where == "s3":  # the options as a configuration gives them: region at the top level, as the store takes it
+        endpoint = request.getfixturevalue("s3_endpoint")
+        options = {"endpoint_url": endpoint, "region": "us-east-1"}
+        credentials = {"key": CREDENTIALS["key"], "secret": CREDENTIALS["secret"]}
+        root = f"s3://{make_bucket({**options, **CREDENTIALS})}/artifacts"
+        request.getfixturevalue("monkeypatch").setenv("AWS_ACCESS_KEY_ID", credentials["key"])
+        request.getfixturevalue("monkeypatch").setenv("AWS_SECRET_ACCESS_KEY", credentials["secret"])
+        store = ArtifactStore(root, storage_options={**options, **credentials})
+    else:
+        store = ArtifactStore(str(tmp_path / "artifacts"))
+    block = result_storage(store)
+    assert "secret" not in json.dumps(block.model_dump(mode="json"))  # credentials stay out of the server's database
+    failed, cached = uuid.uuid4().hex, "tokens/0123456789abcdef/prefect-result.json"  # as Prefect names each
+    for key in (failed, cached):
+        block.write_path(key, key.encode())
+        assert block.read_path(key) == key.encode()
+    assert sorted(store.find()) == sorted([f"{FAILED_RESULTS}/{failed}", cached])
