@@ -26,7 +26,8 @@ class Section(BaseModel):
 class TeacherConfig(Section):
     name_or_path: str = "assets/quickstart-teacher"
     revision: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
+    # auto: bf16 on a GPU that computes it natively (Ampere on), else fp32; float16 trains with loss scaling
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"  # auto: cuda, then mps, then cpu
     load_in_4bit: bool = False  # needs the optional bitsandbytes extra
     trust_remote_code: bool = False
@@ -111,7 +112,7 @@ class OptimConfig(Section):
     eval_every: int = Field(default=100, gt=0)
     checkpoint_every: int = Field(default=100, gt=0)
     keep_checkpoints: int = Field(default=2, gt=0)
-    autocast_bf16: bool = True  # on CUDA only
+    autocast_bf16: bool = True  # on CUDA GPUs with native bf16 (compute capability 8.0 on) only
 
 
 class SelfDistillConfig(Section):

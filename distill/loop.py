@@ -30,6 +30,7 @@ from .config import OptimConfig
 from .optim import make_optimizer
 from .progress import Reporter
 from .rows import Rows
+from .teacher import native_bf16
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -151,6 +152,20 @@ def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(tensors["rng/cuda"])
 
 
+def training_autocast(device: torch.device, optim: OptimConfig, reporter: Reporter, description: str):
+    """bf16 autocast on a CUDA GPU with ``train.autocast_bf16``, where the GPU computes bf16 natively; on an older
+    GPU (a V100, a T4) emulated bf16 would run far slower than fp32, so training runs without it and says so."""
+    if device.type != "cuda" or not optim.autocast_bf16:
+        return nullcontext()
+    if not native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        reporter.log(f"{description}: this GPU (compute capability {major}.{minor}) has no native bf16: training "
+                     "without bf16 autocast (teacher.dtype: float16 computes in fp16, with loss scaling)",
+                     logging.WARNING)
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
 def train(trainable: Trainable, optim: OptimConfig, store, run: str, reporter: Reporter,
           device: torch.device, description: str = "train") -> list[dict]:
     """Run (or resume) ``optim.steps`` optimiser steps; returns the loss history (one record per step)."""
@@ -185,8 +200,7 @@ def train(trainable: Trainable, optim: OptimConfig, store, run: str, reporter: R
             meta["scaler"] = scaler.state_dict()
         checkpoints.save_checkpoint(store, run, step, tensors, meta, keep_last=optim.keep_checkpoints)
 
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if device.type == "cuda" and optim.autocast_bf16 else nullcontext())
+    autocast = training_autocast(device, optim, reporter, description)
     if scaler.is_enabled():
         reporter.log(f"{description}: the model computes in float16: dynamic loss scaling on (from "
                      f"{scaler.get_scale():g}; a step whose gradients overflow is skipped and the scale halved)")

@@ -48,10 +48,18 @@ def _check_present(device: torch.device, spec: str) -> None:
         raise ConfigError(f"teacher.device {spec!r}: MPS is not available here; use teacher.device: auto or cpu")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 in hardware: a CUDA GPU of compute capability 8.0 on (Ampere, Hopper, ...)
+    or ROCm. torch's ``is_bf16_supported()`` also says yes for a V100 or T4, which only emulate bf16, far slower."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """``teacher.dtype``; ``auto`` is bf16 where the GPU computes it natively, else fp32 (``float16`` is the fast
+    choice on an older GPU: training then scales the loss)."""
     if spec != "auto":
         return DTYPES[spec]
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
 def model_source(name_or_path: str) -> str:

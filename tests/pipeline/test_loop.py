@@ -1,5 +1,6 @@
 """The training schedule: batches are a pure function of (seed, step), cover every row each epoch, stay chunk-local;
-a warm-up as long as the run is reported; float16 models train with loss scaling, checkpointed for resume."""
+a warm-up as long as the run is reported; float16 models train with loss scaling, checkpointed for resume; bf16
+only where the GPU computes it natively."""
 
 import json
 import logging
@@ -7,15 +8,18 @@ import math
 import os
 import signal
 import threading
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 from distill.config import OptimConfig
-from distill.loop import BatchSchedule, ScheduledBatches, Trainable, TrainingInterrupted, lr_factor, train
+from distill.loop import (BatchSchedule, ScheduledBatches, Trainable, TrainingInterrupted, lr_factor, train,
+                          training_autocast)
 from distill.progress import Reporter
 from distill.rows import Rows
+from distill.teacher import resolve_dtype
 from storage import ArtifactStore
 
 
@@ -154,3 +158,22 @@ def test_the_loss_scale_is_checkpointed_and_a_resumed_float16_run_equals_an_unin
     assert [{k: v for k, v in h.items() if k != "seconds"} for h in resumed] == \
         [{k: v for k, v in h.items() if k != "seconds"} for h in straight]
     assert torch.equal(resumed_weight, straight_weight)
+
+
+@pytest.mark.parametrize("gpu,native", [("A100", True), ("T4", False)])
+def test_bf16_is_chosen_only_where_the_gpu_computes_it_natively(monkeypatch, caplog, gpu, native):
+    """torch's is_bf16_supported() says yes for a T4 or V100, which only emulate bf16 (far slower than fp32): the
+    hardware's answer is faked here, the decisions are the pipeline's."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0) if native else (7, 5))
+    cuda = torch.device("cuda")
+    assert resolve_dtype("auto", cuda) == (torch.bfloat16 if native else torch.float32)
+    assert resolve_dtype("float16", cuda) == torch.float16 and resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    with caplog.at_level(logging.WARNING, logger="bitnet_distill"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available": this machine has none
+        autocast = training_autocast(cuda, OptimConfig(), Reporter(), "self-distill")
+    assert isinstance(autocast, torch.autocast) == native  # else no autocast at all
+    expected = [] if native else ["self-distill: this GPU (compute capability 7.5) has no native bf16: training without "
+                                  "bf16 autocast (teacher.dtype: float16 computes in fp16, with loss scaling)"]
+    assert [r.getMessage() for r in caplog.records] == expected
+    assert not isinstance(training_autocast(cuda, OptimConfig(autocast_bf16=False), Reporter(), "x"), torch.autocast)
