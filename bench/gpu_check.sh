@@ -37,7 +37,7 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND for at most SECONDS, its o
     echo "${summary[-1]}"
 }
 
-# Limits sum to 540 s: what the device tool's 10-minute command limit leaves after start-up. bench.memory starts a
+# Limits sum to 560 s: what the device tool's 10-minute command limit leaves after start-up. bench.memory starts a
 # fresh process per configuration and batch (each pays CUDA's start-up), so it runs as two steps with a JSON each,
 # and prints each configuration's peak as it ends: a step stopped at its limit still leaves those in the log.
 step cuda-tests 130 $PY -m pytest -q -p no:cacheprovider tests/bitnet/test_cuda.py tests/storage/test_cache.py tests/pipeline/test_teacher_forward.py -k cuda
@@ -51,5 +51,6 @@ step memory-batch32 75 $PY -m bench.memory --teachers large --batch 32 --configs
 step cache_read 55 $PY -m bench.cache_read --out "$OUT_DIR/cache_read.json"
 step topk_blocks 20 $PY -m bench.topk_blocks --rows 16384 --block-rows 256 1024 4096 \
     --out "$OUT_DIR/topk_blocks.json"
+step fp16_scaling 20 $PY -m bench.fp16_loss_scaling --out "$OUT_DIR/fp16_loss_scaling.json"
 
 { echo "===== summary"; printf '%s\n' "${summary[@]}"; } >> "$LOG"
