@@ -15,6 +15,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -120,6 +121,18 @@ class TrainingInterrupted(RuntimeError):
     """Raised after a checkpoint was written in response to SIGTERM / SIGINT."""
 
 
+class TrainingDiverged(RuntimeError):
+    """Raised before the weights take a non-finite loss (or float16 gradients that overflow at any scale), so that
+    a diverged run fails with the reason instead of finishing, exporting and reporting NaN weights."""
+
+
+def _diverged(description: str, what: str, step: int, saved: int | None, lr: float, float16: bool) -> TrainingDiverged:
+    kept = f"the last checkpoint, step {saved}, is intact" if saved else "no checkpoint was written"
+    fix = "set teacher.dtype: bfloat16 or float32 (the model computes in float16), or lower" if float16 else "lower"
+    return TrainingDiverged(f"{description}: {what} at step {step}; training stopped before the weights took it "
+                            f"({kept}): {fix} the learning rate (now {lr:g})")
+
+
 @contextmanager
 def _checkpoint_on_signal():
     """Turn SIGTERM / SIGINT into a flag the loop checks after each step (main thread only)."""
@@ -166,6 +179,23 @@ def training_autocast(device: torch.device, optim: OptimConfig, reporter: Report
     return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
+def _update(optimizer, scaler: torch.amp.GradScaler, parameters: list[nn.Parameter], grad_clip: float) -> dict:
+    """Apply the accumulated gradients: unscaled, clipped, then stepped, unless they overflowed (with scaling on, the
+    scaler then skips the step and halves its scale). Returns what the step's record keeps of it."""
+    record = {}
+    scaler.unscale_(optimizer)  # clipping sees the true gradients (a no-op without scaling)
+    if grad_clip:
+        record["grad_norm"] = float(nn.utils.clip_grad_norm_(parameters, grad_clip))
+    scaler.step(optimizer)
+    if scaler.is_enabled():
+        record["loss_scale"] = scaler.get_scale()
+        scaler.update()
+        record["skipped"] = float(scaler.get_scale() < record["loss_scale"])
+        if record["skipped"]:
+            record.pop("grad_norm", None)  # inf: the overflow that skipped the step, not a gradient's norm
+    return record
+
+
 def train(trainable: Trainable, optim: OptimConfig, store, run: str, reporter: Reporter,
           device: torch.device, description: str = "train") -> list[dict]:
     """Run (or resume) ``optim.steps`` optimiser steps; returns the loss history (one record per step)."""
@@ -191,14 +221,17 @@ def train(trainable: Trainable, optim: OptimConfig, store, run: str, reporter: R
         _restore_rng(tensors)
         step, history = meta["step"], meta["history"]
         reporter.log(f"{description}: resuming from step {step} ({latest})")
+    saved = step or None
 
     def save() -> None:
+        nonlocal saved
         tensors = {f"model/{k}": v for k, v in trainable.state().items()} | _rng_state()
         meta = {"step": step, "history": history, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict()}
         if scaler.is_enabled():
             meta["scaler"] = scaler.state_dict()
         checkpoints.save_checkpoint(store, run, step, tensors, meta, keep_last=optim.keep_checkpoints)
+        saved = step
 
     autocast = training_autocast(device, optim, reporter, description)
     if scaler.is_enabled():
@@ -212,21 +245,21 @@ def train(trainable: Trainable, optim: OptimConfig, store, run: str, reporter: R
             for micro in range(optim.grad_accum):
                 with autocast:
                     loss, metrics = trainable.loss(step * optim.grad_accum + micro)
+                if not math.isfinite(value := loss.item()):  # the forward pass: no loss scale makes it finite
+                    reporter.close()
+                    raise _diverged(description, f"the loss is {value}", step + 1, saved, optim.lr, scaler.is_enabled())
                 scaler.scale(loss / optim.grad_accum).backward()
-                for key, value in {"loss": loss.item(), **metrics}.items():
+                for key, value in {"loss": value, **metrics}.items():
                     totals[key] = totals.get(key, 0.0) + value / optim.grad_accum
-            scaler.unscale_(optimizer)  # clipping sees the true gradients (a no-op without scaling)
-            if optim.grad_clip:
-                totals["grad_norm"] = float(nn.utils.clip_grad_norm_(trainable.parameters, optim.grad_clip))
             totals["lr"] = float(scheduler.get_last_lr()[0])  # a tensor for optimisers that keep lr as one
-            scaler.step(optimizer)  # with scaling: skipped when the gradients hold inf or NaN
-            if scaler.is_enabled():
-                totals["loss_scale"] = scaler.get_scale()
-                scaler.update()
-                totals["skipped"] = float(scaler.get_scale() < totals["loss_scale"])
-                if totals["skipped"]:
-                    totals.pop("grad_norm", None)  # inf: the overflow that skipped the step, not a gradient's norm
-            scheduler.step()
+            totals.update(_update(optimizer, scaler, trainable.parameters, optim.grad_clip))
+            if scaler.is_enabled() and scaler.get_scale() < 1:  # 17 overflows in a row: they overflow unscaled
+                reporter.close()
+                raise _diverged(description, "the float16 gradients overflowed at every loss scale down to 1",
+                                step + 1, saved, optim.lr, True)
+            with warnings.catch_warnings():  # after a skipped first step torch warns of a call order it assumes
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                scheduler.step()  # also after a skipped step: the schedule stays a function of the step
             optimizer.zero_grad(set_to_none=True)
             step += 1
             record = {"step": step, **totals, "seconds": time.perf_counter() - started}

@@ -256,7 +256,8 @@ def test_unknown_dataset_column_is_a_clear_error(tiny_teacher, tmp_path):
 
 
 def test_a_failed_stage_leaves_prefects_record_of_it_in_one_folder_and_readable(tiny_teacher, tmp_path):
-    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"  # preflight reads the first; tokenizing fails on the next
+    # preflight reads the first file; tokenizing fails on the second
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
     good.write_text(json.dumps({"text": "def f(x):\n    return x\n" * 8}) + "\n")
     bad.write_text('{"text": "cut short\n')
     root = tmp_path / "artifacts"

@@ -1,6 +1,6 @@
 """The training schedule: batches are a pure function of (seed, step), cover every row each epoch, stay chunk-local;
 a warm-up as long as the run is reported; float16 models train with loss scaling, checkpointed for resume; bf16
-only where the GPU computes it natively."""
+only where the GPU computes it natively; a diverged loss stops training with the last checkpoint intact."""
 
 import json
 import logging
@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from distill.config import OptimConfig
-from distill.loop import (BatchSchedule, ScheduledBatches, Trainable, TrainingInterrupted, lr_factor, train,
-                          training_autocast)
+from distill.loop import (BatchSchedule, ScheduledBatches, Trainable, TrainingDiverged, TrainingInterrupted, lr_factor,
+                          train, training_autocast)
 from distill.progress import Reporter
 from distill.rows import Rows
 from distill.teacher import resolve_dtype
 from storage import ArtifactStore
+from storage.checkpoints import latest_checkpoint, load_checkpoint
 
 
 def test_every_epoch_visits_every_row_once():
@@ -168,12 +169,37 @@ def test_bf16_is_chosen_only_where_the_gpu_computes_it_natively(monkeypatch, cap
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0) if native else (7, 5))
     cuda = torch.device("cuda")
     assert resolve_dtype("auto", cuda) == (torch.bfloat16 if native else torch.float32)
-    assert resolve_dtype("float16", cuda) == torch.float16 and resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("float16", cuda) == torch.float16
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     with caplog.at_level(logging.WARNING, logger="bitnet_distill"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "CUDA is not available": this machine has none
         autocast = training_autocast(cuda, OptimConfig(), Reporter(), "self-distill")
     assert isinstance(autocast, torch.autocast) == native  # else no autocast at all
-    expected = [] if native else ["self-distill: this GPU (compute capability 7.5) has no native bf16: training without "
-                                  "bf16 autocast (teacher.dtype: float16 computes in fp16, with loss scaling)"]
+    expected = [] if native else ["self-distill: this GPU (compute capability 7.5) has no native bf16: training "
+                                  "without bf16 autocast (teacher.dtype: float16 computes in fp16, with loss scaling)"]
     assert [r.getMessage() for r in caplog.records] == expected
     assert not isinstance(training_autocast(cuda, OptimConfig(autocast_bf16=False), Reporter(), "x"), torch.autocast)
+
+
+def test_a_loss_that_is_not_finite_stops_training_before_the_weights_take_it(tmp_path):
+    weight = torch.nn.Parameter(torch.ones(2))
+    trainable = Trainable([weight], lambda step: ((weight ** 2).sum() * (math.nan if step == 2 else 1.0), {}),
+                          lambda: {"w": weight.detach().clone()}, lambda state: weight.data.copy_(state["w"]))
+    store = ArtifactStore(str(tmp_path))
+    with pytest.raises(TrainingDiverged, match=r"train: the loss is nan at step 3; training stopped before the weights "
+                                               r"took it \(the last checkpoint, step 2, is intact\): lower the "
+                                               r"learning rate \(now 0.1\)"):
+        train(trainable, OptimConfig(steps=5, checkpoint_every=2, **CONSTANT_LR), store, "run", Reporter(),
+              torch.device("cpu"))
+    assert torch.isfinite(weight).all()
+    tensors, meta = load_checkpoint(store, latest_checkpoint(store, "run"))
+    assert meta["step"] == 2 and torch.isfinite(tensors["model/w"]).all()
+
+
+def test_float16_gradients_that_overflow_at_every_loss_scale_stop_training(tmp_path):
+    trainable, weight = fp16_trainable(lambda step: 1e6)  # 1e6 > 65504: inf in float16 even unscaled
+    with pytest.raises(TrainingDiverged, match=r"the float16 gradients overflowed at every loss scale down to 1 at "
+                                               r"step 17; .*no checkpoint was written\): set teacher.dtype: bfloat16"):
+        train(trainable, OptimConfig(steps=40, checkpoint_every=100, **CONSTANT_LR), ArtifactStore(str(tmp_path)),
+              "run", Reporter(), torch.device("cpu"))
+    assert torch.equal(weight.detach(), torch.ones(4))  # every step was skipped
