@@ -11,7 +11,7 @@ from prefect import get_run_logger
 from distill.config import load_config
 from distill.plan import make_plan, open_store, preflight
 from tasks import stages
-from tasks.common import result_storage
+from tasks.result_storage import result_storage
 from tasks.publish import publish_report
 
 

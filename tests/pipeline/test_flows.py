@@ -21,7 +21,7 @@ from storage import ArtifactStore, layout
 from storage.cache import TeacherCacheReader
 from storage.cache_spec import GROUP_DIR, RECORDS_DIR, record_path
 from storage.store import MARKER
-from tasks.common import FAILED_RESULTS
+from tasks.result_storage import FAILED_RESULTS
 
 from .conftest import TINY, tiny_overrides
 

@@ -12,7 +12,7 @@ from distill.config import load_config
 from distill.plan import make_plan, preflight
 from storage import ArtifactStore
 from tasks import stages
-from tasks.common import FAILED_RESULTS, result_storage
+from tasks.result_storage import FAILED_RESULTS, result_storage
 
 from ..storage.conftest import CREDENTIALS, make_bucket, s3_endpoint  # noqa: F401 (s3_endpoint: fixture)
 from .conftest import TINY, tiny_overrides
