@@ -19,6 +19,8 @@ _RANDOM_KEY = re.compile(r"[0-9a-f]{32}")
 
 
 class _FailuresInOneFolder:
+    """Maps Prefect's random keys into ``prefect-failures/``, for writes and reads alike; every other path as is."""
+
     def _resolve_path(self, path):
         if path is not None and _RANDOM_KEY.fullmatch(str(path)):
             path = f"{FAILED_RESULTS}/{path}"

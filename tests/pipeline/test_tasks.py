@@ -62,15 +62,16 @@ def test_self_distill_trains_every_loss_term_from_either_teacher_signal(tiny_tea
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_the_artifact_roots_result_storage_keeps_failed_task_records_in_one_folder(where, tmp_path, request):
+def test_the_artifact_roots_result_storage_keeps_failed_task_records_in_one_folder(where, tmp_path, request,
+                                                                                    monkeypatch):
     if where == "s3":  # the options as a configuration gives them: region at the top level, as the store takes it
-        endpoint = request.getfixturevalue("s3_endpoint")
-        options = {"endpoint_url": endpoint, "region": "us-east-1"}
+        options = {"endpoint_url": request.getfixturevalue("s3_endpoint"), "region": "us-east-1"}
         credentials = {"key": CREDENTIALS["key"], "secret": CREDENTIALS["secret"]}
         root = f"s3://{make_bucket({**options, **CREDENTIALS})}/artifacts"
-        request.getfixturevalue("monkeypatch").setenv("AWS_ACCESS_KEY_ID", credentials["key"])
-        request.getfixturevalue("monkeypatch").setenv("AWS_SECRET_ACCESS_KEY", credentials["secret"])
         store = ArtifactStore(root, storage_options={**options, **credentials})
+        # the block holds no credentials: the process running the flow has them in its environment
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", credentials["key"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", credentials["secret"])
     else:
         store = ArtifactStore(str(tmp_path / "artifacts"))
     block = result_storage(store)
