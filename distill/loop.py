@@ -111,9 +111,10 @@ class Trainable:
     state: Callable[[], dict[str, torch.Tensor]]  # tensors that define the trained model
     load_state: Callable[[dict[str, torch.Tensor]], None]
     evaluate: Callable[[], dict[str, float]] | None = None
-    # float16 turns on dynamic loss scaling: without it the gradients flowing back through fp16 activations fall
-    # below fp16's range as the student nears the teacher (one step of the quickstart teacher at KL 0.066: 3.7% off
-    # the fp32 gradient, 0.9% scaled; at KL 0.0005: 20% and 2.1%; bench/fp16_loss_scaling.py)
+    # float16 turns on dynamic loss scaling: without it the gradients flowing back through fp16 activations sink
+    # below fp16's normal range, losing precision, as the student nears the teacher (one step of the quickstart
+    # teacher at KL 0.066: 3.7% off the fp32 gradient, 0.9% scaled; at KL 0.0005: 20% and 2.1%;
+    # bench/fp16_loss_scaling.py)
     compute_dtype: torch.dtype = torch.float32
 
 
