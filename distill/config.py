@@ -37,6 +37,9 @@ class DataConfig(Section):
     builtin: Literal["stdlib"] | None = None  # the interpreter's standard library source (offline quickstart)
     dataset: str | None = None  # a Hugging Face dataset name...
     dataset_config: str | None = None
+    # a branch, tag or commit of data.dataset (default: main); a run resolves it to the commit it names then, which
+    # the token shards' fingerprint covers (a new upstream commit rebuilds them): pin a commit to keep one version
+    revision: str | None = None
     split: str = "train"
     streaming: bool = False
     files: list[str] = Field(default_factory=list)  # ...or local .txt / .jsonl / .parquet files
@@ -56,6 +59,9 @@ class DataConfig(Section):
         sources = [s for s in (self.builtin, self.dataset, self.files or None) if s]
         if len(sources) != 1:
             raise ValueError("set exactly one of data.builtin, data.dataset or data.files")
+        if self.revision is not None and not self.dataset:
+            raise ValueError(f"data.revision {self.revision!r} names a revision of a Hugging Face dataset; "
+                             "data.builtin and data.files have none: remove data.revision")
         return self
 
 

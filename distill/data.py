@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from storage import layout, stdlib_corpus
+from storage.fingerprint import directory_sha256, file_sha256, hub_dataset_commit, is_commit
 from storage.lease import holding_lock
 
 from .artifacts import stage_finished
@@ -53,12 +54,48 @@ def _hub_rows(cfg: DataConfig) -> Iterable[dict]:
     import datasets
 
     try:
-        return datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split, streaming=cfg.streaming)
+        return datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split, streaming=cfg.streaming,
+                                     revision=cfg.revision)
     except Exception as exc:  # datasets raises many types for "not found" / "offline"
         raise ConfigError(
-            f"cannot load dataset {cfg.dataset!r} (config {cfg.dataset_config!r}, split {cfg.split!r}): {exc}. "
-            "It needs the Hugging Face Hub (or its local cache); offline, pass local files with data.files"
+            f"cannot load dataset {cfg.dataset!r} (config {cfg.dataset_config!r}, split {cfg.split!r}, revision "
+            f"{cfg.revision or 'main'!r}): {exc}. It needs the Hugging Face Hub (or its local cache); offline, pass "
+            "local files with data.files"
         ) from None
+
+
+def _local_dataset(cfg: DataConfig) -> Path | None:
+    """``data.dataset`` when it names a local directory (``datasets.load_dataset`` reads one) rather than the Hub."""
+    path = Path(cfg.dataset).expanduser() if cfg.dataset else None
+    return path if path is not None and path.is_dir() else None
+
+
+def pin_dataset_revision(cfg: DataConfig) -> DataConfig:
+    """``cfg`` with a Hub dataset's ``revision`` replaced by the commit it names now, so that the token shards'
+    fingerprint covers the data's version (a new upstream commit rebuilds them, an unchanged one reuses them) and the
+    tokenize stage reads exactly that commit. Unchanged for other sources, and where the commit cannot be known
+    (offline and not in the local cache; then the shards are fingerprinted by name and revision only)."""
+    if not cfg.dataset or _local_dataset(cfg) is not None:
+        return cfg
+    commit = hub_dataset_commit(cfg.dataset, cfg.revision)
+    return cfg if commit is None else cfg.model_copy(update={"revision": commit})
+
+
+def unknown_dataset_version(cfg: DataConfig) -> bool:
+    """Whether the tokens of ``cfg`` come from a Hub dataset whose version is not known: its revision is not a
+    commit, even after ``pin_dataset_revision``."""
+    return bool(cfg.dataset) and _local_dataset(cfg) is None and not is_commit(cfg.revision)
+
+
+def local_dataset_identity(cfg: DataConfig) -> dict | None:
+    """For ``data.dataset`` naming a local directory, a hash of its files' names and contents (what the tokens
+    depend on, as for ``data.files``); None for a Hub dataset."""
+    path = _local_dataset(cfg)
+    if path is None:
+        return None
+    names = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
+    names = [n for n in names if not any(part.startswith(".") for part in n.split("/"))]  # caches, git
+    return {"name": path.name, "sha256": directory_sha256(path, names), "files": len(names)}
 
 
 def check_data_file(path: Path) -> None:
@@ -89,8 +126,6 @@ def _file_rows(path: Path) -> Iterator[dict]:
 def files_identity(cfg: DataConfig) -> list[list[str]]:
     """``[name, sha256]`` of each of ``data.files``: what the tokens depend on (documents are keyed by file name), so
     that a file edited in place, or another file of the same name, rebuilds them."""
-    from storage.fingerprint import file_sha256
-
     identity = []
     for name in cfg.files:
         path = Path(name).expanduser()
@@ -102,6 +137,10 @@ def files_identity(cfg: DataConfig) -> list[list[str]]:
 def check_source(cfg: DataConfig) -> None:
     """Fail fast on an unreadable source or a missing text column: read up to the first document (a Hub dataset
     that is not streamed is downloaded first, and the built-in corpus lists its files first)."""
+    if cfg.revision is not None and _local_dataset(cfg) is not None:
+        raise ConfigError(f"data.revision {cfg.revision!r} names a Hub revision, but data.dataset {cfg.dataset!r} is a "
+                          "local directory, which has none (its files are the data, fingerprinted by content); remove "
+                          "data.revision")
     next(iter(_raw_documents(cfg)), None)
 
 

@@ -15,7 +15,7 @@ from storage import ArtifactStore, fingerprint, model_identity, tokenizer_identi
 from storage import layout
 
 from .config import ConfigError, OptimConfig, PipelineConfig
-from .data import check_source, files_identity, special_ids
+from .data import check_source, files_identity, local_dataset_identity, special_ids
 from .optim import check_optimizer
 from .teacher import (check_4bit_loading, load_teacher_config, load_tokenizer, model_source, resolve_device,
                       resolve_dtype, resolve_layers)
@@ -139,9 +139,14 @@ def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> dict[str
         stages[name] = Stage(name, fp, "")
         return fp
 
+    if d["data"]["revision"] is None:  # data.revision came after runs existed: unset, it keeps their fingerprints
+        del d["data"]["revision"]
     tokens_own = {"data": d["data"], "tokenizer": teacher.tokenizer_identity}
-    if cfg.data.files:  # their contents, not only their names (the built-in corpus and Hub datasets are named)
+    # local data by content, not only by name; a Hub dataset by the commit data.revision names (pin_dataset_revision)
+    if cfg.data.files:
         tokens_own["files"] = files_identity(cfg.data)
+    if (local := local_dataset_identity(cfg.data)) is not None:
+        tokens_own["dataset_files"] = local
     tokens = add("tokenize", tokens_own, None)
     stages["tokenize"].path = layout.tokens_dir(tokens)
     loaded = {"teacher": teacher.identity, "compute_dtype": teacher.compute_dtype}  # what its outputs depend on

@@ -8,7 +8,8 @@ from typing import Any
 
 from prefect import get_run_logger
 
-from distill.config import load_config
+from distill.config import PipelineConfig, load_config
+from distill.data import pin_dataset_revision, unknown_dataset_version
 from distill.plan import make_plan, open_store, preflight
 from tasks import stages
 from tasks.result_storage import result_storage
@@ -40,12 +41,28 @@ class Prepared:
                 "links": links}
 
 
+def pin_data_revision(cfg: PipelineConfig, logger) -> PipelineConfig:
+    """A Hub dataset's revision resolved to the commit it names (``distill.data.pin_dataset_revision``); the log says
+    which, or why it is unknown."""
+    pinned = pin_dataset_revision(cfg.data)
+    if pinned.revision != cfg.data.revision:
+        logger.info("data: %s revision %s is commit %s", cfg.data.dataset, cfg.data.revision or "main",
+                    pinned.revision)
+    elif unknown_dataset_version(pinned):
+        logger.warning("data: the commit of %s revision %s is unknown (offline, and not in the local Hugging Face "
+                       "cache): its token shards are fingerprinted by name and revision only, so a run after an "
+                       "upstream change would reuse them; set data.revision to a commit to pin one version",
+                       cfg.data.dataset, cfg.data.revision or "main")
+    return cfg.model_copy(update={"data": pinned})
+
+
 def prepare(flow: str, config: str | dict, overrides: dict[str, Any] | None) -> Prepared:
     cfg = load_config(config, overrides)
+    logger = get_run_logger()
+    cfg = pin_data_revision(cfg, logger)
     teacher = preflight(cfg, flow)
     store = open_store(cfg)  # checks the store: an unreachable endpoint, a missing bucket or credentials fail here
     plan = make_plan(cfg, flow, teacher)
-    logger = get_run_logger()
     logger.info("artifacts under %s, run %s", store.url(plan["run"]["path"]), plan["run"]["name"])
     sd = cfg.self_distill
     if flow == "self-distill" and sd.steps and sd.steps != cfg.train.steps:  # a --set train.steps would look ignored

@@ -6,7 +6,8 @@ dict order, and any change upstream changes everything downstream.
 
 A model's identity is what distinguishes its weights without loading them: for a Hub name, the commit hash (from
 the given revision when it is one, else from the local Hugging Face cache, without network); for a local directory,
-a hash of its files' contents (not of its location, so a copy elsewhere is the same model).
+a hash of its files' contents (not of its location, so a copy elsewhere is the same model). A Hub dataset's is the
+commit its revision names, asked of the Hub when the revision is not one.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _NOT_MODEL = re.compile(r"(^|/)(\.[^/]*|README[^/]*|LICENSE[^/]*|[^/]*\.md)$", re.IGNORECASE)
 _TOKENIZER = re.compile(r"(^|/)(tokenizer[^/]*|special_tokens_map\.json|added_tokens\.json|vocab\.[^/]+|merges\.txt"
                         r"|[^/]*\.model|[^/]*\.tiktoken|chat_template[^/]*)$")
+
+
+def is_commit(revision: str | None) -> bool:
+    """Whether a Hub ``revision`` is a commit hash (a branch or tag may move; a commit names one version)."""
+    return bool(revision) and _COMMIT.match(revision) is not None
 
 
 def sha256_hex(data: bytes) -> str:
@@ -113,7 +119,7 @@ def _local_files(directory: Path, wanted: re.Pattern | None) -> list[str]:
 
 def hub_commit(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None) -> str | None:
     """The commit hash ``revision`` (default ``main``) resolved to in the local Hugging Face cache, or None."""
-    if revision and _COMMIT.match(revision):
+    if is_commit(revision):
         return revision
     from huggingface_hub import try_to_load_from_cache
 
@@ -122,6 +128,28 @@ def hub_commit(repo_id: str, revision: str | None = None, cache_dir: str | Path 
         return None
     parts = Path(cached).parts  # .../models--org--name/snapshots/<commit>/config.json
     return parts[-2] if len(parts) >= 3 and parts[-3] == "snapshots" else None
+
+
+def hub_dataset_commit(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None,
+                       timeout: float = 10.0) -> str | None:
+    """The commit a Hub dataset's ``revision`` (default ``main``) names: the revision itself when it is a commit hash,
+    else the Hub's answer, else (offline, or the Hub out of reach) what the local Hugging Face cache's refs say, else
+    None. Unlike a model's, a dataset's files are not yet in the cache when a run is planned."""
+    if is_commit(revision):
+        return revision
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    try:
+        return HfApi().dataset_info(repo_id, revision=revision, timeout=timeout).sha
+    except Exception:  # offline mode, no network, no such dataset or no access: loading it says which, if it fails
+        pass
+    refs = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="dataset") / "refs"
+    try:
+        commit = (refs / (revision or "main")).read_text().strip()
+    except (OSError, ValueError):
+        return None
+    return commit if is_commit(commit) else None
 
 
 def _identity(name_or_path: str | Path, revision: str | None, cache_dir, wanted: re.Pattern | None) -> dict:

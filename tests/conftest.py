@@ -12,3 +12,5 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("PREFECT_PROFILE", None)
+
+from tests.fake_hub import fake_hub  # noqa: E402,F401  (a fixture: the Hub's API on 127.0.0.1)

@@ -229,6 +229,94 @@ def test_a_data_file_edited_in_place_rebuilds_the_tokens(tiny_teacher, tmp_path)
     assert tokens_fingerprint("class A: pass") != first  # the same name, other contents: not yesterday's tokens
 
 
+def test_a_local_dataset_directory_is_fingerprinted_by_its_contents(tiny_teacher, tmp_path):
+    from distill.plan import make_plan, preflight
+
+    from .conftest import TINY, tiny_overrides
+
+    directory = tmp_path / "stories"
+    directory.mkdir()
+
+    def tokens_fingerprint(text: str, **extra) -> str:
+        (directory / "part-0.jsonl").write_text("".join(f'{{"text": "{text} {i}"}}\n' for i in range(40)))
+        overrides = {"data.builtin": None, "data.dataset": str(directory), "data.streaming": True, **extra}
+        cfg = load_config(TINY, tiny_overrides(tiny_teacher, tmp_path, **overrides))
+        return make_plan(cfg, "self-distill", preflight(cfg, "self-distill"))["tokenize"]["fingerprint"]
+
+    first = tokens_fingerprint("def f(x): return x")
+    assert tokens_fingerprint("def f(x): return x") == first
+    assert tokens_fingerprint("class A: pass") != first  # edited in place: not yesterday's tokens
+    with pytest.raises(ConfigError, match="is a local directory, which has none .*remove data.revision"):
+        tokens_fingerprint("class A: pass", **{"data.revision": "main"})
+
+
+def test_a_hub_dataset_is_tokenized_at_the_commit_its_revision_names(tiny_teacher, tmp_path, fake_hub, monkeypatch):
+    """The Hub (its API on 127.0.0.1) says which commit a revision names; the datasets library's download is the one
+    thing replaced, by a stand-in that serves each commit's rows and nothing for a branch or tag name."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from distill import data
+    from distill.plan import make_plan, open_store, preflight
+    from distill.progress import Reporter
+    from flows.prepare import pin_data_revision
+    from storage import shards
+
+    from .conftest import TINY, tiny_overrides
+
+    first, second, tagged = "a" * 40, "b" * 40, "c" * 40
+    versions = {first: "alpha: the first version of every story", second: "beta: the second version, rewritten",
+                tagged: "gamma: the tagged release of the stories"}
+    served = []
+
+    def load_dataset(path, name=None, split=None, streaming=False, revision=None):
+        served.append(revision)
+        if path != "org/stories" or revision not in versions:
+            raise FileNotFoundError(f"{path} has no revision {revision!r}")
+        return [{"text": f"{versions[revision]} ({i})"} for i in range(60)]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    fake_hub.commits["org/stories"] = {"main": first, "v1": tagged}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
+    logged = []
+
+    class Log:  # what prepare() logs through Prefect's run logger
+        def info(self, message, *args):
+            logged.append(("info", message % args))
+
+        def warning(self, message, *args):
+            logged.append(("warning", message % args))
+
+    def tokenize(**extra):
+        overrides = {"data.builtin": None, "data.dataset": "org/stories", "data.eval_fraction": 0.2, **extra}
+        cfg = pin_data_revision(load_config(TINY, tiny_overrides(tiny_teacher, tmp_path, **overrides)), Log())
+        stage = make_plan(cfg, "self-distill", preflight(cfg, "self-distill"))["tokenize"]
+        store = open_store(cfg)
+        data.run_tokenize(cfg, store, stage, Reporter())
+        ids = shards.read_token_shards(store, f"{stage['path']}/train")["input_ids"]
+        return stage["fingerprint"], tokenizer.decode(ids[0])
+
+    fingerprint, text = tokenize()
+    assert text.startswith("alpha") and set(served) == {first}  # main, read at the commit it named
+    assert logged == [("info", f"data: org/stories revision main is commit {first}")]
+    fake_hub.commits["org/stories"]["main"] = second  # upstream pushes a new version: tonight's run rebuilds
+    new_fingerprint, new_text = tokenize()
+    assert new_fingerprint != fingerprint and new_text.startswith("beta")
+    fake_hub.commits["org/stories"]["main"] = first  # and back: yesterday's shards are found again
+    assert tokenize() == (fingerprint, text)
+    assert tokenize(**{"data.revision": "v1"})[1].startswith("gamma")  # a tag, read at its commit
+    requests = len(fake_hub.requests)
+    assert tokenize(**{"data.revision": second})[1].startswith("beta") and len(fake_hub.requests) == requests
+
+    monkeypatch.setattr(fake_hub, "commits", {})  # the Hub no longer knows it (offline alike): named, and said so
+    logged.clear()
+    with pytest.raises(ConfigError, match="cannot load dataset 'org/stories'.*revision 'main'"):
+        tokenize()
+    assert logged[0][0] == "warning" and "the commit of org/stories revision main is unknown" in logged[0][1]
+    with pytest.raises(ConfigError, match="data.revision 'v1' names a revision of a Hugging Face dataset"):
+        load_config(TINY, tiny_overrides(tiny_teacher, tmp_path, **{"data.revision": "v1"}))
+
+
 def test_a_teacher_that_is_not_a_causal_lm_or_whose_tokenizer_outgrew_it_fails_in_preflight(tiny_teacher, tmp_path):
     import shutil
 

@@ -1,5 +1,6 @@
 """Fingerprints are stable across processes and dict orders and change with any input; model and tokenizer
-identities come from file contents (local) or commit hashes (Hub), without transformers or network."""
+identities come from file contents (local) or commit hashes (Hub), without transformers or network (a Hub
+dataset's commit is asked of a stand-in Hub on 127.0.0.1)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from storage import fingerprint, layout, model_identity, tokenizer_identity
+from storage.fingerprint import hub_dataset_commit
 
 from .helpers import run_python
 
@@ -99,3 +101,26 @@ def test_layout_paths():
     for bad, problem in (("", "a run name must be a non-empty name"), ("../escape", "may not contain '..'")):
         with pytest.raises(ValueError, match=problem):
             layout.run_dir(bad)
+
+
+def test_hub_dataset_commit_asks_the_hub_then_the_local_cache(fake_hub, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    commit, tagged, cached = "1" * 40, "2" * 40, "3" * 40
+    fake_hub.commits["org/data"] = {"main": commit, "v1": tagged}
+    assert hub_dataset_commit("org/data") == commit
+    assert hub_dataset_commit("org/data", "v1") == tagged
+    assert fake_hub.requests == ["/api/datasets/org/data", "/api/datasets/org/data/revision/v1"]
+    assert hub_dataset_commit("org/data", cached) == cached and len(fake_hub.requests) == 2  # a commit: no request
+    assert hub_dataset_commit("org/other") is None  # unknown to the Hub, not cached
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline: only the cache's refs can tell
+    assert hub_dataset_commit("org/data") is None
+    refs = tmp_path / "hf-cache" / "datasets--org--data" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text(cached)
+    assert hub_dataset_commit("org/data") == cached
+    assert hub_dataset_commit("org/data", "v1") is None
+    (refs / "main").write_text("not a commit")
+    assert hub_dataset_commit("org/data") is None
+    assert len(fake_hub.requests) == 3  # the unknown dataset's; none while offline
