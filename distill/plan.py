@@ -4,6 +4,7 @@
 bad value fails in seconds with a message naming the field. ``make_plan`` gives every stage its fingerprint
 (its own configuration + its upstream fingerprint + the teacher's identity) and its artifact path: a change
 upstream changes everything downstream, and an identical configuration finds yesterday's artifacts.
+``stage_states`` says which of them a run would reuse, resume or run (``python -m flows plan``).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage import ArtifactStore, fingerprint, model_identity, tokenizer_identity
-from storage import layout
+from storage import ArtifactStore, checkpoints, fingerprint, layout, model_identity, tokenizer_identity
+from storage.cache_spec import recorded_chunks
 
+from .artifacts import stage_finished
 from .config import ConfigError, OptimConfig, PipelineConfig
 from .data import check_source, files_identity, local_dataset_identity, special_ids
 from .optim import check_optimizer
@@ -186,3 +188,24 @@ def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> dict[str
     plan = {name: stage.as_dict() for name, stage in stages.items()}
     plan["run"] = {"name": run, "path": layout.run_dir(run)}
     return plan
+
+
+def stage_states(cfg: PipelineConfig, flow: str, store: ArtifactStore, plan: dict[str, dict]) -> dict[str, str]:
+    """What a run of ``plan`` would do at each stage, read from the store without changing it: reuse the stage
+    (finished), resume it (teacher-cache chunks or a training checkpoint already there) or run it."""
+    steps = {"train": cfg.train.steps if flow == "superposition-distill" else cfg.self_distill_optim().steps,
+             "lm_head": cfg.head.steps}
+    return {name: _stage_state(store, stage, steps.get(name)) for name, stage in plan.items() if "fingerprint" in stage}
+
+
+def _stage_state(store: ArtifactStore, stage: dict, steps: int | None) -> str:
+    path = stage["path"]
+    if stage_finished(store, path):
+        return "finished: reused"
+    if stage["name"] == "cache_teacher":
+        cached = {split: len(recorded_chunks(store, f"{path}/{split}")) for split in ("train", "eval")}
+        if any(cached.values()):
+            return "resumes: " + ", ".join(f"{n} {split} chunks cached" for split, n in cached.items())
+    if stage["checkpoint_run"] and (latest := checkpoints.latest_checkpoint(store, stage["checkpoint_run"])):
+        return f"resumes from step {layout.checkpoint_step(latest)} of {steps}"
+    return "runs"

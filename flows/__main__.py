@@ -1,9 +1,10 @@
-"""Command line: run a flow locally (on Prefect's embedded default or the configured server), or show the
-resolved configuration.
+"""Command line: run a flow locally (on Prefect's embedded default or the configured server), say what a run
+would do, or show the resolved configuration.
 
     python -m flows run both --config quickstart          # both flows, then one summary table
     python -m flows run superposition-distill --config quickstart --set train.steps=20
     python -m flows run self-distill --config configs/tinyllama.yaml --set self_distill.delta=lora:16
+    python -m flows plan both --config quickstart         # each stage: reused, resumed or run (nothing runs)
     python -m flows config quickstart --set data.seq_len=64
 """
 
@@ -50,14 +51,42 @@ def summary_table(results: dict[str, dict]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+class _StderrLog:
+    """The log ``plan_run`` writes to (Prefect's run logger in a flow): stderr, beside the plan on stdout."""
+
+    def info(self, message, *args):
+        print(message % args, file=sys.stderr)
+
+    warning = info
+
+
+def plan_table(config: str, overrides: dict, flows: list[str]) -> str:
+    """Each stage of ``flows``: its fingerprint, what a run would do there now, and its artifact directory."""
+    from distill.plan import stage_states
+    from flows.prepare import plan_run
+
+    rows = [("flow", "stage", "fingerprint", "a run now", "artifacts")]
+    roots = []
+    for flow in flows:
+        cfg, store, plan = plan_run(flow, config, overrides, _StderrLog())
+        states = stage_states(cfg, flow, store, plan)
+        rows += [(flow, name, plan[name]["fingerprint"], state, plan[name]["path"]) for name, state in states.items()]
+        roots.append(f"{flow}: run {plan['run']['name']} under {store.url()}")
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + "  " + row[4] for row in rows]
+    return "\n".join(roots + [""] + lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a flow end to end (finished stages are reused)")
     run.add_argument("flow", choices=["superposition-distill", "self-distill", "both"])
+    plan = sub.add_parser("plan", help="say what a run would reuse, resume or run, without running anything")
+    plan.add_argument("flow", choices=["superposition-distill", "self-distill", "both"])
     show = sub.add_parser("config", help="print the resolved configuration")
-    for p in (run, show):
+    for p in (run, plan, show):
         p.add_argument("--config", "-c", help="preset name in configs/ or a YAML path (default: quickstart)")
         p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field, e.g. --set train.steps=20 (repeatable)")
@@ -76,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         from flows import FLOWS
         from flows.temporary_server import start_temporary_server
 
-        start_temporary_server()  # where no server is configured: one that stops with this command, even killed
         names = list(FLOWS) if args.flow == "both" else [args.flow]
+        if args.command == "plan":  # no Prefect server: nothing runs
+            print(plan_table(config, overrides, names))
+            return 0
+        start_temporary_server()  # where no server is configured: one that stops with this command, even killed
         results = {name: FLOWS[name](config=config, overrides=overrides) for name in names}
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ from prefect import get_run_logger
 from distill.config import PipelineConfig, load_config
 from distill.data import pin_dataset_revision, unknown_dataset_version
 from distill.plan import make_plan, open_store, preflight
+from storage import ArtifactStore
 from tasks import stages
 from tasks.result_storage import result_storage
 from tasks.publish import publish_report
@@ -56,13 +57,19 @@ def pin_data_revision(cfg: PipelineConfig, logger) -> PipelineConfig:
     return cfg.model_copy(update={"data": pinned})
 
 
-def prepare(flow: str, config: str | dict, overrides: dict[str, Any] | None) -> Prepared:
-    cfg = load_config(config, overrides)
-    logger = get_run_logger()
-    cfg = pin_data_revision(cfg, logger)
+def plan_run(flow: str, config: str | dict, overrides: dict[str, Any] | None,
+             logger) -> tuple[PipelineConfig, ArtifactStore, dict[str, dict]]:
+    """The resolved configuration, its artifact store (checked) and the plan of every stage of ``flow``; a bad
+    configuration fails here, before any work."""
+    cfg = pin_data_revision(load_config(config, overrides), logger)
     teacher = preflight(cfg, flow)
     store = open_store(cfg)  # checks the store: an unreachable endpoint, a missing bucket or credentials fail here
-    plan = make_plan(cfg, flow, teacher)
+    return cfg, store, make_plan(cfg, flow, teacher)
+
+
+def prepare(flow: str, config: str | dict, overrides: dict[str, Any] | None) -> Prepared:
+    logger = get_run_logger()
+    cfg, store, plan = plan_run(flow, config, overrides, logger)
     logger.info("artifacts under %s, run %s", store.url(plan["run"]["path"]), plan["run"]["name"])
     sd = cfg.self_distill
     if flow == "self-distill" and sd.steps and sd.steps != cfg.train.steps:  # a --set train.steps would look ignored

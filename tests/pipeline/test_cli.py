@@ -93,10 +93,21 @@ def test_4bit_loading_says_what_it_needs_that_is_missing(tiny_teacher):
 
 
 @pytest.mark.usefixtures("prefect_harness")
+def plan_states(capsys, *args) -> dict[tuple[str, str], str]:
+    """``python -m flows plan ...`` as {(flow, stage): what a run would do}."""
+    assert main(["plan", *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = lines[lines.index("") + 2:]  # after the runs' lines, a blank line and the header
+    return {(row.split()[0], row.split()[1]): re.split(r"\s{2,}", row)[3] for row in rows}
+
+
 def test_run_both_prints_the_summary_table(tiny_teacher, tmp_path, capsys):
-    assert main(["run", "both", "--config", TINY, "--set", f"teacher.name_or_path={tiny_teacher}",
-                 "--set", f"storage.root={tmp_path}"]) == 0
+    args = ["both", "--config", TINY, "--set", f"teacher.name_or_path={tiny_teacher}", "--set", f"storage.root={tmp_path}"]
+    before = plan_states(capsys, *args)
+    assert set(before.values()) == {"runs"} and len(before) == 10, before  # 6 superposition + 4 self-distill stages
+    assert main(["run", *args]) == 0
     out = capsys.readouterr().out
+    assert plan_states(capsys, *args) == dict.fromkeys(before, "finished: reused")
     for label in ("teacher perplexity", "naive ternary (PTQ) perplexity", "self-distilled student perplexity",
                   "superposition student perplexity", "superposition student packed size", "self-distilled student report"):
         assert label in out, label
@@ -199,7 +210,7 @@ def test_a_killed_command_takes_its_temporary_prefect_server_with_it(tiny_teache
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_training_at_a_checkpoint_and_the_command_exits(tiny_teacher, tmp_path):
+def test_ctrl_c_stops_training_at_a_checkpoint_and_the_command_exits(tiny_teacher, tmp_path, capsys):
     """The terminal's SIGINT reaches the command's whole process group; the temporary server must not die of it
     while the command still reports to it."""
     command = RunningCommand(tiny_teacher, tmp_path, **{"train.steps": 100_000, "train.checkpoint_every": 3,
@@ -214,6 +225,12 @@ def test_ctrl_c_stops_training_at_a_checkpoint_and_the_command_exits(tiny_teache
         command.stop()
     command.reader.join(timeout=10)
     assert command.proc.returncode == 2, command.output()[-3000:]
-    assert re.search(r"error: .*stopped by signal 2 at step \d+; a checkpoint was written, rerun to "
-                     r"resume", command.output()), command.output()[-3000:]
+    stopped = re.search(r"error: .*stopped by signal 2 at step (\d+); a checkpoint was written, rerun to resume",
+                        command.output())
+    assert stopped, command.output()[-3000:]
     assert _stops_serving(port), f"the temporary server on port {port} outlived the command"
+    sets = [arg for key, value in command.overrides.items() for arg in ("--set", f"{key}={value}")]
+    states = plan_states(capsys, "self-distill", "--config", TINY, *sets)
+    assert states == {("self-distill", "tokenize"): "finished: reused",
+                      ("self-distill", "train"): f"resumes from step {stopped.group(1)} of 100000",
+                      ("self-distill", "evaluate"): "runs", ("self-distill", "export"): "runs"}
