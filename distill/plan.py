@@ -101,6 +101,16 @@ def preflight(cfg: PipelineConfig, flow: str) -> TeacherFacts:
     return facts
 
 
+def pin_teacher_revision(cfg: PipelineConfig, teacher: TeacherFacts) -> PipelineConfig:
+    """``cfg`` with a Hub teacher's revision replaced by the commit its identity (and so every fingerprint) names, so
+    that each stage of the run loads those weights even if the revision moves upstream while the run goes on (the
+    cache, training, evaluation and export each load the teacher). A local teacher is unchanged."""
+    commit = teacher.identity.get("commit")
+    if not commit or commit == cfg.teacher.revision:
+        return cfg
+    return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"revision": commit})})
+
+
 @dataclass
 class Stage:
     name: str

@@ -10,7 +10,7 @@ from prefect import get_run_logger
 
 from distill.config import PipelineConfig, load_config
 from distill.data import pin_dataset_revision, unknown_dataset_version
-from distill.plan import make_plan, open_store, preflight
+from distill.plan import make_plan, open_store, pin_teacher_revision, preflight
 from storage import ArtifactStore
 from tasks import stages
 from tasks.result_storage import result_storage
@@ -59,12 +59,13 @@ def pin_data_revision(cfg: PipelineConfig, logger) -> PipelineConfig:
 
 def plan_run(flow: str, config: str | dict, overrides: dict[str, Any] | None,
              logger) -> tuple[PipelineConfig, ArtifactStore, dict[str, dict]]:
-    """The resolved configuration, its artifact store (checked) and the plan of every stage of ``flow``; a bad
-    configuration fails here, before any work."""
+    """The resolved configuration (a Hub dataset's and a Hub teacher's revisions pinned to the commits the plan's
+    fingerprints name), its artifact store (checked) and the plan of every stage of ``flow``; a bad configuration
+    fails here, before any work."""
     cfg = pin_data_revision(load_config(config, overrides), logger)
     teacher = preflight(cfg, flow)
     store = open_store(cfg)  # checks the store: an unreachable endpoint, a missing bucket or credentials fail here
-    return cfg, store, make_plan(cfg, flow, teacher)
+    return pin_teacher_revision(cfg, teacher), store, make_plan(cfg, flow, teacher)
 
 
 def prepare(flow: str, config: str | dict, overrides: dict[str, Any] | None) -> Prepared:

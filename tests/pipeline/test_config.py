@@ -317,6 +317,51 @@ def test_a_hub_dataset_is_tokenized_at_the_commit_its_revision_names(tiny_teache
         load_config(TINY, tiny_overrides(tiny_teacher, tmp_path, **{"data.revision": "v1"}))
 
 
+def test_a_hub_teacher_is_loaded_at_the_commit_the_run_planned_even_when_main_moves(tiny_teacher, tmp_path,
+                                                                                   monkeypatch):
+    """A Hugging Face cache (offline, as in every test) holding two commits of ``org/tiny``; ``main`` moves to the
+    second after the run is planned, as an upstream push during a nightly run would: every stage must still load the
+    first, which the fingerprints name."""
+    import shutil
+
+    import transformers as tf
+    from huggingface_hub import constants
+
+    from distill.teacher import load_teacher
+    from flows.prepare import plan_run
+
+    from .conftest import TINY
+
+    first, second = "1" * 40, "2" * 40
+    repo = tmp_path / "hf-cache" / "models--org--tiny"
+    shutil.copytree(tiny_teacher, repo / "snapshots" / first)
+    shutil.copytree(tiny_teacher, repo / "snapshots" / second)
+    pushed = tf.AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    with torch.no_grad():
+        pushed.lm_head.weight.add_(1.0)
+    pushed.save_pretrained(repo / "snapshots" / second)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(first)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(repo.parent))
+
+    class Log:
+        def info(self, *args):
+            pass
+
+        warning = info
+
+    overrides = {"teacher.name_or_path": "org/tiny", "storage.root": str(tmp_path / "artifacts")}
+    cfg, _, plan = plan_run("self-distill", TINY, overrides, Log())
+    assert cfg.teacher.revision == first
+    (repo / "refs" / "main").write_text(second)  # pushed upstream while the run goes on
+    planned = load_teacher(cfg.teacher)
+    original = tf.AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    assert torch.equal(planned.lm_head.weight, original.lm_head.weight)
+    assert torch.equal(load_teacher(load_config(TINY, overrides).teacher).lm_head.weight, pushed.lm_head.weight)
+    next_cfg, _, next_plan = plan_run("self-distill", TINY, overrides, Log())  # the next run: the new weights
+    assert next_cfg.teacher.revision == second and next_plan["train"]["fingerprint"] != plan["train"]["fingerprint"]
+
+
 def test_a_teacher_that_is_not_a_causal_lm_or_whose_tokenizer_outgrew_it_fails_in_preflight(tiny_teacher, tmp_path):
     import shutil
 
