@@ -50,9 +50,10 @@ def pin_data_revision(cfg: PipelineConfig, logger) -> PipelineConfig:
         logger.info("data: %s revision %s is commit %s", cfg.data.dataset, cfg.data.revision or "main",
                     pinned.revision)
     elif unknown_dataset_version(pinned):
-        logger.warning("data: the commit of %s revision %s is unknown (offline, and not in the local Hugging Face "
-                       "cache): its token shards are fingerprinted by name and revision only, so a run after an "
-                       "upstream change would reuse them; set data.revision to a commit to pin one version",
+        logger.warning("data: the commit of %s revision %s is unknown (the Hub did not say: offline, no access or "
+                       "no such dataset; nor does the local Hugging Face cache): its token shards are fingerprinted "
+                       "by name and revision only, so a run after an upstream change would reuse them; set "
+                       "data.revision to a commit to pin one version",
                        cfg.data.dataset, cfg.data.revision or "main")
     return cfg.model_copy(update={"data": pinned})
 
