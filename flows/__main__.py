@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a flow end to end (finished stages are reused)")
-    run.add_argument("flow", choices=["superposition-distill", "self-distill", "both"])
     plan = sub.add_parser("plan", help="say what a run would reuse, resume or run, without running anything")
-    plan.add_argument("flow", choices=["superposition-distill", "self-distill", "both"])
+    for p in (run, plan):
+        p.add_argument("flow", choices=["superposition-distill", "self-distill", "both"])
     show = sub.add_parser("config", help="print the resolved configuration")
     for p in (run, plan, show):
         p.add_argument("--config", "-c", help="preset name in configs/ or a YAML path (default: quickstart)")
