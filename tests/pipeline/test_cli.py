@@ -18,7 +18,7 @@ import torch
 from distill.config import ConfigError, TeacherConfig, load_config
 from distill.plan import open_store
 from distill.teacher import load_teacher
-from flows.__main__ import main
+from flows.__main__ import main, plan_table
 
 from ..storage.conftest import free_port
 from .conftest import TINY, tiny_overrides
@@ -93,21 +93,22 @@ def test_4bit_loading_says_what_it_needs_that_is_missing(tiny_teacher):
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def plan_states(capsys, *args) -> dict[tuple[str, str], str]:
-    """``python -m flows plan ...`` as {(flow, stage): what a run would do}."""
-    assert main(["plan", *args]) == 0
-    lines = capsys.readouterr().out.splitlines()
+def plan_states(table: str) -> dict[tuple[str, str], str]:
+    """The table ``python -m flows plan`` prints, as {(flow, stage): what a run would do}."""
+    lines = table.splitlines()
     rows = lines[lines.index("") + 2:]  # after the runs' lines, a blank line and the header
     return {(row.split()[0], row.split()[1]): re.split(r"\s{2,}", row)[3] for row in rows}
 
 
 def test_run_both_prints_the_summary_table(tiny_teacher, tmp_path, capsys):
-    args = ["both", "--config", TINY, "--set", f"teacher.name_or_path={tiny_teacher}", "--set", f"storage.root={tmp_path}"]
-    before = plan_states(capsys, *args)
+    overrides = tiny_overrides(tiny_teacher, tmp_path)
+    before = plan_states(plan_table(TINY, overrides, ["superposition-distill", "self-distill"]))
     assert set(before.values()) == {"runs"} and len(before) == 10, before  # 6 superposition + 4 self-distill stages
-    assert main(["run", *args]) == 0
+    assert main(["run", "both", "--config", TINY, "--set", f"teacher.name_or_path={tiny_teacher}",
+                 "--set", f"storage.root={tmp_path}"]) == 0
     out = capsys.readouterr().out
-    assert plan_states(capsys, *args) == dict.fromkeys(before, "finished: reused")
+    after = plan_states(plan_table(TINY, overrides, ["superposition-distill", "self-distill"]))
+    assert after == dict.fromkeys(before, "finished: reused")
     for label in ("teacher perplexity", "naive ternary (PTQ) perplexity", "self-distilled student perplexity",
                   "superposition student perplexity", "superposition student packed size", "self-distilled student report"):
         assert label in out, label
@@ -210,7 +211,7 @@ def test_a_killed_command_takes_its_temporary_prefect_server_with_it(tiny_teache
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_training_at_a_checkpoint_and_the_command_exits(tiny_teacher, tmp_path, capsys):
+def test_ctrl_c_stops_training_at_a_checkpoint_and_the_command_exits(tiny_teacher, tmp_path):
     """The terminal's SIGINT reaches the command's whole process group; the temporary server must not die of it
     while the command still reports to it."""
     command = RunningCommand(tiny_teacher, tmp_path, **{"train.steps": 100_000, "train.checkpoint_every": 3,
@@ -229,8 +230,10 @@ def test_ctrl_c_stops_training_at_a_checkpoint_and_the_command_exits(tiny_teache
                         command.output())
     assert stopped, command.output()[-3000:]
     assert _stops_serving(port), f"the temporary server on port {port} outlived the command"
-    sets = [arg for key, value in command.overrides.items() for arg in ("--set", f"{key}={value}")]
-    states = plan_states(capsys, "self-distill", "--config", TINY, *sets)
-    assert states == {("self-distill", "tokenize"): "finished: reused",
+    plan = subprocess.run([sys.executable, "-m", "flows", "plan", "self-distill", "--config", TINY,
+                           *(f"--set={key}={value}" for key, value in command.overrides.items())],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    assert plan_states(plan.stdout) == {("self-distill", "tokenize"): "finished: reused",
                       ("self-distill", "train"): f"resumes from step {stopped.group(1)} of 100000",
                       ("self-distill", "evaluate"): "runs", ("self-distill", "export"): "runs"}
