@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from storage import layout, stdlib_corpus
-from storage.fingerprint import directory_sha256, file_sha256, hub_dataset_commit, is_commit
+from storage.fingerprint import directory_identity, file_sha256, hub_dataset_commit, is_commit
 from storage.lease import holding_lock
 
 from .artifacts import stage_finished
@@ -91,11 +91,7 @@ def local_dataset_identity(cfg: DataConfig) -> dict | None:
     """For ``data.dataset`` naming a local directory, a hash of its files' names and contents (what the tokens
     depend on, as for ``data.files``); None for a Hub dataset."""
     path = _local_dataset(cfg)
-    if path is None:
-        return None
-    names = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
-    names = [n for n in names if not any(part.startswith(".") for part in n.split("/"))]  # caches, git
-    return {"name": path.name, "sha256": directory_sha256(path, names), "files": len(names)}
+    return None if path is None else directory_identity(path, docs=True)
 
 
 def check_data_file(path: Path) -> None:

@@ -111,10 +111,20 @@ def directory_sha256(directory: Path, names: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def _local_files(directory: Path, wanted: re.Pattern | None) -> list[str]:
+def _local_files(directory: Path, wanted: re.Pattern | None, docs: bool = False) -> list[str]:
+    """The files under ``directory`` (relative names), hidden ones never, documentation only with ``docs``."""
     names = [p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()]
-    names = [n for n in names if not _NOT_MODEL.search(n) and not any(part.startswith(".") for part in n.split("/"))]
+    names = [n for n in names if (docs or not _NOT_MODEL.search(n)) and not any(part.startswith(".")
+                                                                                   for part in n.split("/"))]
     return [n for n in names if wanted is None or wanted.search(n)]
+
+
+def directory_identity(directory: Path, wanted: re.Pattern | None = None, docs: bool = False) -> dict:
+    """``{name, sha256, files}`` of a local directory: its name, and a hash of its files' names and contents (not of
+    its location, so a copy elsewhere is the same). ``docs`` keeps README*, LICENSE* and *.md files in (a local
+    dataset's card can define its configurations and splits)."""
+    files = _local_files(directory, wanted, docs)
+    return {"name": directory.name, "sha256": directory_sha256(directory, files), "files": len(files)}
 
 
 def hub_commit(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None) -> str | None:
@@ -155,10 +165,10 @@ def hub_dataset_commit(repo_id: str, revision: str | None = None, cache_dir: str
 def _identity(name_or_path: str | Path, revision: str | None, cache_dir, wanted: re.Pattern | None) -> dict:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        files = _local_files(path, wanted)
-        if not files:
+        identity = directory_identity(path, wanted)
+        if not identity["files"]:
             raise ValueError(f"{path} has no model or tokenizer files to identify it by")
-        return {"name": path.name, "sha256": directory_sha256(path, files), "files": len(files)}
+        return identity
     name = str(name_or_path)
     return {"name": name, "revision": revision or "main", "commit": hub_commit(name, revision, cache_dir)}
 
