@@ -70,12 +70,18 @@ def _local_dataset(cfg: DataConfig) -> Path | None:
     return path if path is not None and path.is_dir() else None
 
 
+def hub_dataset(cfg: DataConfig) -> str | None:
+    """``data.dataset`` when it names a Hub dataset, else None (the built-in corpus, ``data.files``, a local
+    directory)."""
+    return cfg.dataset if cfg.dataset and _local_dataset(cfg) is None else None
+
+
 def pin_dataset_revision(cfg: DataConfig) -> DataConfig:
     """``cfg`` with a Hub dataset's ``revision`` replaced by the commit it names now, so that the token shards'
     fingerprint covers the data's version (a new upstream commit rebuilds them, an unchanged one reuses them) and the
     tokenize stage reads exactly that commit. Unchanged for other sources, and where the commit cannot be known
     (offline and not in the local cache; then the shards are fingerprinted by name and revision only)."""
-    if not cfg.dataset or _local_dataset(cfg) is not None:
+    if hub_dataset(cfg) is None:
         return cfg
     commit = hub_dataset_commit(cfg.dataset, cfg.revision)
     return cfg if commit is None else cfg.model_copy(update={"revision": commit})
@@ -84,7 +90,7 @@ def pin_dataset_revision(cfg: DataConfig) -> DataConfig:
 def unknown_dataset_version(cfg: DataConfig) -> bool:
     """Whether the tokens of ``cfg`` come from a Hub dataset whose version is not known: its revision is not a
     commit, even after ``pin_dataset_revision``."""
-    return bool(cfg.dataset) and _local_dataset(cfg) is None and not is_commit(cfg.revision)
+    return hub_dataset(cfg) is not None and not is_commit(cfg.revision)
 
 
 def local_dataset_identity(cfg: DataConfig) -> dict | None:

@@ -6,15 +6,18 @@ superposition: our own format (``bitnet.load_student``), packed codes in safeten
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import yaml
 
 from bitnet import save_student, save_ternary_pretrained
 
 from .artifacts import read_tensors, save_directory
 from .config import PipelineConfig
+from .data import hub_dataset
 from .lm_head import load_final_student
 from .report import markdown_table, metrics_rows
-from .teacher import load_tokenizer, resolve_device
+from .teacher import load_tokenizer, model_source, resolve_device
 from .train_self import load_dual
 
 LOADING = {
@@ -27,9 +30,29 @@ LOADING = {
 }
 
 
-def model_card(flow: str, metrics: dict, sizes: dict) -> str:
+TAGS = ["bitnet", "bitnet-b1.58", "ternary", "distillation", "bitnet-distill"]
+
+
+def card_metadata(cfg: PipelineConfig, flow: str) -> str:
+    """The card's YAML front matter, which the Hub reads: the teacher as ``base_model`` when it is a Hub model (the
+    model tree lists a self-distilled student, same architecture, under its quantizations), a Hub dataset it was
+    trained on, the library that loads it and the tags."""
+    from huggingface_hub import ModelCardData
+
+    teacher = cfg.teacher.name_or_path
+    base_model = None if Path(model_source(teacher)).is_dir() else teacher
+    stock = flow == "self-distill"  # the superposition student loads with bitnet.load_student, not transformers
+    dataset = hub_dataset(cfg.data)
+    return ModelCardData(
+        base_model=base_model, base_model_relation="quantized" if base_model and stock else None,
+        datasets=[dataset] if dataset else None, library_name="transformers" if stock else None,
+        pipeline_tag="text-generation", tags=TAGS,
+    ).to_yaml()
+
+
+def model_card(cfg: PipelineConfig, flow: str, metrics: dict, sizes: dict) -> str:
     config = metrics["config"]
-    return "\n\n".join([
+    return f"---\n{card_metadata(cfg, flow)}\n---\n\n" + "\n\n".join([
         f"# BitNet b1.58 student of `{config['teacher']['name_or_path']}`",
         f"Made by bitnet-distill's `{flow}` flow (run configuration below): ternary weights {{-1, 0, +1}} with one "
         "absmean scale per tensor and 8-bit per-token activations (W1.58A8).",
@@ -60,7 +83,7 @@ def run_export(cfg: PipelineConfig, store, stage: dict, reporter, flow: str, stu
             small, projector = load_final_student(cfg, store, student)
             sizes.update(save_student(small, projector, directory))
             tokenizer.save_pretrained(directory)
-        (directory / "README.md").write_text(model_card(flow, full_metrics, sizes))
+        (directory / "README.md").write_text(model_card(cfg, flow, full_metrics, sizes))
 
     reporter.log(f"exporting the {flow} student to {store.url(path)}")
     save_directory(store, path, write)

@@ -10,12 +10,14 @@ import time
 import pytest
 import torch
 import transformers as tf
+from huggingface_hub import ModelCard
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, FlowRunFilterId, TaskRunFilter
 from prefect.client.schemas.sorting import ArtifactSort, TaskRunSort
 
 from bitnet import load_student
 from distill.config import ConfigError
+from distill.export import TAGS
 from flows import self_distill, superposition_distill
 from storage import ArtifactStore, layout
 from storage.cache import TeacherCacheReader
@@ -101,6 +103,7 @@ def test_superposition_flow_end_to_end(tiny_teacher, tmp_path):
     ids = torch.randint(0, 300, (1, 8))
     assert torch.isfinite(student(ids).logits).all()
     assert (tmp_path / result["export"]["path"] / "tokenizer.json").exists()
+    check_model_card(tmp_path / result["export"]["path"], library=None)
 
 
 def test_self_distill_flow_end_to_end_and_stock_loading(tiny_teacher, tmp_path):
@@ -112,6 +115,16 @@ def test_self_distill_flow_end_to_end_and_stock_loading(tiny_teacher, tmp_path):
     tokenizer = tf.AutoTokenizer.from_pretrained(tmp_path / result["export"]["path"])
     with torch.no_grad():
         assert torch.isfinite(exported(**tokenizer("def f(x):", return_tensors="pt")).logits).all()
+    check_model_card(tmp_path / result["export"]["path"], library="transformers")
+
+
+def check_model_card(directory, library):
+    """The export's README parses as a Hub model card (huggingface_hub's own parser) with our metadata."""
+    card = ModelCard.load(directory / "README.md")
+    assert card.data.tags == TAGS and card.data.pipeline_tag == "text-generation"
+    assert card.data.library_name == library
+    assert card.data.base_model is None  # the tiny teacher is a local directory, no Hub id
+    assert "# BitNet b1.58 student of" in card.text and "## Held-out metrics" in card.text
 
 
 def test_rerun_reuses_every_stage_and_a_change_reruns_from_the_first_affected(tiny_teacher, tmp_path):
