@@ -51,17 +51,43 @@ def pick_text(row: dict, text_field: str | None, where: str) -> str:
 
 
 def _hub_rows(cfg: DataConfig) -> Iterable[dict]:
+    """The rows of ``data.dataset``: a local directory (``~`` expanded), or a Hub dataset at ``data.revision``."""
     import datasets
 
+    local = _local_dataset(cfg)
     try:
-        return datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split, streaming=cfg.streaming,
-                                     revision=cfg.revision)
+        rows = datasets.load_dataset(str(local or cfg.dataset), cfg.dataset_config, split=cfg.split,
+                                     streaming=cfg.streaming, revision=cfg.revision)
     except Exception as exc:  # datasets raises many types for "not found" / "offline"
+        if local is not None:
+            raise ConfigError(f"cannot load the dataset directory {local} (data.dataset; config "
+                              f"{cfg.dataset_config!r}, split {cfg.split!r}): {exc}") from None
         raise ConfigError(
             f"cannot load dataset {cfg.dataset!r} (config {cfg.dataset_config!r}, split {cfg.split!r}, revision "
             f"{cfg.revision or 'main'!r}): {exc}. It needs the Hugging Face Hub (or its local cache); offline, pass "
             "local files with data.files"
         ) from None
+    if local is None:
+        check_commit_read(cfg, rows)
+    return rows
+
+
+def check_commit_read(cfg: DataConfig, rows) -> None:
+    """Raise unless a Hub dataset pinned to a commit was read at that commit (the shards' fingerprint names it).
+    Online, ``datasets`` reads the revision it is given. Offline it reads the newest copy in its cache whatever the
+    revision, and a prepared copy's directory is named by the commit it came from, which is what this checks
+    (streamed rows have no copy: offline, streaming fails)."""
+    files = getattr(rows, "cache_files", None)
+    if not files or not is_commit(cfg.revision):
+        return
+    read = Path(files[0]["filename"]).parent.name
+    if read != cfg.revision:
+        copy = f"commit {read}" if is_commit(read) else f"of unknown version ({read})"
+        use_it = f", or set data.revision: {read} to tokenize that copy" if is_commit(read) else ""
+        raise ConfigError(f"dataset {cfg.dataset!r}: the datasets library read its cached copy {copy}, not commit "
+                          f"{cfg.revision} that the run's fingerprints name (offline, it reads the newest copy in its "
+                          f"cache whatever the revision): connect to the Hub (unset HF_HUB_OFFLINE and "
+                          f"HF_DATASETS_OFFLINE) to read that commit{use_it}")
 
 
 def _local_dataset(cfg: DataConfig) -> Path | None:

@@ -151,7 +151,10 @@ def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> dict[str
         stages[name] = Stage(name, fp, "")
         return fp
 
-    if d["data"]["revision"] is None:  # data.revision came after runs existed: unset, it keeps their fingerprints
+    # data.revision came after runs existed. Where it stays unset (the built-in corpus, data.files, a local
+    # directory, and a Hub dataset whose commit is unknown) the fingerprints stay theirs; a Hub dataset's runs,
+    # pinned to a commit since, rebuild once: they had been fingerprinted by name only
+    if d["data"]["revision"] is None:
         del d["data"]["revision"]
     tokens_own = {"data": d["data"], "tokenizer": teacher.tokenizer_identity}
     # local data by content, not only by name; a Hub dataset by the commit data.revision names (pin_dataset_revision)

@@ -144,15 +144,19 @@ def hub_dataset_commit(repo_id: str, revision: str | None = None, cache_dir: str
                        timeout: float = 10.0) -> str | None:
     """The commit a Hub dataset's ``revision`` (default ``main``) names: the revision itself when it is a commit hash,
     else the Hub's answer, else (offline, or the Hub out of reach) what the local Hugging Face cache's refs say, else
-    None. Unlike a model's, a dataset's files are not yet in the cache when a run is planned."""
+    None; None too when the Hub says there is no such dataset or revision. Unlike a model's, a dataset's files are
+    not yet in the cache when a run is planned."""
     if is_commit(revision):
         return revision
     from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
     from huggingface_hub.file_download import repo_folder_name
 
     try:
         return HfApi().dataset_info(repo_id, revision=revision, timeout=timeout).sha
-    except Exception:  # offline mode, no network, no such dataset or no access: loading it says which, if it fails
+    except (RepositoryNotFoundError, RevisionNotFoundError):  # the Hub's answer (a deleted branch, no access), which
+        return None                                             # a stale ref in the cache must not overrule
+    except Exception:  # offline mode, no network, a server error: the cache may know
         pass
     refs = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="dataset") / "refs"
     try:

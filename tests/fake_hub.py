@@ -1,5 +1,6 @@
 """A stand-in for the Hugging Face Hub's API on 127.0.0.1: it answers ``HfApi.dataset_info`` (the commit a dataset
-revision names) from ``commits``, and 404 for anything else, as the Hub does for a dataset it does not have."""
+revision names) from ``commits``, and 404 for anything else, with the Hub's error codes for a dataset it does not have
+and for a revision a dataset does not have; 503 to everything while ``down``."""
 
 from __future__ import annotations
 
@@ -15,20 +16,26 @@ class FakeHub:
     def __init__(self):
         self.commits: dict[str, dict[str, str]] = {}  # dataset -> revision ("main" for none) -> commit
         self.requests: list[str] = []  # the dataset_info requests made
+        self.down = False  # answer 503 (a server error, not an answer about the dataset)
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 prefix = "/api/datasets/"
                 path = unquote(self.path.split("?")[0])
-                commit = None
+                commit, error = None, "RepoNotFound"
                 if path.startswith(prefix):  # huggingface_hub also asks for other things (/api/agent-harnesses)
                     hub.requests.append(path)
                     repo, _, revision = path.removeprefix(prefix).partition("/revision/")
                     commit = hub.commits.get(repo, {}).get(revision or "main")
-                status, body = (200, {"id": repo, "sha": commit}) if commit else (404, {"error": "Repository not found"})
+                    error = "RevisionNotFound" if repo in hub.commits else error
+                status, body = (200, {"id": repo, "sha": commit}) if commit else (404, {"error": error})
+                if hub.down:
+                    status, body, error = 503, {"error": "Service Unavailable"}, None
                 data = json.dumps(body).encode()
                 self.send_response(status)
+                if status == 404:
+                    self.send_header("X-Error-Code", error)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

@@ -1,6 +1,10 @@
 """Documents -> fixed-length token rows: packing, padding, held-out split, text fields."""
 
 import json
+import os
+import shutil
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,3 +100,62 @@ def test_stdlib_source_splits_by_module():
     assert len({d.key for d in docs}) == 400
     # the corpus's own split by module path, both splits present, whatever data.eval_fraction says
     assert all(d.split == stdlib_corpus.split_of(d.key) for d in docs) and {d.split for d in docs} == {"train", "eval"}
+
+
+def prepared_copies(cache, versions: dict) -> None:
+    """The datasets library's cache holding a prepared copy of the Hub dataset org/stories per commit, the last one
+    newest, each in the directory the library names by the commit it came from (built with the library itself, from a
+    local directory per version, then moved where a Hub download at that commit puts it)."""
+    import datasets
+
+    for commit, text in versions.items():
+        source = cache.parent / f"source-{commit[:4]}" / "stories"
+        source.mkdir(parents=True)
+        (source / "train.jsonl").write_text("".join(json.dumps({"text": f"{text} {i}"}) + "\n" for i in range(5)))
+        prepared = datasets.load_dataset(str(source), split="train", cache_dir=str(cache)).cache_files[0]["filename"]
+        copy = cache / "org___stories" / "default" / "0.0.0" / commit
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(Path(prepared).parent, copy)
+        os.utime(copy, (time.time() + len(os.listdir(copy.parent)),) * 2)  # strictly newer than the one before
+
+
+def test_offline_a_hub_dataset_must_be_read_at_the_commit_the_fingerprints_name(tmp_path, monkeypatch):
+    """Offline, the datasets library reads its newest cached copy of a Hub dataset whatever revision it is given:
+    tokens from another commit than the run pinned would be stored under that commit's fingerprint."""
+    import datasets
+    from huggingface_hub import constants
+
+    from distill.data import check_source, pin_dataset_revision
+
+    first, newer = "a" * 40, "c" * 40
+    cache = tmp_path / "datasets-cache"
+    prepared_copies(cache, {first: "first version", newer: "newer version"})
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    refs = tmp_path / "hub-cache" / "datasets--org--stories" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text(first)  # the commit main named when the Hub was last asked
+
+    pinned = pin_dataset_revision(DataConfig(dataset="org/stories", min_chars=1))
+    assert pinned.revision == first
+    with pytest.raises(ConfigError, match=f"read its cached copy commit {newer}, not commit {first}.*connect to the "
+                                          f"Hub.*or set data.revision: {newer} to tokenize that copy"):
+        check_source(pinned)
+    texts = [d.text for d in iter_documents(pinned.model_copy(update={"revision": newer}))]
+    assert texts and all(t.startswith("newer version") for t in texts)
+    os.utime(cache / "org___stories" / "default" / "0.0.0" / first, (time.time() + 10,) * 2)  # now the newest: read
+    assert all(d.text.startswith("first version") for d in iter_documents(pinned))
+
+
+def test_a_home_relative_dataset_directory_is_read_from_there(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "stories").mkdir()
+    (tmp_path / "stories" / "train.jsonl").write_text(json.dumps({"text": "a story from the home directory"}) + "\n")
+    cfg = DataConfig(dataset="~/stories", min_chars=1)
+    assert [d.text for d in iter_documents(cfg)] == ["a story from the home directory"]
+    (tmp_path / "stories" / "train.jsonl").write_text("{not json\n")
+    with pytest.raises(ConfigError, match=f"cannot load the dataset directory {tmp_path / 'stories'} "
+                                          r"\(data.dataset; config None, split 'train'\)") as error:
+        iter_documents(cfg).__next__()
+    assert "Hub" not in str(error.value)

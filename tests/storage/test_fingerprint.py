@@ -114,13 +114,19 @@ def test_hub_dataset_commit_asks_the_hub_then_the_local_cache(fake_hub, monkeypa
     assert hub_dataset_commit("org/data", cached) == cached and len(fake_hub.requests) == 2  # a commit: no request
     assert hub_dataset_commit("org/other") is None  # unknown to the Hub, not cached
 
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline: only the cache's refs can tell
-    assert hub_dataset_commit("org/data") is None
     refs = tmp_path / "hf-cache" / "datasets--org--data" / "refs"
     refs.mkdir(parents=True)
+    (refs / "dev").write_text(cached)  # a branch since deleted upstream: the Hub's answer wins over the stale ref
+    assert hub_dataset_commit("org/data", "dev") is None
+    fake_hub.down = True  # a server error is no answer: the cache's ref stands in
+    assert hub_dataset_commit("org/data", "dev") == cached
+    fake_hub.down = False
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline: only the cache's refs can tell
+    assert hub_dataset_commit("org/data") is None
     (refs / "main").write_text(cached)
     assert hub_dataset_commit("org/data") == cached
     assert hub_dataset_commit("org/data", "v1") is None
     (refs / "main").write_text("not a commit")
     assert hub_dataset_commit("org/data") is None
-    assert len(fake_hub.requests) == 3  # the unknown dataset's; none while offline
+    assert len(fake_hub.requests) == 5  # up to the two for dev; none while offline
