@@ -196,7 +196,7 @@ def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> dict[str
     stages["train"].checkpoint_run = run
     evaluated = add("evaluate", {"eval": d["eval"]}, last)
     stages["evaluate"].path = layout.eval_dir(run, evaluated)
-    exported = add("export", {"format": 1}, evaluated)
+    exported = add("export", {"format": 2}, evaluated)  # 2: the model card carries Hub metadata (2026-12-05)
     stages["export"].path = layout.student_dir(run, exported)
     plan = {name: stage.as_dict() for name, stage in stages.items()}
     plan["run"] = {"name": run, "path": layout.run_dir(run)}
