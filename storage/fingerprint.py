@@ -145,25 +145,42 @@ def hub_dataset_commit(repo_id: str, revision: str | None = None, cache_dir: str
     """The commit a Hub dataset's ``revision`` (default ``main``) names: the revision itself when it is a commit hash,
     else the Hub's answer, else (offline, or the Hub out of reach) what the local Hugging Face cache's refs say, else
     None; None too when the Hub says there is no such dataset or revision. Unlike a model's, a dataset's files are
-    not yet in the cache when a run is planned."""
+    not yet in the cache when a run is planned. The Hub's answer is written to the cache's refs, as
+    ``hf_hub_download`` does for a branch or tag: the tokenize stage then loads by commit, which writes no ref, and
+    a later run without the Hub still knows the commit (and so finds the shards and everything after them)."""
     if is_commit(revision):
         return revision
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
     from huggingface_hub.file_download import repo_folder_name
 
+    ref = (Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="dataset") / "refs"
+           / (revision or "main"))
     try:
-        return HfApi().dataset_info(repo_id, revision=revision, timeout=timeout).sha
+        commit = HfApi().dataset_info(repo_id, revision=revision, timeout=timeout).sha
     except (RepositoryNotFoundError, RevisionNotFoundError):  # the Hub's answer (a deleted branch, no access), which
         return None                                             # a stale ref in the cache must not overrule
     except Exception:  # offline mode, no network, a server error: the cache may know
-        pass
-    refs = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="dataset") / "refs"
-    try:
-        commit = (refs / (revision or "main")).read_text().strip()
-    except (OSError, ValueError):
+        try:
+            commit = ref.read_text().strip()
+        except (OSError, ValueError):
+            return None
+        return commit if is_commit(commit) else None
+    if not is_commit(commit):
         return None
-    return commit if is_commit(commit) else None
+    _write_ref(ref, commit)
+    return commit
+
+
+def _write_ref(ref: Path, commit: str) -> None:
+    """``ref`` (a file of the Hugging Face cache's refs) names ``commit``, written as huggingface_hub writes one (a
+    torn write reads back as no commit); a read-only cache is left as it is."""
+    try:
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        if not ref.is_file() or ref.read_text() != commit:
+            ref.write_text(commit)
+    except (OSError, ValueError):
+        pass
 
 
 def _identity(name_or_path: str | Path, revision: str | None, cache_dir, wanted: re.Pattern | None) -> dict:

@@ -254,6 +254,7 @@ def test_a_hub_dataset_is_tokenized_at_the_commit_its_revision_names(tiny_teache
     """The Hub (its API on 127.0.0.1) says which commit a revision names; the datasets library's download is the one
     thing replaced, by a stand-in that serves each commit's rows and nothing for a branch or tag name."""
     import datasets
+    from huggingface_hub import constants
     from transformers import AutoTokenizer
 
     from distill import data
@@ -304,6 +305,9 @@ def test_a_hub_dataset_is_tokenized_at_the_commit_its_revision_names(tiny_teache
     assert new_fingerprint != fingerprint and new_text.startswith("beta")
     fake_hub.commits["org/stories"]["main"] = first  # and back: yesterday's shards are found again
     assert tokenize() == (fingerprint, text)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # a night without the Hub: the commit main named at the
+    assert tokenize() == (fingerprint, text)  # last answer is in the cache's refs, so the same shards are found
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     assert tokenize(**{"data.revision": "v1"})[1].startswith("gamma")  # a tag, read at its commit
     requests = len(fake_hub.requests)
     assert tokenize(**{"data.revision": second})[1].startswith("beta") and len(fake_hub.requests) == requests

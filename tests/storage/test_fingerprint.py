@@ -115,7 +115,6 @@ def test_hub_dataset_commit_asks_the_hub_then_the_local_cache(fake_hub, monkeypa
     assert hub_dataset_commit("org/other") is None  # unknown to the Hub, not cached
 
     refs = tmp_path / "hf-cache" / "datasets--org--data" / "refs"
-    refs.mkdir(parents=True)
     (refs / "dev").write_text(cached)  # a branch since deleted upstream: the Hub's answer wins over the stale ref
     assert hub_dataset_commit("org/data", "dev") is None
     fake_hub.down = True  # a server error is no answer: the cache's ref stands in
@@ -123,10 +122,11 @@ def test_hub_dataset_commit_asks_the_hub_then_the_local_cache(fake_hub, monkeypa
     fake_hub.down = False
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline: only the cache's refs can tell
-    assert hub_dataset_commit("org/data") is None
+    assert (refs / "main").read_text() == commit  # written when the Hub answered, as hf_hub_download writes refs
+    assert hub_dataset_commit("org/data") == commit and hub_dataset_commit("org/data", "v1") == tagged
     (refs / "main").write_text(cached)
     assert hub_dataset_commit("org/data") == cached
-    assert hub_dataset_commit("org/data", "v1") is None
+    assert hub_dataset_commit("org/data", "v2") is None
     (refs / "main").write_text("not a commit")
     assert hub_dataset_commit("org/data") is None
     assert len(fake_hub.requests) == 5  # up to the two for dev; none while offline
