@@ -31,6 +31,7 @@ def read_tensors(store, path: str) -> dict[str, torch.Tensor]:
 def finish_training(store, stage: dict, history: list[dict], tensors: dict[str, torch.Tensor], **extra) -> dict:
     """Write the trained tensors and loss history, mark the stage complete, return its manifest."""
     path = stage["path"]
+    store.remove_temporaries(path)  # a killed earlier attempt's half-written files: never part of a finished stage
     write_tensors(store, f"{path}/weights.safetensors", tensors)
     store.write_json(f"{path}/history.json", history)
     manifest = {"stage": stage["name"], "fingerprint": stage["fingerprint"], "path": path,
@@ -42,7 +43,10 @@ def finish_training(store, stage: dict, history: list[dict], tensors: dict[str, 
 
 
 def save_directory(store, path: str, write) -> None:
-    """Let ``write(local_dir)`` fill a temporary directory (e.g. ``save_pretrained``), then upload it to ``path``."""
+    """Let ``write(local_dir)`` fill a temporary directory (e.g. ``save_pretrained``), then upload it to ``path``,
+    without the half-written files a killed earlier upload left there (the exported student's directory is uploaded
+    to the Hub as it is)."""
     with tempfile.TemporaryDirectory() as tmp:
         write(Path(tmp))
+        store.remove_temporaries(path)
         store.upload_dir(tmp, path)

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from storage import checkpoints
+from storage import checkpoints, layout
+from storage.lease import holding_lock
 
 from .config import OptimConfig
 from .optim import make_optimizer
@@ -180,13 +181,24 @@ def training_autocast(device: torch.device, optim: OptimConfig, reporter: Report
     return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
+class _NonFiniteGradients(Exception):
+    def __init__(self, norm: float):
+        self.norm = norm
+
+
 def _update(optimizer, scaler: torch.amp.GradScaler, parameters: list[nn.Parameter], grad_clip: float) -> dict:
     """Apply the accumulated gradients: unscaled, clipped, then stepped, unless they overflowed (with scaling on, the
-    scaler then skips the step and halves its scale). Returns what the step's record keeps of it."""
+    scaler then skips the step and halves its scale; without it, ``_NonFiniteGradients`` is raised before the step:
+    a finite loss can still have an infinite gradient, which would turn the weights into NaN). Returns what the
+    step's record keeps of it."""
     record = {}
     scaler.unscale_(optimizer)  # clipping sees the true gradients (a no-op without scaling)
-    if grad_clip:
-        record["grad_norm"] = float(nn.utils.clip_grad_norm_(parameters, grad_clip))
+    if grad_clip or not scaler.is_enabled():
+        norm = (nn.utils.clip_grad_norm_(parameters, grad_clip) if grad_clip
+                else nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None]))
+        record["grad_norm"] = float(norm)
+        if not scaler.is_enabled() and not math.isfinite(record["grad_norm"]):
+            raise _NonFiniteGradients(record["grad_norm"])
     scaler.step(optimizer)
     if scaler.is_enabled():
         record["loss_scale"] = scaler.get_scale()
@@ -197,9 +209,23 @@ def _update(optimizer, scaler: torch.amp.GradScaler, parameters: list[nn.Paramet
     return record
 
 
+TRAINING_LOCK_TIMEOUT_S = 24 * 3600.0  # how long a second run of the same training waits for the first
+
+
 def train(trainable: Trainable, optim: OptimConfig, store, run: str, reporter: Reporter,
           device: torch.device, description: str = "train") -> list[dict]:
-    """Run (or resume) ``optim.steps`` optimiser steps; returns the loss history (one record per step)."""
+    """Run (or resume) ``optim.steps`` optimiser steps; returns the loss history (one record per step). Holds the
+    lock of the run's checkpoints meanwhile: a second run of the same configuration (a manual run beside the nightly
+    one) waits, then resumes from the last checkpoint, which is the final one, instead of both writing the same
+    checkpoints."""
+    what = f"the {description} checkpoints at {store.url(layout.checkpoints_dir(run))}"
+    with holding_lock(store, layout.lock_dir(layout.checkpoints_dir(run)), what, TRAINING_LOCK_TIMEOUT_S,
+                      on_wait=reporter.log) as lock:
+        return _train(trainable, optim, store, run, reporter, device, description, lock)
+
+
+def _train(trainable: Trainable, optim: OptimConfig, store, run: str, reporter: Reporter, device: torch.device,
+           description: str, lock) -> list[dict]:
     optimizer = make_optimizer(trainable.parameters, optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, optim.warmup_steps, optim.steps, optim.min_lr_ratio))
@@ -226,6 +252,7 @@ def train(trainable: Trainable, optim: OptimConfig, store, run: str, reporter: R
 
     def save() -> None:
         nonlocal saved
+        lock.ensure_held()  # on an object store: never write after losing the lease to another run
         tensors = {f"model/{k}": v for k, v in trainable.state().items()} | _rng_state()
         meta = {"step": step, "history": history, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict()}
@@ -253,7 +280,12 @@ def train(trainable: Trainable, optim: OptimConfig, store, run: str, reporter: R
                 for key, value in {"loss": value, **metrics}.items():
                     totals[key] = totals.get(key, 0.0) + value / optim.grad_accum
             totals["lr"] = float(scheduler.get_last_lr()[0])  # a tensor for optimisers that keep lr as one
-            totals.update(_update(optimizer, scaler, trainable.parameters, optim.grad_clip))
+            try:
+                totals.update(_update(optimizer, scaler, trainable.parameters, optim.grad_clip))
+            except _NonFiniteGradients as exc:
+                reporter.close()
+                raise _diverged(description, f"the loss is finite but its gradients' norm is {exc.norm}", step + 1,
+                                saved, optim.lr, False) from None
             if scaler.is_enabled() and scaler.get_scale() < 1:  # 17 overflows in a row: they overflow unscaled
                 reporter.close()
                 raise _diverged(description, "the float16 gradients overflowed at every loss scale down to 1",

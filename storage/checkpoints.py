@@ -231,11 +231,16 @@ def load_checkpoint(store, path: str) -> tuple[dict[str, torch.Tensor], dict]:
         files = {}
         for name in (TENSORS, STATE, METADATA):
             files[name] = str(store.local_path(f"{path}/{name}")) if store.is_local else f"{tmp}/{name}"
-            if not store.is_local:
-                store.get_file(f"{path}/{name}", files[name])
-            if file_sha256(files[name]) != manifest["sha256"][name]:
-                raise IntegrityError(f"checkpoint file {store.url(path, name)} does not match the checksum recorded "
-                                     "when it was saved; delete this checkpoint to resume from the previous one")
+            try:
+                if not store.is_local:
+                    store.get_file(f"{path}/{name}", files[name])
+                intact = file_sha256(files[name]) == manifest["sha256"][name]
+            except FileNotFoundError:
+                intact = False
+            if not intact:
+                raise IntegrityError(f"checkpoint file {store.url(path, name)} is missing or does not match the "
+                                     "checksum recorded when it was saved; delete this checkpoint to resume from the "
+                                     "previous one")
         meta_json = json.loads(Path(files[METADATA]).read_text())
         metadata = decode_tree(meta_json["metadata"], load_file(files[STATE]))
         return load_file(files[TENSORS]), metadata

@@ -196,6 +196,26 @@ def test_a_loss_that_is_not_finite_stops_training_before_the_weights_take_it(tmp
     assert meta["step"] == 2 and torch.isfinite(tensors["model/w"]).all()
 
 
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_a_finite_loss_with_infinite_gradients_stops_training_before_the_weights_take_them(tmp_path, grad_clip):
+    weight = torch.nn.Parameter(torch.ones(2))
+
+    def loss(step):  # at step 3 the loss is sqrt(0) = 0, its gradient infinite
+        return (torch.sqrt(weight - weight.detach()).sum() if step == 2 else (weight ** 2).sum()), {}
+
+    trainable = Trainable([weight], loss, lambda: {"w": weight.detach().clone()},
+                          lambda state: weight.data.copy_(state["w"]))
+    store = ArtifactStore(str(tmp_path))
+    with pytest.raises(TrainingDiverged, match=r"train: the loss is finite but its gradients' norm is (inf|nan) at "
+                                               r"step 3; training stopped before the weights took it \(the last "
+                                               r"checkpoint, step 2, is intact\)"):
+        train(trainable, OptimConfig(steps=5, checkpoint_every=1, grad_clip=grad_clip, **CONSTANT_LR), store, "run",
+              Reporter(), torch.device("cpu"))
+    assert torch.isfinite(weight).all()
+    tensors, meta = load_checkpoint(store, latest_checkpoint(store, "run"))
+    assert meta["step"] == 2 and torch.isfinite(tensors["model/w"]).all()  # step 3 was never taken nor saved
+
+
 def test_float16_gradients_that_overflow_at_every_loss_scale_stop_training(tmp_path):
     trainable, weight = fp16_trainable(lambda step: 1e6)  # 1e6 > 65504: inf in float16 even unscaled
     with pytest.raises(TrainingDiverged, match=r"the float16 gradients overflowed at every loss scale down to 1 at "
@@ -203,3 +223,51 @@ def test_float16_gradients_that_overflow_at_every_loss_scale_stop_training(tmp_p
         train(trainable, OptimConfig(steps=40, checkpoint_every=100, **CONSTANT_LR), ArtifactStore(str(tmp_path)),
               "run", Reporter(), torch.device("cpu"))
     assert torch.equal(weight.detach(), torch.ones(4))  # every step was skipped
+
+
+class LogReporter(Reporter):
+    def __init__(self):
+        super().__init__()
+        self.logged: list[str] = []
+
+    def log(self, message, level=logging.INFO):
+        self.logged.append(message)
+
+
+def counting_trainable(calls: list, started: threading.Event, release: threading.Event) -> Trainable:
+    """A one-weight model whose first step waits for ``release``; ``calls`` records every step's loss call."""
+    weight = torch.nn.Parameter(torch.ones(2))
+
+    def loss(step):
+        calls.append(step)
+        started.set()
+        release.wait(10)
+        return (weight ** 2).sum(), {}
+
+    return Trainable([weight], loss, lambda: {"w": weight.detach().clone()}, lambda state: weight.data.copy_(state["w"]))
+
+
+def test_a_second_run_of_the_same_training_waits_for_the_first_then_resumes_from_its_final_checkpoint(tmp_path):
+    store, optim = ArtifactStore(str(tmp_path)), OptimConfig(steps=3, checkpoint_every=1, **CONSTANT_LR)
+    first_calls, second_calls, results = [], [], {}
+    started, release = threading.Event(), threading.Event()
+
+    def first():
+        results["first"] = train(counting_trainable(first_calls, started, release), optim, store, "run", Reporter(),
+                                 torch.device("cpu"))
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert started.wait(10)  # the first run is inside its first step, holding the checkpoints' lock
+    reporter = LogReporter()
+    waiter = threading.Thread(target=lambda: results.update(second=train(
+        counting_trainable(second_calls, threading.Event(), threading.Event()), optim, store, "run", reporter,
+        torch.device("cpu"))))
+    waiter.start()
+    waiter.join(1.0)
+    assert waiter.is_alive() and not second_calls  # waiting, not training beside the first run
+    release.set()
+    thread.join(10), waiter.join(10)
+    assert first_calls == [0, 1, 2] and second_calls == []  # the second found the final checkpoint
+    assert [r["loss"] for r in results["second"]] == [r["loss"] for r in results["first"]]
+    assert any("checkpoints at" in m and "is being written by another process; waiting" in m for m in reporter.logged)

@@ -168,3 +168,21 @@ def test_a_killed_flow_resumes_from_its_checkpoint_when_the_flow_runs_again(tiny
     assert resumed and int(resumed.group(1)) >= killed_at, (again.stdout + again.stderr)[-3000:]
     history = store.read_json(f"runs/{run}/train/history.json")
     assert [h["step"] for h in history] == list(range(1, 61))
+
+
+def test_a_killed_uploads_half_written_files_are_not_in_the_finished_stage(tmp_path):
+    """A write killed before its rename leaves a hidden temporary file; the stage's next attempt, which is not
+    finished, clears them before marking itself complete (the exported directory is uploaded to the Hub as is)."""
+    from distill.artifacts import finish_training, save_directory
+    from storage import ArtifactStore
+
+    store = ArtifactStore(str(tmp_path))
+    for path in ("runs/r/student-1", "runs/r/train"):
+        (tmp_path / path).mkdir(parents=True)
+        (tmp_path / path / ".model.safetensors.0123abcd.tmp").write_bytes(b"half a model")
+    save_directory(store, "runs/r/student-1", lambda directory: (directory / "model.safetensors").write_bytes(b"m"))
+    finish_training(store, {"path": "runs/r/train", "name": "train", "fingerprint": "f", "checkpoint_run": "r"},
+                    [{"loss": 1.0}], {"w": torch.ones(1)})
+    assert sorted(p.name for p in (tmp_path / "runs/r/student-1").iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "runs/r/train").iterdir()) == ["_COMPLETE.json", "history.json",
+                                                                             "weights.safetensors"]

@@ -122,8 +122,17 @@ def test_damaged_checkpoint_is_refused(local_store):
     data = bytearray(local_store.read_bytes(f"{path}/tensors.safetensors"))
     data[-1] ^= 0xFF
     local_store.write_bytes(f"{path}/tensors.safetensors", bytes(data))
-    with pytest.raises(IntegrityError, match=r"step-1/tensors\.safetensors does not match the checksum"):
+    with pytest.raises(IntegrityError, match=r"step-1/tensors\.safetensors is missing or does not match the checksum"):
         load_checkpoint(local_store, path)
+
+
+def test_a_checkpoint_missing_a_file_is_refused_by_name(store):
+    path = save_checkpoint(store, "r", 1, {"w": torch.ones(3)}, {}, keep_last=1)
+    store.delete(f"{path}/state.safetensors")
+    with pytest.raises(IntegrityError, match=r"step-1/state\.safetensors is missing or does not match the checksum "
+                                             r"recorded when it was saved; delete this checkpoint to resume from the "
+                                             r"previous one"):
+        load_checkpoint(store, path)
 
 
 def test_shared_and_viewed_tensors_are_saved(local_store):
