@@ -19,12 +19,21 @@ from .checkpointing import checkpoint_blocks
 from .layers import STUDENT, TEACHER, DualModeLinear, parse_delta
 
 
+def _output_modules(model: nn.Module) -> set[int]:
+    """Ids of the LM head's modules: never part of the blocks, even where it is a list of heads (MusicGen's
+    ``lm_heads``, one per codebook)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
+
+
 def find_block_lists(model: nn.Module) -> list[str]:
     """Names of the model's lists of transformer blocks: the outermost ``nn.ModuleList``s that contain linear
-    layers (``model.layers`` in Llama, Qwen2, Mistral, Phi3; ``gpt_neox.layers``; ...)."""
+    layers (``model.layers`` in Llama, Qwen2, Mistral, Phi3; ``gpt_neox.layers``; ...), the LM head excluded."""
     block_lists: list[str] = []
+    head = _output_modules(model)
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList):
+        if not isinstance(module, nn.ModuleList) or id(module) in head:
             continue
         if any(name.startswith(prefix + ".") for prefix in block_lists):
             continue  # a list nested inside a block (e.g. MoE experts): part of that block
@@ -33,14 +42,37 @@ def find_block_lists(model: nn.Module) -> list[str]:
     return block_lists
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` that computes what ``nn.Linear`` computes. A subclass with its own ``forward`` (a MoE router
+    returning a tuple, Falcon's linear adding its bias in a second rounding) does something else: replacing it with
+    ``F.linear`` would break teacher mode's exactness or the model's code."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
 def find_block_linears(model: nn.Module) -> list[str]:
-    """Names of the ``nn.Linear`` modules inside the model's transformer blocks (``find_block_lists``), except those
-    the model keeps in full precision (``kept_in_full_precision``).
+    """Names of the plain ``nn.Linear`` modules (``is_plain_linear``) inside the model's transformer blocks
+    (``find_block_lists``), except those the model keeps in full precision (``kept_in_full_precision``).
 
     This is architecture-agnostic and leaves the LM head and any projection outside the blocks alone.
     """
     return [full for name in find_block_lists(model) for sub, m in model.get_submodule(name).named_modules()
-            if isinstance(m, nn.Linear) and not kept_in_full_precision(model, full := f"{name}.{sub}")]
+            if is_plain_linear(m) and not kept_in_full_precision(model, full := f"{name}.{sub}")]
+
+
+def full_precision_block_parameters(model: nn.Module, block_lists: list[str]) -> dict[str, int]:
+    """Parameters of the blocks that no patched layer holds, by the kind of module that owns them (norms, biases
+    elsewhere, MoE experts stored as 3-D tensors, linear subclasses, layers kept in full precision): what stays in
+    full precision in the student."""
+    counts: dict[str, int] = {}
+    patched = {id(m) for layer in model.modules() if isinstance(layer, DualModeLinear) for m in layer.modules()}
+    for name in block_lists:
+        for module in model.get_submodule(name).modules():
+            if id(module) in patched:  # its W is ternary; its dW is the student's, not the teacher's
+                continue
+            own = sum(p.numel() for p in module.parameters(recurse=False))
+            if own:
+                counts[type(module).__name__] = counts.get(type(module).__name__, 0) + own
+    return counts
 
 
 def kept_in_full_precision(model: nn.Module, name: str) -> bool:
@@ -71,6 +103,13 @@ class DualModel:
     @property
     def num_patched(self) -> int:
         return len(self.layers)
+
+    def full_precision_share(self) -> tuple[float, dict[str, int]]:
+        """The share of the blocks' parameters that stay in full precision in the student, and those parameters by
+        the kind of module owning them (``full_precision_block_parameters``)."""
+        kept = full_precision_block_parameters(self.model, self.block_lists)
+        ternary = sum(layer.weight.numel() for layer in self.layers.values())
+        return sum(kept.values()) / max(sum(kept.values()) + ternary, 1), kept
 
     @property
     def patched_names(self) -> list[str]:

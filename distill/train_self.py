@@ -7,6 +7,8 @@ to teacher mode for each batch (no second model in memory), or read from the tea
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from bitnet import DualModel, hidden_cosine_loss, kl_to_teacher, next_token_cross_entropy, sparse_topk_kl
@@ -118,6 +120,11 @@ def load_dual(cfg: PipelineConfig, device: torch.device) -> DualModel:
     return patch_model(model, delta=sd.delta, delta_dtype=DTYPES[sd.delta_dtype])
 
 
+# Norms and biases are well under 1% of a transformer's block parameters; far more means whole weight matrices
+# (MoE experts stored as 3-D tensors, linear subclasses) that patching leaves in full precision.
+FULL_PRECISION_WARNING = 0.05
+
+
 def run_self_distill(cfg: PipelineConfig, store, stage: dict, reporter, tokens: dict, cache: dict | None) -> dict:
     """The self-distillation training stage: trains dW; writes the (small) delta and the loss history."""
     from .artifacts import finish_training
@@ -130,6 +137,12 @@ def run_self_distill(cfg: PipelineConfig, store, stage: dict, reporter, tokens: 
         return store.read_manifest(stage["path"])
     device = resolve_device(cfg.teacher.device)
     dual = load_dual(cfg, device)
+    share, kept = dual.full_precision_share()
+    if share > FULL_PRECISION_WARNING:
+        largest = ", ".join(f"{kind} {count:,}" for kind, count in sorted(kept.items(), key=lambda kv: -kv[1])[:3])
+        reporter.log(f"self-distill: {share:.0%} of the transformer blocks' parameters stay in full precision in the "
+                     f"student (not held by a plain nn.Linear: {largest}); only the {dual.num_patched} patched linear "
+                     "layers become ternary, and the packed size counts only them", logging.WARNING)
     if cfg.self_distill.activation_checkpointing:
         blocks = dual.enable_activation_checkpointing()
         reporter.log(f"self-distill: activation checkpointing of {blocks} transformer blocks (recomputed in backward)")
@@ -142,4 +155,5 @@ def run_self_distill(cfg: PipelineConfig, store, stage: dict, reporter, tokens: 
     history = train(trainable, cfg.self_distill_optim(), store, stage["checkpoint_run"], reporter, device,
                     "self-distill")
     return finish_training(store, stage, history, dual.delta_state_dict(), num_patched=dual.num_patched,
-                           trainable_parameters=sum(p.numel() for p in dual.trainable_parameters()))
+                           trainable_parameters=sum(p.numel() for p in dual.trainable_parameters()),
+                           full_precision_block_share=share)

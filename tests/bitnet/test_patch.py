@@ -176,3 +176,40 @@ def test_a_few_distillation_steps_lower_the_kl(tmp_path, delta):
     with torch.no_grad():
         end = kl().item()
     assert end < 0.8 * start, (start, end)
+
+
+MOE = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+           intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_linear_subclasses_with_a_forward_of_their_own_are_left_alone(dtype):
+    """PhiMoE's router is an nn.Linear whose forward returns (logits, weights, experts): replaced by a plain linear
+    layer, teacher mode failed deep in the model's code."""
+    torch.manual_seed(0)
+    model = tf.PhimoeForCausalLM(tf.PhimoeConfig(**MOE)).to(dtype).eval()
+    ids = token_batch()
+    with torch.no_grad():
+        ref = model(ids).logits
+    dual = patch_model(model)
+    assert not any("router" in name for name in dual.patched_names) and dual.num_patched == 2 * 4  # q, k, v, o
+    with torch.no_grad(), dual.teacher():
+        assert torch.equal(model(ids).logits, ref)
+
+
+def test_the_share_of_block_parameters_left_in_full_precision_is_reported():
+    torch.manual_seed(0)
+    llama = patch_model(tf.LlamaForCausalLM(tf.LlamaConfig(**{k: v for k, v in MOE.items() if "expert" not in k})))
+    share, kept = llama.full_precision_share()
+    assert share < 0.01 and set(kept) == {"LlamaRMSNorm"}  # its norms only
+    mixtral = patch_model(tf.MixtralForCausalLM(tf.MixtralConfig(**MOE)))  # experts are 3-D tensors, not nn.Linear
+    share, kept = mixtral.full_precision_share()
+    assert share > 0.85 and kept["MixtralExperts"] == 2 * 4 * 3 * 32 * 64
+
+
+def test_an_lm_head_held_in_a_module_list_is_not_a_block():
+    """MusicGen (an AutoModelForCausalLM) keeps one LM head per codebook in an nn.ModuleList of its own."""
+    config = tf.MusicgenDecoderConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      ffn_dim=64, num_codebooks=2, pad_token_id=0, bos_token_id=1)
+    dual = patch_model(tf.MusicgenForCausalLM(config).eval())
+    assert dual.num_patched == 10 and not any("lm_heads" in name for name in dual.patched_names)  # self + cross attn
