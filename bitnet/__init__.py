@@ -11,6 +11,7 @@ from .export import (
     save_student,
     save_ternary_pretrained,
     unpack_ternary,
+    unpackable_layers,
 )
 from .layers import BitLinear, DualModeLinear, TernaryLinear
 from .losses import hidden_cosine_loss, kl_to_teacher, next_token_cross_entropy, sparse_topk_kl
@@ -25,4 +26,5 @@ __all__ = [
     "ternary_weight", "int8_activation", "ste_ternary_codes", "ste_int8_codes", "bitlinear",
     "next_token_cross_entropy", "kl_to_teacher", "sparse_topk_kl", "hidden_cosine_loss",
     "pack_ternary", "unpack_ternary", "save_ternary_pretrained", "save_student", "load_student", "freeze_ternary",
+    "unpackable_layers",
 ]

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .layers import BitLinear, TernaryLinear
-from .patch import DualModel
+from .patch import DualModel, find_block_linears
 from .quant import ternary_weight
 from .student import Decompressor, SuperpositionStudent
 
@@ -63,6 +63,12 @@ def _drop_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             seen.add(ident)
             kept[key] = tensor.contiguous()
     return kept
+
+
+def unpackable_layers(model: nn.Module) -> list[str]:
+    """The layers ``patch_model`` would patch whose output size transformers' packed layout cannot hold (it stores
+    ``out_features // 4`` rows): an unpatched model (even one on the meta device) can be checked before training."""
+    return [name for name in find_block_linears(model) if model.get_submodule(name).out_features % VALUES_PER_BYTE]
 
 
 def save_ternary_pretrained(dual: DualModel, path: str | Path, tokenizer=None) -> dict:

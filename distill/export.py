@@ -13,7 +13,7 @@ import yaml
 from bitnet import save_student, save_ternary_pretrained
 
 from .artifacts import read_tensors, save_directory
-from .config import PipelineConfig
+from .config import ConfigError, PipelineConfig
 from .data import hub_dataset
 from .lm_head import load_final_student
 from .report import markdown_table, metrics_rows
@@ -28,6 +28,29 @@ LOADING = {
                               "student, projector = load_student(path)\ntokenizer = AutoTokenizer.from_pretrained(path)\n"
                               "```"),
 }
+
+
+def check_exportable(teacher_cfg, config) -> None:
+    """Before any work: a self-distilled student of this architecture can be exported (transformers' packed layout
+    needs every patched layer's output size divisible by 4). Checked on the model built on the meta device from
+    ``config``: no weights are loaded or allocated. A model whose class cannot be built so is left to the export."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bitnet import unpackable_layers
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=teacher_cfg.trust_remote_code)
+    except Exception:  # remote code or an architecture that needs real tensors to build
+        return
+    uneven = unpackable_layers(model)
+    if uneven:
+        raise ConfigError(
+            f"teacher.name_or_path {teacher_cfg.name_or_path!r}: its self-distilled student could not be exported, "
+            f"since transformers' packed ternary layout stores out_features // 4 rows and these layers' output sizes "
+            f"are not divisible by 4: {', '.join(uneven[:5])}{' ...' if len(uneven) > 5 else ''}; distil it with "
+            "the superposition flow (its student has sizes of its own), or pick a teacher without such layers")
 
 
 TAGS = ["bitnet", "bitnet-b1.58", "ternary", "distillation", "bitnet-distill"]

@@ -79,6 +79,10 @@ def preflight(cfg: PipelineConfig, flow: str) -> TeacherFacts:
             resolve_layers(cfg.self_distill.hidden_layers, facts.num_hidden_layers)
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("cache.layers", "self_distill.hidden_layers")) from None
+    if flow == "self-distill":
+        from .export import check_exportable
+
+        check_exportable(cfg.teacher, config)
     if flow == "self-distill" and cfg.self_distill.teacher_signal == "cache":
         check_cache_holds_teacher_signal(cfg, facts.num_hidden_layers)
     if flow == "superposition-distill":

@@ -394,3 +394,24 @@ def test_a_teacher_that_is_not_a_causal_lm_or_whose_tokenizer_outgrew_it_fails_i
     with pytest.raises(ConfigError, match=f"tokenizer has {len(tokenizer)} tokens but its model only "
                                           f"{len(tokenizer) - 1} embeddings .*resize_token_embeddings"):
         check(grown)
+
+
+def test_a_teacher_whose_self_distilled_student_could_not_be_exported_fails_in_preflight(tiny_teacher, tmp_path):
+    """transformers' packed layout needs output sizes divisible by 4: found before training, not after it."""
+    import json
+    import shutil
+
+    from distill.plan import preflight
+
+    from .conftest import TINY, tiny_overrides
+
+    uneven = tmp_path / "uneven"
+    shutil.copytree(tiny_teacher, uneven)
+    config = json.loads((uneven / "config.json").read_text())
+    (uneven / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] + 2}))
+    cfg = load_config(TINY, tiny_overrides(uneven, tmp_path))
+    with pytest.raises(ConfigError, match=r"self-distilled student could not be exported.*not divisible by 4: "
+                                          r"model\.layers\.0\.mlp\.gate_proj, .*; distil it with the superposition "
+                                          r"flow"):
+        preflight(cfg, "self-distill")
+    preflight(cfg, "superposition-distill")  # its student has sizes of its own
