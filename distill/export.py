@@ -109,8 +109,6 @@ def run_export(cfg: PipelineConfig, store, stage: dict, reporter, flow: str, stu
         (directory / "README.md").write_text(model_card(cfg, flow, full_metrics, sizes))
 
     reporter.log(f"exporting the {flow} student to {store.url(path)}")
-    save_directory(store, path, write)
-    manifest = {"stage": "export", "fingerprint": stage["fingerprint"], "path": path, "format": flow,
-                **{k: v for k, v in sizes.items() if k != "path"}}
-    store.mark_complete(path, manifest)
-    return manifest
+    return save_directory(store, path, write, lambda: {
+        "stage": "export", "fingerprint": stage["fingerprint"], "path": path, "format": flow,
+        **{k: v for k, v in sizes.items() if k != "path"}})

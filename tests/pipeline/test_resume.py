@@ -180,9 +180,10 @@ def test_a_killed_uploads_half_written_files_are_not_in_the_finished_stage(tmp_p
     for path in ("runs/r/student-1", "runs/r/train"):
         (tmp_path / path).mkdir(parents=True)
         (tmp_path / path / ".model.safetensors.0123abcd.tmp").write_bytes(b"half a model")
-    save_directory(store, "runs/r/student-1", lambda directory: (directory / "model.safetensors").write_bytes(b"m"))
+    save_directory(store, "runs/r/student-1", lambda directory: (directory / "model.safetensors").write_bytes(b"m"),
+                   lambda: {"stage": "export"})
     finish_training(store, {"path": "runs/r/train", "name": "train", "fingerprint": "f", "checkpoint_run": "r"},
                     [{"loss": 1.0}], {"w": torch.ones(1)})
-    assert sorted(p.name for p in (tmp_path / "runs/r/student-1").iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "runs/r/student-1").iterdir()) == ["_COMPLETE.json", "model.safetensors"]
     assert sorted(p.name for p in (tmp_path / "runs/r/train").iterdir()) == ["_COMPLETE.json", "history.json",
                                                                              "weights.safetensors"]
