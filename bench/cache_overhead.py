@@ -30,7 +30,8 @@ if __package__ in (None, ""):  # run as a script: python bench/cache_overhead.py
 import torch
 
 from bench.common import compute_dtype, interleave, median, parser, ratio, report, setup, table, teacher, token_rows
-from distill.teacher import TeacherForward, resolve_layers
+from distill.stages.teacher_cache import TeacherForward
+from distill.teacher import resolve_layers
 from storage import ArtifactStore
 from storage.cache import TeacherCacheSpec, TeacherCacheWriter
 from storage.cache_spec import TOPK_CODEC

@@ -1,11 +1,11 @@
 """Reading the teacher cache: training-loop throughput with batches from the Zarr cache through the reader vs the
 same batches from tensors already in memory, side by side in one process.
 
-The consumer is the superposition stage's own training step (``distill.train_superposition.superposition_trainable``
+The consumer is the superposition stage's own training step (``distill.stages.superposition.superposition_trainable``
 with the quickstart preset's student: every step fetches a batch, reconstructs the teacher's cached hidden state,
 backward, clipping, AdamW). It is the cheapest step that reads the cache, so the one where reading weighs most. Both
 variants train their own copy of the same student on the same schedule of rows: one through
-``distill.teacher_cache.cached_rows`` (``TeacherCacheReader``: chunk decode, checksum check, stacking, as the stage
+``distill.rows.cached_rows`` (``TeacherCacheReader``: chunk decode, checksum check, stacking, as the stage
 runs it), the other through a ``Rows`` that indexes tensors read out of the same cache beforehand. The cache is
 written first, with the cache stage's writer and the teacher's real outputs (quickstart preset: last layer, float16,
 zstd, top-k 32 in bit-shuffled LZ4, chunk = batch = 16 rows); the training reads what the stage reads (the tokens
@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 if __package__ in (None, ""):  # run as a script: python bench/cache_read.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,9 +33,10 @@ from bench.common import (compute_dtype, interleave, median, optimiser_step, par
                           teacher, token_rows)
 from distill.config import load_config
 from distill.rows import Rows
-from distill.teacher import TeacherForward, resolve_layers
-from distill.teacher_cache import cached_rows
-from distill.train_superposition import build_student, superposition_trainable
+from distill.rows import cached_rows
+from distill.stages.superposition import build_student, superposition_trainable
+from distill.stages.teacher_cache import TeacherForward
+from distill.teacher import resolve_layers
 from storage import ArtifactStore
 from storage.cache import TeacherCacheReader, TeacherCacheSpec, TeacherCacheWriter
 from storage.cache_spec import TOPK_CODEC
@@ -68,6 +70,11 @@ def in_memory(store: ArtifactStore, path: str) -> Rows:
                 chunk_size=reader.spec.chunk_size)
 
 
+def bench_cache(path: str) -> SimpleNamespace:
+    """What ``cached_rows`` reads of a teacher_cache manifest, for a cache this script built (fingerprint "bench")."""
+    return SimpleNamespace(splits={"train": SimpleNamespace(path=path)}, fingerprint="bench")
+
+
 def compare(kind: str, args, device, store: ArtifactStore) -> dict:
     cfg = load_config("quickstart", {"train.batch_size": args.batch, "cache.batch_size": args.batch})
     model, info = teacher(kind, device, compute_dtype(device))
@@ -76,8 +83,7 @@ def compare(kind: str, args, device, store: ArtifactStore) -> dict:
         target = build_cache(model, store, p, args.rows, cfg, device, codec)
     del model
     path = paths[args.topk_codecs[0]]
-    cache = {"splits": {"train": {"path": path}}}
-    stage_rows = cached_rows(store, cache, "train", "bench", [target])  # what the superposition stage reads
+    stage_rows = cached_rows(store, bench_cache(path), "train", [target])  # what the superposition stage reads
     sources = {"in-memory tensors": in_memory(store, path), "Zarr cache (reader)": stage_rows}
     steps = {}
     for name, rows in sources.items():
@@ -104,7 +110,7 @@ def compare(kind: str, args, device, store: ArtifactStore) -> dict:
         return (time.perf_counter() - start) / args.steps
 
     def fetch_fresh(path: str, arrays: list[str] | None) -> float:  # a new reader each time: nothing decoded yet
-        return fetch_only(cached_rows(store, {"splits": {"train": {"path": path}}}, "train", "bench", arrays))
+        return fetch_only(cached_rows(store, bench_cache(path), "train", arrays))
 
     # the reader alone, side by side: as the stage reads (tokens and its target), and every array per top-k codec
     variants = {"stage's arrays": functools.partial(fetch_fresh, path, [target])}

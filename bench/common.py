@@ -125,7 +125,7 @@ def token_rows(rows: int, seq_len: int = 128, split: str = "train") -> tuple[tor
     from transformers.utils import logging
 
     from distill.config import DataConfig
-    from distill.data import token_rows as packed_rows
+    from distill.stages.tokenize import token_rows as packed_rows
 
     logging.set_verbosity_error()  # "sequence longer than the maximum": documents are tokenized whole, then packed
     tokenizer = AutoTokenizer.from_pretrained(QUICKSTART)

@@ -26,11 +26,14 @@ SCALES = (0.5, 0.75, 1.0, 1.5)  # multiples of the teacher's mean norm
 
 def main(argv=None) -> None:
     from distill.config import load_config
-    from distill.data import load_split
-    from distill.lm_head import load_final_student
     from distill.metrics import Output, compare_to_teacher
     from distill.plan import make_plan, open_store, preflight
-    from distill.train_self import dual_forward, load_dual
+    from distill.rows import token_rows
+    from distill.stage import finished
+    from distill.stages import STAGES
+    from distill.stages.lm_head import load_final_student
+    from distill.stages.self_distill import dual_forward, load_dual
+    from distill.teacher import Teacher
 
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--root", default=str(REPO / "artifacts" / "quality"), help="bench.quality's artifact root")
@@ -40,17 +43,18 @@ def main(argv=None) -> None:
     cfg = load_config("quickstart", {"storage.root": args.root, "name": "quality", "seed": args.seed})
     plan = make_plan(cfg, "superposition-distill", preflight(cfg, "superposition-distill"))
     store = open_store(cfg)
-    if not store.is_complete(plan["lm_head"]["path"]):
+    head_manifest = finished(STAGES["lm_head"], store, plan.stages["lm_head"].path)
+    if head_manifest is None:
         sys.exit(f"no finished superposition run under {args.root} for seed {args.seed}: run "
                  f"`python -m bench.quality --groups superposition --superposition-seeds {args.seed}` first")
-    small, projector = load_final_student(cfg, store, store.read_manifest(plan["lm_head"]["path"]))
+    small, projector = load_final_student(cfg, store, head_manifest)
     small.to(device)
     projector.to(device)
-    dual = load_dual(cfg, device)
+    dual = load_dual(cfg, Teacher(cfg.teacher), device)
     head = dual.model.get_output_embeddings()
-    tokens = store.read_manifest(plan["tokenize"]["path"])
+    tokens = finished(STAGES["tokenize"], store, plan.stages["tokenize"].path)
     batches = [(b["input_ids"].to(device), b["attention_mask"].to(device))
-               for b in load_split(store, tokens, "eval").batches(cfg.eval.batch_size, limit=cfg.eval.max_rows)]
+               for b in token_rows(store, tokens, "eval").batches(cfg.eval.batch_size, limit=cfg.eval.max_rows)]
 
     def predicted(ids, mask):
         return projector(small(ids, mask, compute_logits=False).last_hidden)

@@ -1,7 +1,7 @@
 """Peak memory of self-distillation: one dual-mode model vs a frozen teacher plus a separate student.
 
 Each configuration runs in a fresh process (``--child``): build the model(s), then a few steps of the project's
-self-distillation loss (``distill.train_self.self_distill_trainable`` with the quickstart preset's loss, KL to the
+self-distillation loss (``distill.stages.self_distill.self_distill_trainable`` with the quickstart preset's loss, KL to the
 teacher: teacher forward, student forward, backward, clipping, AdamW), and report the process's peak resident set
 size (``ru_maxrss``; on CUDA also ``torch.cuda.max_memory_allocated``). The two-model approach runs through the very same
 loss code: ``TwoModels`` plays the ``DualModel`` role, teacher mode calling the frozen copy, student mode the
@@ -45,7 +45,7 @@ from bitnet import BitLinear, checkpoint_blocks, find_block_linears, find_block_
 from distill.config import load_config
 from distill.optim import make_optimizer
 from distill.rows import Rows
-from distill.train_self import self_distill_trainable
+from distill.stages.self_distill import self_distill_trainable
 
 TARGET_LORA = 0.4
 CONFIGS = ("two-model", "dual full", "dual full, bf16 dW", "dual lora", "two-model, STE graph (before)",

@@ -178,31 +178,35 @@ def extra_superposition_rows(args, overrides: dict) -> dict[str, dict]:
 
     from bitnet import next_token_cross_entropy
     from distill.config import load_config
-    from distill.data import load_split
+    from distill.device import resolve_device
     from distill.loop import ScheduledBatches, Trainable, train
     from distill.metrics import Output, compare_to_teacher
     from distill.plan import make_plan, open_store, preflight
     from distill.progress import Reporter
-    from distill.rows import Rows, to_device
-    from distill.teacher import resolve_device
-    from distill.train_self import dual_forward, load_dual
-    from distill.train_superposition import build_student, load_trained_student
+    from distill.rows import Rows, to_device, token_rows
+    from distill.stage import finished
+    from distill.stages import STAGES
+    from distill.stages.self_distill import dual_forward, load_dual
+    from distill.stages.superposition import build_student, load_trained_student
+    from distill.teacher import Teacher
+    from storage import layout
     from storage.fingerprint import fingerprint
 
     cfg = load_config(args.config, {"storage.root": args.root, "name": "quality", **args.set, **overrides})
     seed = cfg.seed
     plan = make_plan(cfg, "superposition-distill", preflight(cfg, "superposition-distill"))
     store, device = open_store(cfg), resolve_device(cfg.teacher.device)
-    tokens = store.read_manifest(plan["tokenize"]["path"])
-    before, _ = load_trained_student(cfg, store, store.read_manifest(plan["train"]["path"]))
-    dual = load_dual(cfg, device)
+    tokens = finished(STAGES["tokenize"], store, plan.stages["tokenize"].path)
+    trained = finished(STAGES["superposition"], store, plan.stages["superposition"].path)
+    before, _ = load_trained_student(cfg, store, trained)
+    dual = load_dual(cfg, Teacher(cfg.teacher), device)
 
     # The control: same architecture, same tokens and batch order, CE from scratch for as many steps as the
     # superposition student took in all (reconstruction + head); its checkpoints live under a fingerprint of that.
     torch.manual_seed(seed)
     control, _ = build_student(cfg, dual.model.config.vocab_size, dual.model.config.hidden_size)
     control.to(device)
-    rows = load_split(store, tokens, "train")
+    rows = token_rows(store, tokens, "train")
     count = min(rows.count, cfg.cache.max_samples or rows.count)  # the rows the superposition student saw
     batches = ScheduledBatches(Rows(count, rows.fetch, rows.chunk_size), cfg.train.batch_size, cfg.seed)
 
@@ -212,16 +216,17 @@ def extra_superposition_rows(args, overrides: dict) -> dict[str, dict]:
                                         batch["input_ids"], batch["attention_mask"]), {}
 
     optim = cfg.train.model_copy(update={"steps": cfg.train.steps + cfg.head.steps})
-    run = f"quality-control-{fingerprint({'student': cfg.student.model_dump(), 'optim': optim.model_dump(), 'seed': seed}, tokens['fingerprint'])}"
+    control_fp = fingerprint({"student": cfg.student, "optim": optim.model_dump(), "seed": seed}, tokens.fingerprint)
+    checkpoint_dir = layout.checkpoints_dir(f"quality-control/{control_fp}")
     trainable = Trainable(list(control.parameters()), ce, lambda: dict(control.state_dict()),
                           control.load_state_dict)
-    train(trainable, optim, store, run, Reporter(), device, "control (CE from scratch)")
+    train(trainable, optim, store, checkpoint_dir, Reporter(), device, "control (CE from scratch)")
 
     before.to(device).eval()
     control.eval()
     candidates = {"before_head": lambda ids, mask: Output(before(ids, mask).logits),
                   "control": lambda ids, mask: Output(control(ids, mask).logits)}
-    eval_rows = load_split(store, tokens, "eval")
+    eval_rows = token_rows(store, tokens, "eval")
     batches = ((b["input_ids"].to(device), b["attention_mask"].to(device))
                for b in eval_rows.batches(cfg.eval.batch_size, limit=cfg.eval.max_rows))
     return compare_to_teacher(dual_forward(dual, dual.teacher, []), candidates, batches)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from bench.common import compute_dtype, interleave, parser, ratio, report, setup, table
-from distill.teacher import topk_block_rows
+from distill.stages.teacher_cache import topk_block_rows
 
 # (vocabulary, hidden size): the quickstart teacher's head, a Llama-2-sized one, a Qwen2.5-1.5B-sized one
 HEADS = [(4096, 256), (32000, 2048), (151936, 1536)]

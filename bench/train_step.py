@@ -4,7 +4,7 @@ rounds).
 1. BitLinear vs nn.Linear: the superposition student (``bitnet.SuperpositionStudent``, every block projection a
    ``BitLinear``) against the very same architecture and weights with plain ``nn.Linear``. Target <= 1.3x.
 2. Self-distillation vs plain fine-tuning of the same Hugging Face model: the project's own self-distillation loss
-   (``distill.train_self.self_distill_trainable`` with the quickstart preset's loss, KL to the teacher: a
+   (``distill.stages.self_distill.self_distill_trainable`` with the quickstart preset's loss, KL to the teacher: a
    teacher-mode forward, then the student forward through ``bitnet.patch_model``, backward into dW) against full
    fine-tuning of an unpatched copy with cross-entropy. A third variant, the patched student with cross-entropy
    alone, separates the cost of ternary training from the cost of the teacher signal; a fourth runs
@@ -30,7 +30,7 @@ from bitnet import BitLinear, SuperpositionStudent, next_token_cross_entropy, pa
 from bitnet.quant import bitlinear_graph
 from distill.config import load_config
 from distill.rows import Rows
-from distill.train_self import self_distill_trainable
+from distill.stages.self_distill import self_distill_trainable
 
 TARGET = 1.3
 

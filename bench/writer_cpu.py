@@ -22,7 +22,8 @@ import torch
 
 from bench.cache_overhead import chunk_arrays, spec_for, split
 from bench.common import median, parser, report, setup, table, teacher, token_rows
-from distill.teacher import TeacherForward, resolve_layers
+from distill.stages.teacher_cache import TeacherForward
+from distill.teacher import resolve_layers
 from storage import ArtifactStore
 from storage.cache import TeacherCacheWriter
 from storage.cache_spec import TOPK_CODEC

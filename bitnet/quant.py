@@ -177,8 +177,8 @@ def _fused() -> _Elementwise:
     """The same functions compiled by ``torch.compile`` (Inductor fuses each into one or two GPU kernels).
 
     On a GPU the matmuls of a ternary layer are cheap and the quantizers' elementwise passes over activations and
-    weights (abs, max, scale, round, clamp, casts: about ten kernels each way) cost as much again. Fused, a BitLinear
-    training step on an H100 went from 2.0x to 1.6-1.8x an ``nn.Linear`` step (docs/RESULTS.md, section 6). Integer
+    weights (abs, max, scale, round, clamp, casts: about ten kernels each way) cost as much again; fused, they cost
+    less (docs/RESULTS.md, "On a GPU"). Integer
     codes are unchanged; the scale ``mean|W|`` is a float reduction whose summation order may differ in the last bit,
     as between CPU and CUDA.
     """

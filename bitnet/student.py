@@ -21,7 +21,14 @@ from .layers import BitLinear
 
 @dataclass
 class StudentConfig:
-    vocab_size: int
+    """The superposition student's shape; ``vocab_size`` and ``max_seq_len`` come from whoever builds it (the
+    pipeline: the teacher's vocabulary and ``data.seq_len``)."""
+
+    # read by pydantic, which validates this class as the pipeline configuration's ``student`` section: a misspelt
+    # key is an error there, not ignored (a plain dict: this package does not import pydantic)
+    __pydantic_config__ = {"extra": "forbid"}
+
+    vocab_size: int | None = None
     dim: int = 768
     n_layers: int = 12
     n_heads: int = 12
@@ -30,8 +37,12 @@ class StudentConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    projector_hidden: int | None = None  # the decompressor's hidden width; default the teacher's width
 
     def __post_init__(self):
+        for name in ("dim", "n_layers", "n_heads", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"student {name} must be positive, got {getattr(self, name)}")
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
             raise ValueError(
                 f"student dim {self.dim} must be divisible by n_heads {self.n_heads} into an even head size "
@@ -118,6 +129,8 @@ class SuperpositionStudent(nn.Module):
     def __init__(self, vocab_size: int, dim: int = 768, n_layers: int = 12, n_heads: int = 12, **kwargs):
         super().__init__()
         self.config = cfg = StudentConfig(vocab_size, dim, n_layers, n_heads, **kwargs)
+        if not cfg.vocab_size or cfg.vocab_size < 1:
+            raise ValueError(f"the student needs a positive vocab_size, got {cfg.vocab_size!r}")
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)

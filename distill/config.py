@@ -12,15 +12,31 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+import dataclasses
+
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bitnet import StudentConfig
+from bitnet.layers import parse_delta
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "configs"
 
 
+def operational(default: Any, **constraints) -> Any:
+    """A field that changes how a stage runs, never what it produces (how often training checkpoints, ...): it is
+    left out of every fingerprint, so changing it reuses finished work and resumes unfinished work."""
+    return Field(default=default, json_schema_extra={"operational": True}, **constraints)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, never silently ignored
+
+    def fingerprinted(self, exclude: tuple[str, ...] = ()) -> dict:
+        """The section as a stage's fingerprint sees it: every field but the operational ones and ``exclude``."""
+        return {name: value for name, value in self.model_dump(mode="json").items()
+                if name not in exclude and not (type(self).model_fields[name].json_schema_extra or {}).get("operational")}
 
 
 class TeacherConfig(Section):
@@ -87,22 +103,6 @@ class CacheConfig(Section):
         return value
 
 
-class StudentConfig(Section):
-    dim: int = Field(default=768, gt=0)
-    n_layers: int = Field(default=12, gt=0)
-    n_heads: int = Field(default=12, gt=0)
-    mlp_hidden: int | None = Field(default=None, gt=0)
-    tie_embeddings: bool = False
-    projector_hidden: int | None = Field(default=None, gt=0)
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self):
-        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
-            raise ValueError(f"student.dim ({self.dim}) must be divisible by student.n_heads ({self.n_heads}) "
-                             "into an even head size")
-        return self
-
-
 class OptimConfig(Section):
     steps: int = Field(default=500, gt=0)
     batch_size: int = Field(default=16, gt=0)
@@ -111,22 +111,22 @@ class OptimConfig(Section):
     warmup_steps: int = Field(default=50, ge=0)
     min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0)  # none on ternary latent weights by default
-    # adamw8bit: torchao's AdamW8bit, both moments in 8 bits (a quarter of AdamW's state; docs/RESULTS.md measures
-    # memory and quality); needs the optim8bit extra
+    # adamw8bit: torchao's AdamW8bit, both moments in 8 bits, a quarter of AdamW's state (docs/RESULTS.md, "Memory");
+    # needs the optim8bit extra
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     grad_clip: float = Field(default=1.0, ge=0.0)
     eval_every: int = Field(default=100, gt=0)
-    checkpoint_every: int = Field(default=100, gt=0)
-    keep_checkpoints: int = Field(default=2, gt=0)
+    # a resumed run equals an uninterrupted one bit for bit (tests/pipeline/test_resume.py), wherever it checkpointed
+    checkpoint_every: int = operational(100, gt=0)
+    keep_checkpoints: int = operational(2, gt=0)
     autocast_bf16: bool = True  # on CUDA GPUs with native bf16 (compute capability 8.0 on) only
 
 
 class SelfDistillConfig(Section):
     delta: str = "full"
     delta_dtype: Literal["float32", "bfloat16"] = "float32"
-    # KL to the teacher alone by default. In docs/RESULTS.md#quality the per-layer hidden-state cosine was level with
-    # KL alone at 300 steps on 2048 rows and raised held-out perplexity at 1000 steps on 8192 (two seeds against
-    # three); cross-entropy on the data (which overfits a small corpus) raised it everywhere.
+    # KL to the teacher alone by default: the student closest to its teacher. Cross-entropy on the data lowers
+    # held-out perplexity on the teacher's own domain at the cost of that closeness (docs/RESULTS.md, "Loss terms").
     ce_weight: float = Field(default=0.0, ge=0.0)
     kl_weight: float = Field(default=1.0, ge=0.0)
     hidden_weight: float = Field(default=0.0, ge=0.0)
@@ -138,18 +138,17 @@ class SelfDistillConfig(Section):
     lr: float | None = Field(default=None, gt=0)  # overrides train.lr: dW of a pretrained model wants a smaller one
     steps: int | None = Field(default=None, gt=0)  # overrides train.steps (the superposition flow keeps train.steps)
     # replaces train.min_lr_ratio: decay to zero. While the lr is not zero, latent weights near a rounding threshold
-    # keep flipping their ternary code, and the student evaluated is wherever the last flips left it (1000 steps on the
-    # quickstart: 19.92 held-out perplexity at 0, 20.27 at 0.1; docs/RESULTS.md#quality)
+    # keep flipping their ternary code, and the student evaluated is wherever the last flips left it
+    # (docs/RESULTS.md, "Self-distillation recipe")
     min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
     # recompute each block's activations in backward instead of keeping them: the same gradients bit for bit, much
     # less memory at long sequences or large batches, one more forward pass of the blocks per step
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = operational(False)
 
     @field_validator("delta")
     @classmethod
     def _delta_spec(cls, value: str) -> str:
-        if value != "full" and not re.fullmatch(r"lora:[1-9]\d*", value):
-            raise ValueError("must be 'full' or 'lora:R' with a positive rank R (e.g. 'lora:16')")
+        parse_delta(value)  # its ValueError says what is allowed
         return value
 
     @model_validator(mode="after")
@@ -199,7 +198,7 @@ class PipelineConfig(Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     data: DataConfig = Field(default_factory=lambda: DataConfig(builtin="stdlib"))
     cache: CacheConfig = Field(default_factory=CacheConfig)
-    student: StudentConfig = Field(default_factory=StudentConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)  # bitnet's: the superposition student's shape
     train: OptimConfig = Field(default_factory=OptimConfig)
     self_distill: SelfDistillConfig = Field(default_factory=SelfDistillConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
@@ -212,6 +211,16 @@ class PipelineConfig(Section):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
             raise ValueError("use letters, digits, '.', '_' and '-' (it names a directory)")
         return value
+
+    @model_validator(mode="after")
+    def _student_shape_from_the_pipeline(self):
+        defaults = StudentConfig()
+        given = [f"student.{name}" for name in ("vocab_size", "max_seq_len")
+                 if getattr(self.student, name) != getattr(defaults, name)]
+        if given:
+            raise ValueError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} set by the pipeline (the "
+                             "teacher's vocabulary, data.seq_len): remove it")
+        return self
 
     @model_validator(mode="after")
     def _tied_head_needs_tied_embeddings(self):
@@ -233,6 +242,10 @@ class PipelineConfig(Section):
         h = self.head
         return self.train.model_copy(update={"steps": h.steps, "lr": h.lr, "batch_size": h.batch_size,
                                              "grad_accum": 1, "warmup_steps": min(self.train.warmup_steps, h.steps // 10)})
+
+    def student_shape(self, vocab_size: int) -> StudentConfig:
+        """The superposition student's full shape: ``student`` with the teacher's vocabulary and ``data.seq_len``."""
+        return dataclasses.replace(self.student, vocab_size=vocab_size, max_seq_len=self.data.seq_len)
 
     def resolved_root(self) -> str:
         """The artifact root; a relative local path is taken relative to the repository."""
@@ -295,9 +308,12 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 def load_config(config: str | Path | dict | PipelineConfig = "quickstart",
                 overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Resolve a preset name, YAML path or mapping plus overrides into a validated ``PipelineConfig``."""
+    """Resolve a preset name, YAML path or mapping plus overrides into a validated ``PipelineConfig``; a
+    ``PipelineConfig`` without overrides is returned as it is (validated once, when it was made)."""
     if isinstance(config, PipelineConfig):
-        raw = config.model_dump()
+        if not overrides:
+            return config
+        raw = config.model_dump(mode="json")
     elif isinstance(config, dict):
         raw = config
     else:

@@ -1,25 +1,33 @@
-"""Text sources -> documents -> token rows: what the tokenize stage writes as shards.
+"""Where the text comes from: the documents a run tokenizes, and the version of them its fingerprints name.
 
-Sources: the interpreter's standard library (offline quickstart), a Hugging Face dataset by name, or local
-.txt / .jsonl / .parquet files. Documents are split into train / eval by a hash of their key, so the held-out
-split is deterministic and never overlaps training. Rows are fixed-length: documents are packed end to end
-separated by EOS (no compute wasted on padding), or padded / truncated one per row.
+Three sources (``data.*``): the running interpreter's standard library (the offline quickstart's corpus), a Hugging
+Face dataset (from the Hub at the commit ``data.revision`` names when the run starts, or a local dataset
+directory), or local ``.txt`` / ``.jsonl`` / ``.parquet`` files. Every document has a split: the standard library
+keeps its own (by a hash of each file's path); other sources split by a hash of each document's key, so the
+held-out split is deterministic and never overlaps training.
+
+The standard library corpus
+    Every ``*.py`` under the stdlib root, in sorted order of their POSIX path relative to it, except installed
+    packages (``site-packages/``), test suites (any ``test``, ``tests`` or ``idle_test`` directory: deliberately
+    broken files, bulky fixtures, and missing from many distributions' Python, so leaving them out keeps the corpus
+    alike across machines) and generated data rather than code (``pydoc_data/``, the charmap codecs in
+    ``encodings/`` that define a ``decoding_table``, whose tables would flatter perplexity, and
+    ``_sysconfigdata_*.py``). A file is held out when the first 8 bytes of ``sha256(relpath)``, as a big-endian
+    integer, fall below ``STDLIB_EVAL_FRACTION`` of 2**64: the same on every machine and Python version, and a
+    module is never in both splits. The quickstart teacher never saw the held-out modules.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+import sysconfig
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+from storage.fingerprint import directory_identity, file_sha256, is_commit
 
-from storage import layout, stdlib_corpus
-from storage.fingerprint import directory_identity, file_sha256, hub_dataset_commit, is_commit
-from storage.lease import holding_lock
-
-from .artifacts import stage_finished
 from .config import ConfigError, DataConfig
 
 
@@ -49,6 +57,61 @@ def pick_text(row: dict, text_field: str | None, where: str) -> str:
     raise ConfigError(f"{where} has no 'text' column and no instruction/response pair; set data.text_field "
                       f"to one of {sorted(row)}")
 
+
+# ---- the standard library corpus -------------------------------------------------------------------------------
+
+STDLIB_EVAL_FRACTION = 0.05
+STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idle_test", "pydoc_data"})
+_CODEC_TABLE = re.compile(r"^decoding_(table|map) = ", re.MULTILINE)  # a charmap codec's module-level table
+
+
+def stdlib_root() -> Path:
+    """The running interpreter's standard library directory."""
+    return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def stdlib_split(relpath: str) -> str:
+    """``"eval"`` for about ``STDLIB_EVAL_FRACTION`` of the files, chosen by a hash of the POSIX relative path."""
+    digest = hashlib.sha256(relpath.encode("utf-8")).digest()
+    return "eval" if int.from_bytes(digest[:8], "big") < STDLIB_EVAL_FRACTION * 2**64 else "train"
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")  # a few files carry Latin-1 bytes in comments
+
+
+def _generated_or_empty(relpath: str, text: str) -> bool:
+    parts = relpath.split("/")
+    if parts[-1].startswith("_sysconfigdata") or (parts[0] == "encodings" and _CODEC_TABLE.search(text)):
+        return True
+    return not text.strip()
+
+
+def stdlib_files(root: Path | None = None) -> list[str]:
+    """Relative POSIX paths of the corpus's files, sorted (see the module docstring)."""
+    root = stdlib_root() if root is None else Path(root)
+    out = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        # the directory test first, so that site-packages and test suites are never read
+        if STDLIB_EXCLUDED_DIRS.intersection(rel.split("/")[:-1]) or not path.is_file():
+            continue
+        if not _generated_or_empty(rel, _read(path)):
+            out.append(rel)
+    return sorted(out)
+
+
+def stdlib_documents(split: str | None = None, root: Path | None = None) -> Iterator[Document]:
+    """The corpus's documents (of one ``split``, or both interleaved in path order), keyed by relative path."""
+    if split not in (None, "train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    root = stdlib_root() if root is None else Path(root)
+    for rel in stdlib_files(root):
+        if split is None or stdlib_split(rel) == split:
+            yield Document(rel, _read(root / rel), stdlib_split(rel))
+
+
+# ---- Hugging Face datasets ---------------------------------------------------------------------------------------
 
 def _hub_rows(cfg: DataConfig) -> Iterable[dict]:
     """The rows of ``data.dataset``: a local directory (``~`` expanded), or a Hub dataset at ``data.revision``."""
@@ -102,6 +165,48 @@ def hub_dataset(cfg: DataConfig) -> str | None:
     return cfg.dataset if cfg.dataset and _local_dataset(cfg) is None else None
 
 
+def hub_dataset_commit(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None,
+                       timeout: float = 10.0) -> str | None:
+    """The commit a Hub dataset's ``revision`` (default ``main``) names: the revision itself when it is a commit hash,
+    else the Hub's answer, else (offline, or the Hub out of reach) what the local Hugging Face cache's refs say, else
+    None; None too when the Hub says there is no such dataset or revision. The Hub's answer is written to the cache's
+    refs, as ``hf_hub_download`` does for a branch or tag: the tokenize stage then loads by commit, which writes no
+    ref, and a later run without the Hub still knows the commit (and so finds the shards and everything after)."""
+    if is_commit(revision):
+        return revision
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.file_download import repo_folder_name
+
+    ref = (Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="dataset") / "refs"
+           / (revision or "main"))
+    try:
+        commit = HfApi().dataset_info(repo_id, revision=revision, timeout=timeout).sha
+    except (RepositoryNotFoundError, RevisionNotFoundError):  # the Hub's answer (a deleted branch, no access), which
+        return None                                             # a stale ref in the cache must not overrule
+    except Exception:  # offline mode, no network, a server error: the cache may know
+        try:
+            commit = ref.read_text().strip()
+        except (OSError, ValueError):
+            return None
+        return commit if is_commit(commit) else None
+    if not is_commit(commit):
+        return None
+    _write_ref(ref, commit)
+    return commit
+
+
+def _write_ref(ref: Path, commit: str) -> None:
+    """``ref`` (a file of the Hugging Face cache's refs) names ``commit``, written as huggingface_hub writes one (a
+    torn write reads back as no commit); a read-only cache is left as it is."""
+    try:
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        if not ref.is_file() or ref.read_text() != commit:
+            ref.write_text(commit)
+    except (OSError, ValueError):
+        pass
+
+
 def pin_dataset_revision(cfg: DataConfig) -> DataConfig:
     """``cfg`` with a Hub dataset's ``revision`` replaced by the commit it names now, so that the token shards'
     fingerprint covers the data's version (a new upstream commit rebuilds them, an unchanged one reuses them) and the
@@ -125,6 +230,9 @@ def local_dataset_identity(cfg: DataConfig) -> dict | None:
     path = _local_dataset(cfg)
     return None if path is None else directory_identity(path, docs=True)
 
+
+
+# ---- local files ---------------------------------------------------------------------------------------------
 
 def check_data_file(path: Path) -> None:
     if not path.is_file():
@@ -162,6 +270,8 @@ def files_identity(cfg: DataConfig) -> list[list[str]]:
     return identity
 
 
+# ---- every source ---------------------------------------------------------------------------------------------
+
 def check_source(cfg: DataConfig) -> None:
     """Fail fast on an unreadable source or a missing text column: read up to the first document (a Hub dataset
     that is not streamed is downloaded first, and the built-in corpus lists its files first)."""
@@ -188,10 +298,7 @@ def _raw_documents(cfg: DataConfig) -> Iterator[Document]:
     if cfg.builtin == "stdlib":
         # the corpus's own split, so that the quickstart teacher never saw the eval modules; both splits are
         # interleaved in path order so that data.max_documents keeps some of each
-        root = stdlib_corpus.stdlib_root()
-        for relpath in stdlib_corpus.list_files(root):
-            yield Document(relpath, (root / relpath).read_text(encoding="utf-8", errors="replace"),
-                           stdlib_corpus.split_of(relpath))
+        yield from stdlib_documents()
     elif cfg.dataset:
         for i, row in enumerate(_hub_rows(cfg)):
             text = pick_text(row, cfg.text_field, f"dataset {cfg.dataset!r}")
@@ -202,184 +309,3 @@ def _raw_documents(cfg: DataConfig) -> Iterator[Document]:
             for i, row in enumerate(_file_rows(path)):
                 text = pick_text(row, cfg.text_field, str(path))
                 yield Document(f"{path.name}:{i}", text, hash_split(f"{path.name}:{i}:{text}", cfg.eval_fraction))
-
-
-@dataclass
-class RowBuffer:
-    """Accumulates token rows of one split: ``input_ids`` [n, T] int32, ``length`` [n], ``doc_id`` [n]."""
-
-    seq_len: int
-    ids: list[np.ndarray] = field(default_factory=list)
-    lengths: list[int] = field(default_factory=list)
-    doc_ids: list[int] = field(default_factory=list)
-
-    def add(self, row: np.ndarray, length: int, doc_id: int) -> None:
-        self.ids.append(row.astype(np.int32))
-        self.lengths.append(length)
-        self.doc_ids.append(doc_id)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def take(self) -> dict[str, np.ndarray]:
-        batch = {
-            "input_ids": np.stack(self.ids) if self.ids else np.zeros((0, self.seq_len), np.int32),
-            "length": np.asarray(self.lengths, dtype=np.int32),
-            "doc_id": np.asarray(self.doc_ids, dtype=np.int64),
-        }
-        self.ids, self.lengths, self.doc_ids = [], [], []
-        return batch
-
-
-class Packer:
-    """Concatenates documents separated by EOS and cuts the stream into full rows of ``seq_len`` tokens.
-
-    A row's ``doc_id`` is the document its first token came from; the trailing partial row is dropped.
-    """
-
-    def __init__(self, seq_len: int, eos_id: int):
-        self.seq_len, self.eos_id = seq_len, eos_id
-        self.stream: list[int] = []
-        self.stream_doc = 0
-        self.rows = RowBuffer(seq_len)
-
-    def add(self, tokens: list[int], doc_id: int) -> None:
-        if not self.stream:
-            self.stream_doc = doc_id
-        self.stream.extend(tokens)
-        self.stream.append(self.eos_id)
-        while len(self.stream) >= self.seq_len:
-            self.rows.add(np.asarray(self.stream[: self.seq_len]), self.seq_len, self.stream_doc)
-            self.stream = self.stream[self.seq_len:]
-            self.stream_doc = doc_id
-
-
-class Padder:
-    """One document per row: truncated to ``seq_len``, right-padded with ``pad_id`` (the reference's way)."""
-
-    def __init__(self, seq_len: int, pad_id: int):
-        self.seq_len, self.pad_id = seq_len, pad_id
-        self.rows = RowBuffer(seq_len)
-
-    def add(self, tokens: list[int], doc_id: int) -> None:
-        tokens = tokens[: self.seq_len]
-        row = np.full(self.seq_len, self.pad_id, dtype=np.int32)
-        row[: len(tokens)] = tokens
-        self.rows.add(row, len(tokens), doc_id)
-
-
-def special_ids(tokenizer, packing: str) -> tuple[int | None, int]:
-    """(eos, pad) ids for ``data.packing``: packing separates documents with EOS; a tokenizer without a pad token
-    pads with EOS (padding is masked anyway)."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    if packing == "pack" and eos is None:
-        raise ConfigError(f"the tokenizer {tokenizer.name_or_path!r} has no EOS token to separate packed documents "
-                          "with; set data.packing: pad, or use a tokenizer with an eos_token")
-    pad = pad if pad is not None else eos
-    if pad is None:
-        raise ConfigError(f"the tokenizer {tokenizer.name_or_path!r} has neither a pad nor an EOS token to pad rows "
-                          "with; use a tokenizer that defines one of them")
-    return eos, pad
-
-
-def token_rows(cfg: DataConfig, tokenizer, batch_rows: int = 1024,
-               documents: Iterable[Document] | None = None) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-    """Yield ``(split, rows)`` batches of at most ``batch_rows`` rows as documents are tokenized."""
-    eos, pad = special_ids(tokenizer, cfg.packing)
-    make = (lambda: Packer(cfg.seq_len, eos)) if cfg.packing == "pack" else (lambda: Padder(cfg.seq_len, pad))
-    builders = {"train": make(), "eval": make()}
-    limits = {"train": cfg.max_train_rows, "eval": cfg.max_eval_rows}
-    emitted = {"train": 0, "eval": 0}
-    def produced(split: str) -> int:
-        return emitted[split] + len(builders[split].rows)
-
-    def full(split: str) -> bool:
-        return limits[split] is not None and produced(split) >= limits[split]
-
-    for doc_id, doc in enumerate(iter_documents(cfg) if documents is None else documents):
-        if full(doc.split):
-            if all(full(s) for s in builders):
-                break
-            continue
-        # Whole documents: packing cuts them into seq_len rows, so "longer than the maximum" does not apply.
-        ids = tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"]
-        builders[doc.split].add(ids, doc_id)
-        rows = builders[doc.split].rows
-        if len(rows) >= batch_rows:
-            batch = _limit(rows.take(), limits[doc.split], emitted[doc.split])
-            emitted[doc.split] += len(batch["length"])
-            yield doc.split, batch
-    for split, builder in builders.items():
-        batch = _limit(builder.rows.take(), limits[split], emitted[split])
-        if len(batch["length"]):
-            yield split, batch
-
-
-def _limit(batch: dict[str, np.ndarray], limit: int | None, already: int) -> dict[str, np.ndarray]:
-    if limit is None:
-        return batch
-    keep = max(0, limit - already)
-    return {k: v[:keep] for k, v in batch.items()}
-
-
-TOKENIZE_LOCK_TIMEOUT_S = 3600.0  # how long a second run waits for the one building the same token shards
-
-
-def run_tokenize(cfg, store, stage: dict, reporter) -> dict:
-    """The tokenize stage: token shards of both splits under ``stage["path"]``; returns the manifest.
-
-    Runs of different flows share ``tokens/<fp>`` (the fingerprint covers only the data and the tokenizer), so the
-    build holds a lock: a second run waits for the first and then reuses its shards instead of deleting them as
-    debris under it."""
-    path = stage["path"]
-    if stage_finished(store, path):
-        return store.read_manifest(path)
-    what = f"the token shards at {store.url(path)}"
-    with holding_lock(store, layout.lock_dir(path), what, TOKENIZE_LOCK_TIMEOUT_S, on_wait=reporter.log) as lock:
-        if stage_finished(store, path):  # built by the run this one waited for
-            return store.read_manifest(path)
-        return _build_tokens(cfg, store, stage, reporter, lock)
-
-
-def _build_tokens(cfg, store, stage: dict, reporter, lock) -> dict:
-    from storage import shards
-
-    from .teacher import load_tokenizer
-
-    path = stage["path"]
-    tokenizer = load_tokenizer(cfg.teacher)
-    store.delete(path)  # debris of an interrupted attempt (a split may be complete while the other is not)
-    writers = {split: shards.TokenShardWriter(store, f"{path}/{split}", cfg.data.seq_len, cfg.data.rows_per_shard)
-               for split in ("train", "eval")}
-    def counted(documents):
-        for doc in documents:
-            reporter.advance(1)
-            yield doc
-
-    reporter.start(cfg.data.max_documents, "tokenize (documents)")
-    for split, rows in token_rows(cfg.data, tokenizer, documents=counted(iter_documents(cfg.data))):
-        writers[split].write(rows)
-    reporter.close()
-    lock.ensure_held()  # on S3 a lease lost to another run (this one hung) must not mark anything complete
-    manifest = {"stage": "tokenize", "fingerprint": stage["fingerprint"], "path": path,
-                "seq_len": cfg.data.seq_len, "packing": cfg.data.packing,
-                "splits": {split: w.close() for split, w in writers.items()}}
-    for split in ("train", "eval"):
-        if not manifest["splits"][split]["rows"]:
-            # the built-in corpus has its own fixed split (storage/stdlib_corpus.py); other sources split by hash
-            more = ("raise data.max_documents" if cfg.data.builtin
-                    else f"{'raise' if split == 'eval' else 'lower'} data.eval_fraction ({cfg.data.eval_fraction})")
-            raise ConfigError(f"tokenize produced no {split} rows from the configured data: add documents, lower "
-                              f"data.seq_len ({cfg.data.seq_len}) or {more}")
-    store.mark_complete(path, manifest)
-    return manifest
-
-
-def load_split(store, tokens: dict, split: str):
-    """All rows of one tokenized split as a ``Rows`` (token ids are small next to the teacher cache)."""
-    from storage import shards
-
-    from .rows import rows_from_arrays
-
-    table = shards.read_token_shards(store, f"{tokens['path']}/{split}")
-    return rows_from_arrays(table["input_ids"], table["length"])

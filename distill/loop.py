@@ -26,13 +26,14 @@ import torch
 from torch import nn
 
 from storage import checkpoints, layout
-from storage.lease import holding_lock
+from storage.tensors import write_tensors
 
 from .config import OptimConfig
+from .device import native_bf16
 from .optim import make_optimizer
 from .progress import Reporter
 from .rows import Rows
-from .teacher import native_bf16
+from .stage import Context, Manifest
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -113,9 +114,8 @@ class Trainable:
     load_state: Callable[[dict[str, torch.Tensor]], None]
     evaluate: Callable[[], dict[str, float]] | None = None
     # float16 turns on dynamic loss scaling: without it the gradients flowing back through fp16 activations sink
-    # below fp16's normal range, losing precision, as the student nears the teacher (one step of the quickstart
-    # teacher at KL 0.066: 3.7% off the fp32 gradient, 0.9% scaled; at KL 0.0005: 20% and 2.1%;
-    # bench/fp16_loss_scaling.py)
+    # below fp16's normal range, losing precision, the more so as the student nears the teacher (docs/RESULTS.md,
+    # "float16 gradients")
     compute_dtype: torch.dtype = torch.float32
 
 
@@ -209,23 +209,11 @@ def _update(optimizer, scaler: torch.amp.GradScaler, parameters: list[nn.Paramet
     return record
 
 
-TRAINING_LOCK_TIMEOUT_S = 24 * 3600.0  # how long a second run of the same training waits for the first
-
-
-def train(trainable: Trainable, optim: OptimConfig, store, run: str, reporter: Reporter,
-          device: torch.device, description: str = "train") -> list[dict]:
-    """Run (or resume) ``optim.steps`` optimiser steps; returns the loss history (one record per step). Holds the
-    lock of the run's checkpoints meanwhile: a second run of the same configuration (a manual run beside the nightly
-    one) waits, then resumes from the last checkpoint, which is the final one, instead of both writing the same
-    checkpoints."""
-    what = f"the {description} checkpoints at {store.url(layout.checkpoints_dir(run))}"
-    with holding_lock(store, layout.lock_dir(layout.checkpoints_dir(run)), what, TRAINING_LOCK_TIMEOUT_S,
-                      on_wait=reporter.log) as lock:
-        return _train(trainable, optim, store, run, reporter, device, description, lock)
-
-
-def _train(trainable: Trainable, optim: OptimConfig, store, run: str, reporter: Reporter, device: torch.device,
-           description: str, lock) -> list[dict]:
+def train(trainable: Trainable, optim: OptimConfig, store, checkpoint_dir: str, reporter: Reporter,
+          device: torch.device, description: str = "train", lock=None) -> list[dict]:
+    """Run ``optim.steps`` optimiser steps, resuming from the latest checkpoint under ``checkpoint_dir`` if there is
+    one; returns the loss history (one record per step). ``lock``, the stage's, must still be held before each
+    checkpoint is written (on an object store a lease can be lost to another run)."""
     optimizer = make_optimizer(trainable.parameters, optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, optim.warmup_steps, optim.steps, optim.min_lr_ratio))
@@ -237,7 +225,7 @@ def _train(trainable: Trainable, optim: OptimConfig, store, run: str, reporter: 
     # skipped) and doubles after 2000 clean steps; gradients are divided by it before clipping and the update
     scaler = torch.amp.GradScaler(device.type, enabled=trainable.compute_dtype == torch.float16)
     step, history = 0, []
-    latest = checkpoints.latest_checkpoint(store, run)
+    latest = checkpoints.latest_checkpoint(store, checkpoint_dir)
     if latest is not None:
         tensors, meta = checkpoints.load_checkpoint(store, latest)
         trainable.load_state({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
@@ -252,13 +240,14 @@ def _train(trainable: Trainable, optim: OptimConfig, store, run: str, reporter: 
 
     def save() -> None:
         nonlocal saved
-        lock.ensure_held()  # on an object store: never write after losing the lease to another run
+        if lock is not None:
+            lock.ensure_held()  # on an object store: never write after losing the lease to another run
         tensors = {f"model/{k}": v for k, v in trainable.state().items()} | _rng_state()
         meta = {"step": step, "history": history, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict()}
         if scaler.is_enabled():
             meta["scaler"] = scaler.state_dict()
-        checkpoints.save_checkpoint(store, run, step, tensors, meta, keep_last=optim.keep_checkpoints)
+        checkpoints.save_checkpoint(store, checkpoint_dir, step, tensors, meta, keep_last=optim.keep_checkpoints)
         saved = step
 
     autocast = training_autocast(device, optim, reporter, description)
@@ -308,3 +297,30 @@ def _train(trainable: Trainable, optim: OptimConfig, store, run: str, reporter: 
                                           "a checkpoint was written, rerun to resume")
     reporter.close()
     return history
+
+
+class TrainedManifest(Manifest):
+    """What a training stage hands on: its trained tensors, its loss history and where it checkpointed."""
+
+    weights: str
+    history: str
+    checkpoints: str
+    steps: int
+    final_loss: float | None
+
+
+def save_trained(ctx: Context, cls: type[TrainedManifest], stage: str, history: list[dict],
+                 tensors: dict[str, torch.Tensor], **fields) -> TrainedManifest:
+    """Write a training stage's tensors and loss history into its directory; its manifest."""
+    manifest = ctx.manifest(cls, stage, weights=f"{ctx.path}/weights.safetensors", history=f"{ctx.path}/history.json",
+                            checkpoints=layout.checkpoints_dir(ctx.path), steps=len(history),
+                            final_loss=history[-1]["loss"] if history else None, **fields)
+    write_tensors(ctx.store, manifest.weights, tensors)
+    ctx.store.write_json(manifest.history, history)
+    return manifest
+
+
+def resumable_step(store, stage_dir: str, steps: int) -> str | None:
+    """What a training stage at ``stage_dir`` would resume from, if it left a checkpoint (``python -m flows plan``)."""
+    latest = checkpoints.latest_checkpoint(store, layout.checkpoints_dir(stage_dir))
+    return f"resumes from step {layout.checkpoint_step(latest)} of {steps}" if latest else None

@@ -8,6 +8,8 @@ import json
 
 import yaml
 
+CURVES_IMAGE = "loss_curves.png"  # beside report.md, which shows it
+
 ROW_LABELS = {
     "teacher": "teacher",
     "ptq_ternary": "naive ternary (PTQ, dW = 0)",
@@ -16,13 +18,14 @@ ROW_LABELS = {
 }
 
 
-def metrics_rows(metrics: dict) -> list[dict]:
-    """One row per model: perplexity, KL to the teacher, top-1 agreement."""
+def metrics_rows(metrics) -> list[dict]:
+    """One row per model: perplexity, KL to the teacher, top-1 agreement (``metrics``: by model name, as dicts or
+    the evaluate stage's ``ModelMetrics``)."""
     rows = []
     for key, label in ROW_LABELS.items():
         if key not in metrics:
             continue
-        m = metrics[key]
+        m = metrics[key] if isinstance(metrics[key], dict) else metrics[key].model_dump(exclude_none=True)
         rows.append({
             "model": label,
             "perplexity": round(m["perplexity"], 3),
@@ -51,6 +54,8 @@ def markdown_report(metrics: dict, samples: dict[str, list[dict]], locations: di
         "## Metrics",
         markdown_table(metrics_rows(metrics)),
         f"Ternary layers: {size}.",
+        "## Loss curves",
+        f"![loss curves]({CURVES_IMAGE})",
     ]
     if "student" in metrics and "hidden_cosine" in metrics["student"]:
         cos = ", ".join(f"{c:.3f}" for c in metrics["student"]["hidden_cosine"])

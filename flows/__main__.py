@@ -1,10 +1,12 @@
-"""Command line: run a flow locally (on Prefect's embedded default or the configured server), say what a run
-would do, or show the resolved configuration.
+"""Command line: run a flow locally (on a temporary Prefect server, or the configured one), say what a run would
+do, check what earlier runs wrote, or show the resolved configuration.
 
     python -m flows run both --config quickstart          # both flows, then one summary table
     python -m flows run superposition-distill --config quickstart --set train.steps=20
     python -m flows run self-distill --config configs/tinyllama.yaml --set self_distill.delta=lora:16
     python -m flows plan both --config quickstart         # each stage: reused, resumed or run (nothing runs)
+    python -m flows verify both --config quickstart       # every finished stage against its checksums
+    python -m flows verify both --config quickstart --repair   # ... and reopen what is damaged
     python -m flows config quickstart --set data.seq_len=64
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import nullcontext
 
 # The temporary Prefect server this command starts would send usage telemetry, and log an error every ten minutes
 # where there is no network; a server of your own keeps its own setting.
@@ -20,8 +23,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import yaml
 
-from distill.config import ConfigError, load_config
+from distill.config import ConfigError, PipelineConfig, load_config
 from flows.user_errors import USER_ERRORS
+
+FLOW_NAMES = ["superposition-distill", "self-distill"]
 
 
 def parse_sets(items: list[str]) -> dict[str, str]:
@@ -52,7 +57,7 @@ def summary_table(results: dict[str, dict]) -> str:
 
 
 class _StderrLog:
-    """The log ``plan_run`` writes to (Prefect's run logger in a flow): stderr, beside the plan on stdout."""
+    """The log ``plan_run`` writes to (Prefect's run logger in a flow): stderr, beside the table on stdout."""
 
     def info(self, message, *args):
         print(message % args, file=sys.stderr)
@@ -60,21 +65,46 @@ class _StderrLog:
     warning = info
 
 
-def plan_table(config: str, overrides: dict, flows: list[str]) -> str:
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Aligned columns; the last one left ragged."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+
+
+def plan_table(config: str | PipelineConfig, overrides: dict, flows: list[str]) -> str:
     """Each stage of ``flows``: its fingerprint, what a run would do there now, and its artifact directory."""
-    from distill.plan import stage_states
-    from flows.prepare import plan_run
+    from distill.plan import plan_run, stage_states
 
     rows = [("flow", "stage", "fingerprint", "a run now", "artifacts")]
     roots = []
     for flow in flows:
-        cfg, store, plan = plan_run(flow, config, overrides, _StderrLog())
-        states = stage_states(cfg, flow, store, plan)
-        rows += [(flow, name, plan[name]["fingerprint"], state, plan[name]["path"]) for name, state in states.items()]
-        roots.append(f"{flow}: run {plan['run']['name']} under {store.url()}")
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + "  " + row[4] for row in rows]
-    return "\n".join(roots + [""] + lines)
+        run, store = plan_run(flow, config, overrides, _StderrLog())
+        states = stage_states(run, store)
+        rows += [(flow, name, stage.fingerprint, states[name], stage.path) for name, stage in run.stages.items()]
+        roots.append(f"{flow}: run {run.name} under {store.url()}")
+    return "\n".join(roots + [""] + _table(rows))
+
+
+def verify(config: str | PipelineConfig, overrides: dict, flows: list[str], repair: bool) -> tuple[str, bool]:
+    """Every finished stage of ``flows`` checked against the checksums recorded when it was written; with ``repair``
+    what is damaged is reopened, so that the next run redoes only that. The table, and whether damage was found."""
+    from distill.plan import plan_run
+    from distill.stage import verify_stage
+    from distill.stages import STAGES
+
+    rows, seen, damaged = [("flow", "stage", "state", "artifacts")], set(), False
+    for flow in flows:
+        run, _ = plan_run(flow, config, overrides, _StderrLog())
+        for name, stage in run.stages.items():
+            if stage.path in seen:  # tokenize and the teacher cache are shared by both flows
+                continue
+            seen.add(stage.path)
+            state, problems = verify_stage(STAGES[name], run.context(name), repair)
+            if problems:
+                damaged = True
+                state += f" ({'; '.join(problems)})" + ("; reopened: the next run redoes it" if repair else "")
+            rows.append((flow, name, state, stage.path))
+    return "\n".join(_table([(f, s, p, st) for f, s, st, p in rows])), damaged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,34 +113,35 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a flow end to end (finished stages are reused)")
     plan = sub.add_parser("plan", help="say what a run would reuse, resume or run, without running anything")
-    for p in (run, plan):
-        p.add_argument("flow", choices=["superposition-distill", "self-distill", "both"])
+    check = sub.add_parser("verify", help="check every finished stage against its checksums (--repair: reopen "
+                                          "what is damaged, for the next run to redo)")
+    check.add_argument("--repair", action="store_true", help="reopen damaged stages (and teacher-cache chunks)")
+    for p in (run, plan, check):
+        p.add_argument("flow", choices=[*FLOW_NAMES, "both"])
     show = sub.add_parser("config", help="print the resolved configuration")
-    for p in (run, plan, show):
+    for p in (run, plan, check, show):
         p.add_argument("--config", "-c", help="preset name in configs/ or a YAML path (default: quickstart)")
         p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field, e.g. --set train.steps=20 (repeatable)")
     show.add_argument("name", nargs="?", help="preset name or YAML path (same as --config)")
     args = parser.parse_args(argv)
     try:
-        overrides = parse_sets(args.set)
         name = getattr(args, "name", None)
         if name and args.config and name != args.config:
             raise ConfigError(f"two configurations given, {name!r} and --config {args.config!r}: give one")
-        config = name or args.config or "quickstart"
-        cfg = load_config(config, overrides)  # schema errors: before Prefect
+        cfg = load_config(name or args.config or "quickstart", parse_sets(args.set))  # the one validation
         if args.command == "config":
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
             return 0
-        from flows import FLOWS
-        from flows.temporary_server import start_temporary_server
-
-        names = list(FLOWS) if args.flow == "both" else [args.flow]
+        names = FLOW_NAMES if args.flow == "both" else [args.flow]
         if args.command == "plan":  # no Prefect server: nothing runs
-            print(plan_table(config, overrides, names))
+            print(plan_table(cfg, {}, names))
             return 0
-        start_temporary_server()  # where no server is configured: one that stops with this command, even killed
-        results = {name: FLOWS[name](config=config, overrides=overrides) for name in names}
+        if args.command == "verify":
+            table, damaged = verify(cfg, {}, names, args.repair)
+            print(table)
+            return 1 if damaged and not args.repair else 0
+        results = run_flows(cfg, names)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -121,6 +152,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nfinished: {', '.join(r['run'] for r in results.values())}\n")
     print(summary_table(results))
     return 0
+
+
+def run_flows(cfg: PipelineConfig, names: list[str]) -> dict[str, dict]:
+    """Each flow on ``cfg``, on the configured Prefect server or a temporary one that stops with this command."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import FLOWS
+    from flows.temporary_server import start_temporary_server
+
+    api_url = start_temporary_server()
+    with temporary_settings({PREFECT_API_URL: api_url}) if api_url else nullcontext():
+        return {name: FLOWS[name](config=cfg) for name in names}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""self-distill: tokenize -> (optionally cache the teacher) -> train dW of the dual-mode model -> evaluate ->
-export in transformers' bitnet format. The teacher signal is online by default: the same model switched to
-teacher mode for each batch, no second copy in memory."""
+"""self-distill: tokenize -> (teacher_cache, with self_distill.teacher_signal: cache) -> self_distill (dW of the
+dual-mode model) -> evaluate -> export in transformers' bitnet format. The teacher signal is online by default: the
+same model switched to teacher mode for each batch, no second copy in memory."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from typing import Any
 
 from prefect import flow
 
-from .prepare import prepare
+from distill.config import PipelineConfig
+
+from .prepare import FlowRun
 
 FLOW = "self-distill"
 
 
 @flow(name=FLOW, log_prints=True)
-def self_distill(config: str = "quickstart", overrides: dict[str, Any] | None = None) -> dict:
+def self_distill(config: str | PipelineConfig = "quickstart", overrides: dict[str, Any] | None = None) -> dict:
     """Distil the teacher into its own BitNet b1.58 version (ternary W + dW, int8 activations).
 
     Args:
@@ -22,10 +24,10 @@ def self_distill(config: str = "quickstart", overrides: dict[str, Any] | None = 
         overrides: dotted keys to values, e.g. {"self_distill.steps": 20, "self_distill.delta": "lora:16"}
             (``self_distill.steps``, where set as in the presets, wins over ``train.steps``).
     """
-    p = prepare(FLOW, config, overrides)
-    tokens = p.stage("tokenize")(p.config, p.plan["tokenize"])
-    cache = None
-    if "cache_teacher" in p.plan:
-        cache = p.stage("cache_teacher")(p.config, p.plan["cache_teacher"], tokens)
-    student = p.stage("train_self_distill")(p.config, p.plan["train"], tokens, cache)
-    return p.finish(student, tokens)
+    run = FlowRun(FLOW, config, overrides)
+    tokens = run.stage("tokenize")
+    cache = run.stage("teacher_cache", tokens=tokens) if "teacher_cache" in run else None
+    student = run.stage("self_distill", tokens=tokens, cache=cache)
+    metrics = run.stage("evaluate", student=student, tokens=tokens)
+    exported = run.stage("export", student=student, metrics=metrics)
+    return run.publish(metrics, exported)

@@ -1,24 +1,26 @@
-"""Prefect's temporary server for the command line: out of the terminal's reach, and stopped with the command
+"""The temporary Prefect server of the command line: out of the terminal's reach, and stopped with the command
 however the command ends.
 
-Where no Prefect server is configured, Prefect starts a temporary one in a child process and stops it from an exit
-handler. Two things go wrong with that child as it is. Ctrl-C reaches the terminal's whole process group, so the
-server dies at the moment the command, which handles the interrupt (a checkpoint, then a clean message), still
-needs it, and the command hangs in the Prefect client's retries. And a command killed without running its exit
-handlers (SIGKILL, the kernel's OOM killer, SIGHUP) leaves the server running for good. So the command starts the
-server itself, as Prefect would but in a session of its own, with a watchdog process, also in a session of its own,
-that reads a pipe whose write end only the command holds. The kernel closes that pipe when the command dies, however
-it dies, and the watchdog then stops the server. On a normal exit Prefect's own handler stops the server as before,
-and then the watchdog is told to leave it be. (POSIX only; elsewhere Prefect starts its server as it always does.)
+Where no server is configured, Prefect would start a temporary one in a child process of the command and stop it
+from an exit handler. Two things go wrong with that child. Ctrl-C reaches the terminal's whole process group, so the
+server would die at the moment the command, which handles the interrupt (a checkpoint, then a clean message), still
+needs it, and the command would hang in the Prefect client's retries. And a command killed without running its exit
+handlers (SIGKILL, the kernel's OOM killer, SIGHUP) would leave the server running for good. So the command starts
+Prefect's server itself, with Prefect's own command line (``prefect server start``), in a session of its own, and a
+watchdog process, also in a session of its own, reads a pipe whose write end only the command holds: the kernel
+closes that pipe when the command dies, however it dies, and the watchdog then stops the server. (POSIX only;
+elsewhere Prefect starts its temporary server as it always does.)
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 # The watchdog reads lines: a server's pid (the latest is the one to stop), or "exit" for a normal exit. End of file
 # without "exit" means the command is gone. Where the OS has pidfds (Linux 5.3+), the server is held by one, so a
@@ -78,8 +80,8 @@ class Watchdog:
         self.pid: int | None = None  # the process it stops
         self.process = subprocess.Popen([sys.executable, "-I", "-c", _WATCHDOG], stdin=subprocess.PIPE, text=True,
                                         start_new_session=True)
-        # registered before the server starts, and so run after the handler Prefect registers then: the watchdog
-        # stays armed while Prefect stops the server
+        # registered before the server starts, and so run after the handler that stops it: the watchdog stays
+        # armed while the server is stopped
         atexit.register(self.exiting_normally)
 
     def guard(self, pid: int) -> None:
@@ -96,9 +98,6 @@ class Watchdog:
             self.process.stdin.flush()
         except (OSError, ValueError):  # the watchdog is gone already, or its pipe closed
             pass
-
-
-_api_url: str | None = None  # the server this process started
 
 
 class ServerUnreachable(RuntimeError):
@@ -119,57 +118,61 @@ def check_configured_server(api_url: str, timeout: float = 5.0) -> None:
             "environment variable) to run on a temporary server that stops with this command") from None
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _answers(api_url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{api_url}/health", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def start_temporary_server() -> str | None:
-    """Start Prefect's temporary server now, in a session of its own and guarded by a watchdog, unless a server is
-    configured (``PREFECT_API_URL``), temporary servers are switched off or this is not a POSIX system; its API URL,
-    or None. Calling it again returns the same server."""
-    global _api_url
+    """Start a temporary Prefect server for this command, unless one is configured (``PREFECT_API_URL``: then it
+    must answer), temporary servers are switched off or this is not a POSIX system; its API URL, or None. The
+    caller points Prefect at it (``prefect.settings.temporary_settings``)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
-    if PREFECT_API_URL.value() and not _api_url:
+    if PREFECT_API_URL.value():
         check_configured_server(PREFECT_API_URL.value())
         return None
-    if _api_url or not PREFECT_SERVER_EPHEMERAL_ENABLED.value() or os.name != "posix":
-        return _api_url
-    import prefect.server.api.server as prefect_server
-
-    server = prefect_server.SubprocessASGIServer()  # the instance Prefect's clients use: they find it running
+    if not PREFECT_SERVER_EPHEMERAL_ENABLED.value() or os.name != "posix":
+        return None
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    print(f"Starting temporary server on {api_url.removesuffix('/api')}", file=sys.stderr, flush=True)
     watchdog = Watchdog()
-    spawn = getattr(server, "_run_uvicorn_command", None)
-    if callable(spawn):  # guarded from the moment it exists, not only once it answers (seconds later)
-        def spawn_guarded():
-            with _own_session_for_children_of(prefect_server):
-                process = spawn()
-            watchdog.guard(process.pid)
-            return process
+    errors = tempfile.TemporaryFile()  # what it says if it fails to start (a pipe could fill up over a long run)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui",
+         "--no-services", "--log-level", "ERROR"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True)
+    watchdog.guard(server.pid)
 
-        server._run_uvicorn_command = spawn_guarded
-    server.start()
-    if watchdog.pid != server.server_process.pid:  # started without the hook (or already running)
-        watchdog.guard(server.server_process.pid)
-    _api_url = server.api_url
-    return _api_url
+    def stop() -> None:  # registered after the watchdog's own handler, so it runs first
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
-
-@contextlib.contextmanager
-def _own_session_for_children_of(module):
-    """While active, the processes ``module`` starts with ``subprocess.Popen`` get a session of their own. Prefect's
-    own command line for its server is kept; only where it runs changes. (Without a module-level ``subprocess`` to
-    stand in for, the server stays in the command's session: reached by Ctrl-C, as without this module.)"""
-    if getattr(module, "subprocess", None) is not subprocess:
-        yield
-        return
-
-    class InItsOwnSession:
-        def __getattr__(self, name):
-            return getattr(subprocess, name)
-
-        @staticmethod
-        def Popen(*args, **kwargs):
-            return subprocess.Popen(*args, **{"start_new_session": True, **kwargs})
-
-    module.subprocess = InItsOwnSession()
-    try:
-        yield
-    finally:
-        module.subprocess = subprocess
+    atexit.register(stop)
+    deadline = time.monotonic() + float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120))
+    while not _answers(api_url):
+        if server.poll() is not None:
+            errors.seek(0)
+            error = errors.read().decode(errors="replace").strip().splitlines()[-5:]
+            raise ServerUnreachable(f"the temporary Prefect server exited at start ({server.returncode}): "
+                                    f"{' / '.join(error)}")
+        if time.monotonic() > deadline:
+            raise ServerUnreachable("the temporary Prefect server did not answer within its startup timeout "
+                                    "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); raise it on a busy machine")
+        time.sleep(0.2)
+    return api_url

@@ -5,7 +5,7 @@ The quickstart must run offline, so the project ships its own teacher under
 ``assets/quickstart-teacher``. This script makes it, deterministically, on CPU:
 
 1. Corpus: the running interpreter's standard library ``*.py`` files
-   (``storage.stdlib_corpus``: test suites and generated tables left out; ~5% of
+   (``distill.data``'s standard library corpus: test suites and generated tables left out; ~5% of
    modules held out for evaluation by a hash of their path).
 2. Tokenizer: byte-level BPE (``tokenizers``) trained on the train split, with
    special tokens ``<|bos|> <|eos|> <|pad|> <|unk|>``; saved as ``tokenizer.json``
@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from storage import stdlib_corpus  # noqa: E402
+from distill.data import STDLIB_EVAL_FRACTION, stdlib_documents, stdlib_root  # noqa: E402
 
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"}
 
@@ -257,9 +257,9 @@ below, {r['eval_tokens']:,} tokens).
 ## Data
 
 The interpreter's standard library (`{r['stdlib_root']}`, Python {platform.python_version()}), read through
-`storage/stdlib_corpus.py`: `*.py` files outside `site-packages` and test suites, without generated tables
+`distill/data.py`: `*.py` files outside `site-packages` and test suites, without generated tables
 (`pydoc_data`, charmap codecs, `_sysconfigdata`). A module is held out when the first 8 bytes of the sha256 of its
-path relative to the stdlib root fall below {stdlib_corpus.EVAL_FRACTION:.0%} of 2^64.
+path relative to the stdlib root fall below {STDLIB_EVAL_FRACTION:.0%} of 2^64.
 
 | split | files | characters | tokens |
 |---|---|---|---|
@@ -333,9 +333,9 @@ def main(argv=None) -> None:
         if old.is_file():
             old.unlink()
 
-    train_docs = [text for _, text in stdlib_corpus.iter_documents("train")]
-    eval_docs = [text for _, text in stdlib_corpus.iter_documents("eval")]
-    print(f"corpus: {stdlib_corpus.stdlib_root()}: {len(train_docs)} train / {len(eval_docs)} eval files", flush=True)
+    train_docs = [doc.text for doc in stdlib_documents("train")]
+    eval_docs = [doc.text for doc in stdlib_documents("eval")]
+    print(f"corpus: {stdlib_root()}: {len(train_docs)} train / {len(eval_docs)} eval files", flush=True)
 
     tok = train_tokenizer(train_docs, args.vocab_size)
     hf_tok = save_tokenizer(tok, out, args.max_position_embeddings)
@@ -433,7 +433,7 @@ def main(argv=None) -> None:
         tokens_seen=steps * tokens_per_step, epochs=steps * tokens_per_step / train_tokens,
         wall_minutes=(time.time() - t_start) / 60, train_minutes=wall_train / 60, tokenizer_seconds=t_tok,
         machine=machine(), transformers=transformers.__version__, tokenizers=tokenizers.__version__,
-        stdlib_root=str(stdlib_corpus.stdlib_root()), params=params, vocab_size=tok.get_vocab_size(),
+        stdlib_root=str(stdlib_root()), params=params, vocab_size=tok.get_vocab_size(),
         train_files=len(train_docs), eval_files=len(eval_docs),
         train_chars=sum(map(len, train_docs)), eval_chars=sum(map(len, eval_docs)),
         train_tokens=train_tokens, eval_tokens_raw=sum(map(len, eval_ids)) + len(eval_ids),

@@ -7,8 +7,7 @@ cache pulls in zarr and torch, which a caller that only needs paths should not p
 
 from . import layout
 from .errors import IncompleteArtifactError, IntegrityError, StoreError
-from .fingerprint import fingerprint, model_identity, tokenizer_identity
+from .fingerprint import fingerprint
 from .store import ArtifactStore
 
-__all__ = ["ArtifactStore", "IncompleteArtifactError", "IntegrityError", "StoreError", "fingerprint", "layout",
-           "model_identity", "tokenizer_identity"]
+__all__ = ["ArtifactStore", "IncompleteArtifactError", "IntegrityError", "StoreError", "fingerprint", "layout"]

@@ -1,5 +1,4 @@
-"""``TeacherCacheReader``: random access to a teacher cache as a PyTorch ``Dataset``, a prefetching batch iterator,
-and ``verify()``.
+"""``TeacherCacheReader``: random access to a teacher cache as a PyTorch ``Dataset``, and ``verify()``.
 
 Memory stays bounded: the reader decodes whole chunks (the unit Zarr stores) and keeps only the ``cached_chunks``
 most recent. Every chunk is checked against its completion record when loaded, so a missing or corrupt chunk raises
@@ -9,10 +8,9 @@ most recent. Every chunk is checked against its completion record when loaded, s
 from __future__ import annotations
 
 import json
-import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,8 +21,8 @@ from .cache_spec import (ATTRS_KEY, GROUP_DIR, STORED_AS, CacheError, ChunkError
 from .lease import holding_lock
 from .zarr_chunks import ChunkCodec
 
-_REBUILD = ("call verify(repair=True) and rerun the cache stage to rewrite the damaged chunks, or delete the cache "
-            "to rebuild it")
+_REBUILD = ("repair it (python -m flows verify <flow> --config ... --repair) and rerun the flow, which rewrites just "
+            "the damaged chunks, or delete the cache to rebuild it")
 
 
 @dataclass
@@ -55,7 +53,7 @@ class TeacherCacheReader(torch.utils.data.Dataset):
     """Reads the cache at ``path``. With ``fingerprint``, refuses a cache built for another configuration.
 
     ``reader[i]`` is sample ``i`` as ``{name: tensor}`` (hidden states in their stored dtype, bf16 as
-    ``torch.bfloat16``); ``get_batch(indices)`` stacks several; ``batches(...)`` iterates with a prefetch thread.
+    ``torch.bfloat16``); ``get_batch(indices)`` stacks several.
     ``arrays`` names the arrays to read (default: all of ``spec.arrays()``); the others are never fetched, decoded
     or checked, except by ``verify()``, which checks everything.
     """
@@ -198,27 +196,6 @@ class TeacherCacheReader(torch.utils.data.Dataset):
                 out[name][where] = data[rows]
         return {name: to_tensor(out[name], self._arrays[name][1]) for name in self._arrays}
 
-    def sample_order(self, shuffle: bool = True, seed: int = 0) -> np.ndarray:
-        """All sample indices, chunk by chunk: the chunks in random order, then the samples within each chunk in
-        random order, so consecutive batches touch one or two chunks (I/O locality) yet every epoch differs."""
-        if not shuffle:
-            return np.arange(self.spec.num_samples)
-        rng = np.random.default_rng(seed)
-        parts = []
-        for chunk in rng.permutation(self.spec.num_chunks):
-            start, stop = self.spec.chunk_rows(int(chunk))
-            parts.append(start + rng.permutation(stop - start))
-        return np.concatenate(parts)
-
-    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
-                prefetch: int = 2) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches of ``batch_size`` samples in ``sample_order(shuffle, seed)``, loaded ``prefetch`` batches ahead
-        by a background thread."""
-        order = self.sample_order(shuffle, seed)
-        stop = len(order) - len(order) % batch_size if drop_last else len(order)
-        groups = (order[i:i + batch_size] for i in range(0, stop, batch_size))
-        return prefetched((self.get_batch(g) for g in groups), prefetch)
-
     # ---- integrity -----------------------------------------------------------------------------------------
 
     def verify(self, repair: bool = False, lock_timeout: float = 0.0) -> VerifyReport:
@@ -249,42 +226,3 @@ class TeacherCacheReader(torch.utils.data.Dataset):
             with self._cache_lock:
                 self._chunks.clear()
         return report
-
-
-def prefetched(items: Iterator, depth: int) -> Iterator:
-    """Iterate ``items`` in a background thread, ``depth`` results ahead; its errors are raised here, in order."""
-    results: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-    done = object()
-
-    def put(entry) -> bool:
-        while not stop.is_set():
-            try:
-                results.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put((item, None)):
-                    return
-            put((done, None))
-        except BaseException as exc:  # handed to the consumer
-            put((done, exc))
-
-    thread = threading.Thread(target=produce, name="teacher-cache-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = results.get()
-            if error is not None:
-                raise error
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()

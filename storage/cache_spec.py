@@ -38,9 +38,9 @@ FORMAT = "teacher-cache/zarr/1"
 ATTRS_KEY = "bitnet_distill"
 BF16_ENCODING = "bfloat16-bits-in-uint16"
 # Top-k values and indices: bit-shuffled LZ4 is smaller than zstd on them (the indices' high bits are zero with a
-# vocabulary under 2^24, the fp16 values share exponents) and over 10x faster to write and 3x to read; docs/RESULTS.md
-# section 1 measures it. Hidden states keep ``codec`` (zstd): their mantissas are near random bits, and LZ4 finds
-# nothing in them.
+# vocabulary under 2^24, the fp16 values share exponents) and much faster to write and read (docs/RESULTS.md,
+# "Teacher cache"). Hidden states keep ``codec`` (zstd): their mantissas are near random bits, and LZ4 finds nothing
+# in them.
 TOPK_CODEC = "blosc:lz4:bitshuffle"
 # Chunk c of an array is the file ``<array>/c.<c>.0.0``, beside every other chunk of it, not Zarr's default
 # ``<array>/c/<c>/0/0``: a new chunk then creates no directories, so fsync of the file and of the array's directory

@@ -1,4 +1,4 @@
-"""Training checkpoints: ``runs/<run>/checkpoints/step-<n>/``, the newest ``keep_last`` kept.
+"""Training checkpoints: ``<checkpoints directory>/step-<n>/``, the newest ``keep_last`` kept.
 
 Each checkpoint directory holds
     ``tensors.safetensors``  the caller's tensors (model weights, RNG state tensors...)
@@ -20,7 +20,6 @@ checkpoint must not be able to name code to import.
 from __future__ import annotations
 
 import json
-import random
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -140,36 +139,18 @@ def _serializable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-# ---- RNG helpers -----------------------------------------------------------------------------------------------
-
-def rng_state() -> dict:
-    """Python, numpy and torch (CPU, and CUDA when present) generator states, for a checkpoint's metadata."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ---- checkpoints -----------------------------------------------------------------------------------------------
 
-def save_checkpoint(store, run: str, step: int, tensors: dict[str, torch.Tensor], metadata: dict,
+def save_checkpoint(store, directory: str, step: int, tensors: dict[str, torch.Tensor], metadata: dict,
                     keep_last: int = 2) -> str:
-    """Write checkpoint ``step`` of ``run`` atomically (files first, completion marker last), then delete all but
+    """Write checkpoint ``step`` under the checkpoints ``directory`` atomically (files first, completion marker last), then delete all but
     the ``keep_last`` highest complete steps (and debris of interrupted saves below them). Returns its path.
 
     The files go through a local temporary directory and are streamed to the store, so a checkpoint as large as the
     model and its optimiser state is never held twice in memory."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    path = layout.checkpoint_dir(run, step)
+    path = layout.checkpoint_dir(directory, step)
     state: dict[str, torch.Tensor] = {}
     meta_json = {"step": int(step), "metadata": encode_tree(metadata, state)}
     store.unmark_complete(path)  # rewriting a step: it must not look complete while half-replaced
@@ -180,7 +161,7 @@ def save_checkpoint(store, run: str, step: int, tensors: dict[str, torch.Tensor]
             save_file(_serializable(state), f"{tmp}/{STATE}")
             Path(tmp, METADATA).write_text(json.dumps(meta_json, sort_keys=True))
         except (OSError, SafetensorError) as exc:  # a full or small temporary disk (a tmpfs holds it in memory)
-            raise StoreError(f"cannot stage checkpoint step {step} of {run} in the temporary directory {tmp} "
+            raise StoreError(f"cannot stage checkpoint step {step} of {directory} in the temporary directory {tmp} "
                              f"({exc}): it needs room for the trained weights and the optimiser state; free space "
                              "there or point TMPDIR at a disk with room, then rerun (it resumes from the last "
                              "checkpoint)") from exc
@@ -188,22 +169,22 @@ def save_checkpoint(store, run: str, step: int, tensors: dict[str, torch.Tensor]
             hashes[name] = file_sha256(f"{tmp}/{name}")
             store.put_file(f"{tmp}/{name}", f"{path}/{name}")
     store.mark_complete(path, {"step": int(step), "sha256": hashes})
-    _prune(store, run, keep_last)
+    _prune(store, directory, keep_last)
     return path
 
 
-def _steps(store, run: str) -> list[tuple[int, str, bool]]:
-    """(step, path, complete) of every checkpoint directory of ``run``, by step."""
+def _steps(store, directory: str) -> list[tuple[int, str, bool]]:
+    """(step, path, complete) of every checkpoint under ``directory``, by step."""
     found = []
-    for entry in store.list(layout.checkpoints_dir(run)):
+    for entry in store.list(directory):
         step = layout.checkpoint_step(entry)
         if step is not None:
             found.append((step, entry, store.is_complete(entry)))
     return sorted(found)
 
 
-def _prune(store, run: str, keep_last: int) -> None:
-    steps = _steps(store, run)
+def _prune(store, directory: str, keep_last: int) -> None:
+    steps = _steps(store, directory)
     complete = [s for s, _, done in steps if done]
     if not complete:
         return
@@ -213,9 +194,9 @@ def _prune(store, run: str, keep_last: int) -> None:
             store.delete(path)
 
 
-def latest_checkpoint(store, run: str) -> str | None:
-    """Path of the highest complete checkpoint of ``run``, or None."""
-    complete = [path for _, path, done in _steps(store, run) if done]
+def latest_checkpoint(store, directory: str) -> str | None:
+    """Path of the highest complete checkpoint under ``directory``, or None."""
+    complete = [path for _, path, done in _steps(store, directory) if done]
     return complete[-1] if complete else None
 
 
@@ -226,7 +207,7 @@ def load_checkpoint(store, path: str) -> tuple[dict[str, torch.Tensor], dict]:
         manifest = store.read_manifest(path)
     except IncompleteArtifactError:
         raise IncompleteArtifactError(f"checkpoint {store.url(path)} is incomplete (its save was interrupted); "
-                                      "load latest_checkpoint(store, run) instead") from None
+                                      "load latest_checkpoint(store, directory) instead") from None
     with tempfile.TemporaryDirectory(prefix="checkpoint-") as tmp:
         files = {}
         for name in (TENSORS, STATE, METADATA):

@@ -25,7 +25,12 @@ from pathlib import Path
 
 
 class LockedError(RuntimeError):
-    """Another process holds the lock; the message says who and what to do."""
+    """Another process holds the lock; the message says who and what to do. ``holder`` is the lock's record of that
+    process ({host, pid, ...; an object store's lease also its expiry}), when it could be read."""
+
+    def __init__(self, message: str, holder: dict | None = None):
+        super().__init__(message)
+        self.holder = holder
 
 
 def _owner() -> dict:
@@ -36,6 +41,19 @@ def _describe(holder: dict | None) -> str:
     if not holder:
         return "another process"
     return f"process {holder.get('pid')} on {holder.get('host')}"
+
+
+def waiting_message(what: str, holder: dict | None, timeout: float) -> str:
+    """What a run says before it waits for another's lock: who holds it and, for a lease, when it runs out."""
+    message = f"{what} is being written by {_describe(holder)}; waiting up to {timeout:.0f} s for it to finish"
+    if holder and "expires" in holder:  # an object store's lease: its holder may be dead without anyone knowing
+        left = holder["expires"] - time.time()
+        at = time.strftime("%H:%M:%S UTC", time.gmtime(holder["expires"]))
+        message += (f" (its lease runs out at {at}, in {max(left, 0):.0f} s, unless that process renews it; a crashed "
+                    "holder's lease runs out by itself, and this run then takes over)")
+    else:  # flock: the kernel releases it the moment its holder dies
+        message += " (if that process dies, its lock is released at once)"
+    return message
 
 
 class FileLock:
@@ -59,7 +77,7 @@ class FileLock:
                     os.close(fd)
                     if exc.errno not in (errno.EAGAIN, errno.EACCES):
                         raise
-                    raise LockedError(_locked_message(self.what, holder, timeout)) from None
+                    raise LockedError(_locked_message(self.what, holder, timeout), holder) from None
                 time.sleep(poll)
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(_owner()).encode())
@@ -133,7 +151,7 @@ class ObjectLease:
                 except self._s3.PreconditionFailed:
                     pass  # someone else took it (or renewed it) first
             if time.monotonic() >= deadline:
-                raise LockedError(_locked_message(self.what, holder, timeout))
+                raise LockedError(_locked_message(self.what, holder, timeout), holder)
             time.sleep(poll)
         self._thread = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
         self._thread.start()
@@ -196,11 +214,12 @@ def acquire_lock(store, path: str, what: str, timeout: float, ttl: float = 120.0
     try:
         lock.acquire(0.0)
         return lock
-    except LockedError:
+    except LockedError as exc:
         if timeout <= 0:
             raise
+        holder = exc.holder
     if on_wait is not None:
-        on_wait(f"{what} is being written by another process; waiting up to {timeout:.0f} s for it to finish")
+        on_wait(waiting_message(what, holder, timeout))
     lock.acquire(timeout)
     return lock
 

@@ -15,6 +15,7 @@ Atomicity
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import uuid
@@ -83,6 +84,7 @@ class ArtifactStore:
 
             self.storage_options = s3_options(storage_options)
             self.fs = open_s3(self.storage_options)
+        self._ledgers: list[tuple[str, tuple[str, ...], dict[str, str]]] = []
         if check:
             self.check()
 
@@ -170,6 +172,8 @@ class ArtifactStore:
     def write_many(self, files: dict[str, bytes]) -> None:
         """Write several whole files, each atomically and durably (see the module docstring); on S3 the PUTs run
         concurrently. Which of them exist after a failure is undefined: record completion separately."""
+        for path, data in files.items():
+            self._record(path, lambda data=data: hashlib.sha256(data).hexdigest())
         if self.is_local:
             for path, data in files.items():
                 with self.guard("write", path):
@@ -214,6 +218,7 @@ class ArtifactStore:
 
     def put_file(self, local_file: str | os.PathLike, path: str) -> None:
         """Copy a local file in, atomically, streaming it (model weights need not fit in memory)."""
+        self._record(path, lambda: _file_sha256(local_file))
         full = self.full_path(path)
         with self.guard("write", path):
             if self.is_local:
@@ -243,6 +248,27 @@ class ArtifactStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             self.get_file(f"{path}/{name}", target)
         return names
+
+    @contextmanager
+    def recording(self, prefix: str, skip: tuple[str, ...] = ()) -> Iterator[dict[str, str]]:
+        """While active, the SHA-256 of every whole file this store writes under ``prefix`` (except under the
+        subdirectories ``skip``), by its path relative to ``prefix``: the checksums of what a stage wrote, taken from
+        the bytes as they were written (nothing is read back). Files another library writes into the store (zarr's)
+        are not seen."""
+        ledger: dict[str, str] = {}
+        entry = (clean_path(prefix), tuple(clean_path(s) + "/" for s in skip), ledger)
+        self._ledgers.append(entry)
+        try:
+            yield ledger
+        finally:
+            self._ledgers.remove(entry)
+
+    def _record(self, path: str, sha256: Callable[[], str]) -> None:
+        path = clean_path(path)
+        for prefix, skip, ledger in self._ledgers:
+            relative = path[len(prefix) + 1:] if path.startswith(prefix + "/") else None
+            if relative and not relative.startswith(skip) and os.path.basename(relative) != MARKER:
+                ledger[relative] = sha256()
 
     def _write_local(self, full: str, fill: Callable[[IO[bytes]], object]) -> None:
         directory, name = os.path.split(full)
@@ -349,6 +375,14 @@ class ArtifactStore:
             return zarr.storage.LocalStore(self.full_path(path), read_only=read_only)
         return zarr.storage.FsspecStore.from_url(self.url(path), storage_options=self.storage_options,
                                                  read_only=read_only)
+
+
+def _file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _copy_stream(src: IO[bytes], dst: IO[bytes], block: int = 16 << 20) -> None:

@@ -2,9 +2,9 @@
 
 The teacher cache writes each chunk of each array exactly once, whole, and reads whole chunks back. Through
 zarr-python 3 every such access is a round trip through zarr's event loop and its thread pool (selection, a
-read-modify-write check, one thread hop per codec and one for the store), which cost the writer 1-3 ms of CPU per
-16-row chunk of the quickstart teacher on a 2-core CPU, where the writer has no core of its own (docs/RESULTS.md
-section 1), and made the reader fetch a chunk's arrays one after another. A chunk object of a
+read-modify-write check, one thread hop per codec and one for the store), CPU time the writer cannot spare where it
+has no core of its own (docs/RESULTS.md, "Teacher cache"), and made the reader fetch a chunk's arrays one after
+another. A chunk object of a
 ``bytes``-then-compressor array is just its C-order bytes, in the byte order the ``bytes`` codec names, through that
 compressor, and the compressor is the numcodecs codec zarr itself calls, configured from the array's own metadata;
 so the bytes are exactly the ones zarr writes and reads (tests/storage/test_zarr_chunks.py compares them), and the

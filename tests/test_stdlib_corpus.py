@@ -1,13 +1,12 @@
 """The stdlib quickstart corpus (split rules) and the committed quickstart teacher (loads offline, sane)."""
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from storage import stdlib_corpus
+from distill.data import STDLIB_EVAL_FRACTION, stdlib_documents, stdlib_files, stdlib_split
 
 TEACHER = Path(__file__).resolve().parents[1] / "assets" / "quickstart-teacher"
 
@@ -17,23 +16,23 @@ TEACHER = Path(__file__).resolve().parents[1] / "assets" / "quickstart-teacher"
 def test_split_is_a_fixed_function_of_the_path():
     # Pinned values: changing the hash or the fraction would silently move modules the committed
     # teacher was trained on into the held-out split.
-    assert stdlib_corpus.split_of("chunk.py") == "eval"
-    assert stdlib_corpus.split_of("traceback.py") == "eval"
-    assert stdlib_corpus.split_of("os.py") == "train"
-    assert stdlib_corpus.split_of("json/decoder.py") == "train"
+    assert stdlib_split("chunk.py") == "eval"
+    assert stdlib_split("traceback.py") == "eval"
+    assert stdlib_split("os.py") == "train"
+    assert stdlib_split("json/decoder.py") == "train"
 
 
 def test_eval_fraction_over_many_paths():
     paths = [f"pkg{i % 37}/module_{i}.py" for i in range(20000)]
-    frac = sum(stdlib_corpus.split_of(p) == "eval" for p in paths) / len(paths)
-    assert abs(frac - stdlib_corpus.EVAL_FRACTION) < 0.01
+    frac = sum(stdlib_split(p) == "eval" for p in paths) / len(paths)
+    assert abs(frac - STDLIB_EVAL_FRACTION) < 0.01
 
 
 def test_real_stdlib_splits_are_disjoint_and_cover_every_file():
-    files = stdlib_corpus.list_files()
+    files = stdlib_files()
     assert files == sorted(files) and len(files) == len(set(files)) and len(files) > 100
-    train = [p for p, _ in stdlib_corpus.iter_documents("train")]
-    evals = [p for p, _ in stdlib_corpus.iter_documents("eval")]
+    train = [d.key for d in stdlib_documents("train")]
+    evals = [d.key for d in stdlib_documents("eval")]
     assert not set(train) & set(evals)
     assert sorted(train + evals) == files
     assert 0.02 < len(evals) / len(files) < 0.10
@@ -65,16 +64,14 @@ def fake_stdlib(tmp_path):
 
 
 def test_exclusions_and_reading(fake_stdlib, tmp_path):
-    assert stdlib_corpus.list_files(fake_stdlib) == ["encodings/utf_8.py", "json/__init__.py", "latin.py", "os.py"]
-    docs = dict(stdlib_corpus.iter_documents("train", fake_stdlib)) | dict(
-        stdlib_corpus.iter_documents("eval", fake_stdlib))
+    assert stdlib_files(fake_stdlib) == ["encodings/utf_8.py", "json/__init__.py", "latin.py", "os.py"]
+    docs = {d.key: d.text for d in stdlib_documents(None, fake_stdlib)}
     assert docs["latin.py"].endswith("z = 3\n") and "\ufffd" in docs["latin.py"]
-    out = tmp_path / "out" / "train.jsonl"
-    n = stdlib_corpus.write_jsonl(out, "train", fake_stdlib)
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert n == len(rows) and all(docs[r["path"]] == r["text"] for r in rows)
+    train = {d.key for d in stdlib_documents("train", fake_stdlib)}
+    assert train | {d.key for d in stdlib_documents("eval", fake_stdlib)} == set(docs)
+    assert all(stdlib_split(key) == "train" for key in train)
     with pytest.raises(ValueError):
-        next(stdlib_corpus.iter_documents("test", fake_stdlib))
+        next(stdlib_documents("test", fake_stdlib))
 
 
 # ---------------------------------------------------------------- committed teacher
@@ -120,7 +117,7 @@ def test_teacher_tokenizer_round_trips_code(teacher):
 def test_teacher_forward_is_finite_and_trained(teacher):
     tok, model = teacher
     # A held-out module, so the check also says the teacher learned code, not this text.
-    text = dict(stdlib_corpus.iter_documents("eval"))
+    text = {d.key: d.text for d in stdlib_documents("eval")}
     ids = torch.tensor([tok(next(iter(text.values())), add_special_tokens=False)["input_ids"][:256]])
     with torch.no_grad():
         out = model(input_ids=ids, labels=ids)

@@ -17,7 +17,7 @@ import torch
 
 from distill.config import ConfigError, TeacherConfig, load_config
 from distill.plan import open_store
-from distill.teacher import load_teacher
+from distill.teacher import Teacher
 from flows.__main__ import main, plan_table
 
 from ..storage.conftest import free_port
@@ -89,7 +89,7 @@ def test_4bit_loading_says_what_it_needs_that_is_missing(tiny_teacher):
     else:
         pytest.skip("CUDA and bitsandbytes are both here")
     with pytest.raises(ConfigError, match=expected):
-        load_teacher(TeacherConfig(name_or_path=str(tiny_teacher), load_in_4bit=True))
+        Teacher(TeacherConfig(name_or_path=str(tiny_teacher), load_in_4bit=True)).load()
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -235,5 +235,5 @@ def test_ctrl_c_stops_training_at_a_checkpoint_and_the_command_exits(tiny_teache
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert plan.returncode == 0, plan.stderr
     assert plan_states(plan.stdout) == {("self-distill", "tokenize"): "finished: reused",
-                      ("self-distill", "train"): f"resumes from step {stopped.group(1)} of 100000",
-                      ("self-distill", "evaluate"): "runs", ("self-distill", "export"): "runs"}
+                                        ("self-distill", "self_distill"): f"resumes from step {stopped.group(1)} of 100000",
+                                        ("self-distill", "evaluate"): "runs", ("self-distill", "export"): "runs"}

@@ -46,7 +46,9 @@ def test_yaml_file_path(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"student.dim": 770}, "student.dim \\(770\\) must be divisible by student.n_heads"),
+    ({"student.dim": 770}, "student: .*student dim 770 must be divisible by n_heads 12"),
+    ({"student.vocab_size": 9}, "student.vocab_size is set by the pipeline \\(the teacher's vocabulary"),
+    ({"student.dimm": 9}, "student.dimm: Unexpected keyword argument"),
     ({"train.steps": 0}, "train.steps: Input should be greater than 0"),
     ({"head.steps": -5}, "head.steps: Input should be greater than 0"),
     ({"self_distill.delta": "lora"}, "self_distill.delta: .*'full' or 'lora:R'"),
@@ -78,13 +80,17 @@ def test_override_through_a_value_is_an_error():
         load_config("reference", {"name.x": 1})
 
 
-def test_self_distill_steps_lr_and_lr_floor_override_train_for_that_flow_only():
+def fingerprints(flow: str, overrides: dict, preset: str = "quickstart") -> dict[str, str]:
     from distill.plan import make_plan, preflight
 
+    cfg = load_config(preset, overrides)
+    return make_plan(cfg, flow, preflight(cfg, flow)).fingerprints
+
+
+def test_self_distill_steps_lr_and_lr_floor_override_train_for_that_flow_only():
     def train_fingerprints(overrides):
-        cfg = load_config("quickstart", overrides)
-        return [make_plan(cfg, flow, preflight(cfg, flow))["train"]["fingerprint"]
-                for flow in ("self-distill", "superposition-distill")]
+        return [fingerprints("self-distill", overrides)["self_distill"],
+                fingerprints("superposition-distill", overrides)["superposition"]]
 
     cfg = load_config("quickstart", {"train.steps": 40, "train.lr": 1e-2, "self_distill.steps": 7})
     optim = cfg.self_distill_optim()
@@ -116,13 +122,6 @@ def test_self_distill_steps_lr_and_lr_floor_override_train_for_that_flow_only():
 
 
 def test_evaluation_rows_rebuild_neither_the_teacher_cache_nor_the_student():
-    from distill.plan import make_plan, preflight
-
-    def fingerprints(flow, overrides):
-        cfg = load_config("quickstart", overrides)
-        return {name: stage["fingerprint"] for name, stage in make_plan(cfg, flow, preflight(cfg, flow)).items()
-                if name != "run"}
-
     from_cache = {"self_distill.teacher_signal": "cache"}
     for flow, settings in (("superposition-distill", {}), ("self-distill", from_cache), ("self-distill", {})):
         base = fingerprints(flow, settings)
@@ -133,12 +132,17 @@ def test_evaluation_rows_rebuild_neither_the_teacher_cache_nor_the_student():
     base = fingerprints("superposition-distill", {})
     changed = {name for name, fp in fingerprints("superposition-distill", {"cache.eval_samples": 64}).items()
                if fp != base[name]}
-    assert changed == {"cache_teacher", "train", "lm_head", "evaluate", "export"}
-    # hashed as eval.max_rows was before cache.eval_samples existed: the quickstart's cache and the runs made then
-    # (docs/RESULTS.md's headline among them) keep their fingerprints; on a CPU, whose compute dtype they hash
-    on_cpu = {"teacher.device": "cpu"}
-    assert fingerprints("superposition-distill", on_cpu)["cache_teacher"] == "0abe4e602ecb380b"
-    assert fingerprints("self-distill", on_cpu)["train"] == "15a96be707dbe942"
+    assert changed == {"teacher_cache", "superposition", "lm_head", "evaluate", "export"}
+
+
+def test_a_stage_whose_output_changes_gets_new_fingerprints_from_itself_on(monkeypatch):
+    """A stage that writes something new bumps its version: its old artifacts are rebuilt once, not read as new."""
+    from distill.stages import STAGES
+
+    base = fingerprints("superposition-distill", {})
+    monkeypatch.setattr(type(STAGES["lm_head"]), "version", STAGES["lm_head"].version + 1)
+    bumped = fingerprints("superposition-distill", {})
+    assert {name for name in base if bumped[name] != base[name]} == {"lm_head", "evaluate", "export"}
 
 
 def test_the_configs_top_k_codec_default_is_the_caches():
@@ -188,7 +192,7 @@ def test_new_teacher_weights_keep_the_token_shards_and_4bit_loading_recomputes_t
 
     from .conftest import TINY, tiny_overrides
 
-    retrained = tmp_path / "retrained" / tiny_teacher.name  # a local teacher is known by its name and files
+    retrained = tmp_path / "retrained" / "another-name"  # a local teacher is known by its files alone
     shutil.copytree(tiny_teacher, retrained)
     model = tf.AutoModelForCausalLM.from_pretrained(retrained)
     with torch.no_grad():
@@ -198,9 +202,12 @@ def test_new_teacher_weights_keep_the_token_shards_and_4bit_loading_recomputes_t
     def fingerprints(teacher, **overrides):
         cfg = load_config(TINY, tiny_overrides(teacher, tmp_path, **overrides))
         plan = make_plan(cfg, "superposition-distill", preflight(cfg, "superposition-distill"))
-        return plan["tokenize"]["fingerprint"], plan["cache_teacher"]["fingerprint"]
+        return plan.stages["tokenize"].fingerprint, plan.stages["teacher_cache"].fingerprint
 
     tokens, cache = fingerprints(tiny_teacher)
+    copy = tmp_path / "copy" / "renamed-teacher"
+    shutil.copytree(tiny_teacher, copy)
+    assert fingerprints(copy) == (tokens, cache)  # the same files under another name: the same teacher
     new_tokens, new_cache = fingerprints(retrained)
     assert new_tokens == tokens and new_cache != cache
     if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
@@ -222,7 +229,7 @@ def test_a_data_file_edited_in_place_rebuilds_the_tokens(tiny_teacher, tmp_path)
         data.write_text("".join(f'{{"text": "{text} {i}"}}\n' for i in range(40)))
         cfg = load_config(TINY, tiny_overrides(tiny_teacher, tmp_path, **{"data.builtin": None,
                                                                           "data.files": [str(data)]}))
-        return make_plan(cfg, "self-distill", preflight(cfg, "self-distill"))["tokenize"]["fingerprint"]
+        return make_plan(cfg, "self-distill", preflight(cfg, "self-distill")).stages["tokenize"].fingerprint
 
     first = tokens_fingerprint("def f(x): return x")
     assert tokens_fingerprint("def f(x): return x") == first  # the same contents: the same tokens
@@ -241,7 +248,7 @@ def test_a_local_dataset_directory_is_fingerprinted_by_its_contents(tiny_teacher
         (directory / "part-0.jsonl").write_text("".join(f'{{"text": "{text} {i}"}}\n' for i in range(40)))
         overrides = {"data.builtin": None, "data.dataset": str(directory), "data.streaming": True, **extra}
         cfg = load_config(TINY, tiny_overrides(tiny_teacher, tmp_path, **overrides))
-        return make_plan(cfg, "self-distill", preflight(cfg, "self-distill"))["tokenize"]["fingerprint"]
+        return make_plan(cfg, "self-distill", preflight(cfg, "self-distill")).stages["tokenize"].fingerprint
 
     first = tokens_fingerprint("def f(x): return x")
     assert tokens_fingerprint("def f(x): return x") == first
@@ -257,10 +264,9 @@ def test_a_hub_dataset_is_tokenized_at_the_commit_its_revision_names(tiny_teache
     from huggingface_hub import constants
     from transformers import AutoTokenizer
 
-    from distill import data
-    from distill.plan import make_plan, open_store, preflight
-    from distill.progress import Reporter
-    from flows.prepare import pin_data_revision
+    from distill.plan import plan_run
+    from distill.stage import execute
+    from distill.stages import STAGES
     from storage import shards
 
     from .conftest import TINY, tiny_overrides
@@ -281,7 +287,7 @@ def test_a_hub_dataset_is_tokenized_at_the_commit_its_revision_names(tiny_teache
     tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
     logged = []
 
-    class Log:  # what prepare() logs through Prefect's run logger
+    class Log:  # what plan_run logs through Prefect's run logger
         def info(self, message, *args):
             logged.append(("info", message % args))
 
@@ -290,12 +296,10 @@ def test_a_hub_dataset_is_tokenized_at_the_commit_its_revision_names(tiny_teache
 
     def tokenize(**extra):
         overrides = {"data.builtin": None, "data.dataset": "org/stories", "data.eval_fraction": 0.2, **extra}
-        cfg = pin_data_revision(load_config(TINY, tiny_overrides(tiny_teacher, tmp_path, **overrides)), Log())
-        stage = make_plan(cfg, "self-distill", preflight(cfg, "self-distill"))["tokenize"]
-        store = open_store(cfg)
-        data.run_tokenize(cfg, store, stage, Reporter())
-        ids = shards.read_token_shards(store, f"{stage['path']}/train")["input_ids"]
-        return stage["fingerprint"], tokenizer.decode(ids[0])
+        run, store = plan_run("self-distill", TINY, tiny_overrides(tiny_teacher, tmp_path, **overrides), Log())
+        tokens = execute(STAGES["tokenize"], run.context("tokenize"))
+        ids = shards.read_token_shards(store, tokens.splits["train"].path)["input_ids"]
+        return tokens.fingerprint, tokenizer.decode(ids[0])
 
     fingerprint, text = tokenize()
     assert text.startswith("alpha") and set(served) == {first}  # main, read at the commit it named
@@ -331,8 +335,8 @@ def test_a_hub_teacher_is_loaded_at_the_commit_the_run_planned_even_when_main_mo
     import transformers as tf
     from huggingface_hub import constants
 
-    from distill.teacher import load_teacher
-    from flows.prepare import plan_run
+    from distill.plan import plan_run
+    from distill.teacher import Teacher
 
     from .conftest import TINY
 
@@ -355,15 +359,16 @@ def test_a_hub_teacher_is_loaded_at_the_commit_the_run_planned_even_when_main_mo
         warning = info
 
     overrides = {"teacher.name_or_path": "org/tiny", "storage.root": str(tmp_path / "artifacts")}
-    cfg, _, plan = plan_run("self-distill", TINY, overrides, Log())
-    assert cfg.teacher.revision == first
+    run, _ = plan_run("self-distill", TINY, overrides, Log())
+    assert run.config.teacher.revision == first
     (repo / "refs" / "main").write_text(second)  # pushed upstream while the run goes on
-    planned = load_teacher(cfg.teacher)
+    planned = run.context("self_distill").teacher.load()  # what every stage of the run loads
     original = tf.AutoModelForCausalLM.from_pretrained(tiny_teacher)
     assert torch.equal(planned.lm_head.weight, original.lm_head.weight)
-    assert torch.equal(load_teacher(load_config(TINY, overrides).teacher).lm_head.weight, pushed.lm_head.weight)
-    next_cfg, _, next_plan = plan_run("self-distill", TINY, overrides, Log())  # the next run: the new weights
-    assert next_cfg.teacher.revision == second and next_plan["train"]["fingerprint"] != plan["train"]["fingerprint"]
+    assert torch.equal(Teacher(load_config(TINY, overrides).teacher).load().lm_head.weight, pushed.lm_head.weight)
+    next_run, _ = plan_run("self-distill", TINY, overrides, Log())  # the next run: the new weights
+    assert next_run.config.teacher.revision == second
+    assert next_run.stages["self_distill"].fingerprint != run.stages["self_distill"].fingerprint
 
 
 def test_a_teacher_that_is_not_a_causal_lm_or_whose_tokenizer_outgrew_it_fails_in_preflight(tiny_teacher, tmp_path):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from distill.config import ConfigError, DataConfig
-from distill.data import Packer, Padder, hash_split, iter_documents, pick_text, token_rows
-from storage import stdlib_corpus
+from distill.data import hash_split, iter_documents, pick_text, stdlib_split
+from distill.stages.tokenize import Packer, Padder, token_rows
 
 
 class CharTokenizer:
@@ -99,7 +99,7 @@ def test_stdlib_source_splits_by_module():
     assert len(docs) == 400 and all(d.text for d in docs)
     assert len({d.key for d in docs}) == 400
     # the corpus's own split by module path, both splits present, whatever data.eval_fraction says
-    assert all(d.split == stdlib_corpus.split_of(d.key) for d in docs) and {d.split for d in docs} == {"train", "eval"}
+    assert all(d.split == stdlib_split(d.key) for d in docs) and {d.split for d in docs} == {"train", "eval"}
 
 
 def prepared_copies(cache, versions: dict) -> None:

@@ -15,21 +15,22 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, FlowRunFilterId, TaskRunFilter
 from prefect.client.schemas.sorting import ArtifactSort, TaskRunSort
 
+from pathlib import Path
+
 from bitnet import load_student
 from distill.config import ConfigError
-from distill.export import TAGS
+from distill.stages.export import TAGS
 from flows import self_distill, superposition_distill
-from storage import ArtifactStore, layout
-from storage.cache import TeacherCacheReader
+from flows.__main__ import main
 from storage.cache_spec import GROUP_DIR, RECORDS_DIR, record_path
 from storage.store import MARKER
-from tasks.result_storage import FAILED_RESULTS
 
 from .conftest import TINY, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 REQUIRED_METRICS = ["teacher", "ptq_ternary", "student", "packed_bytes", "fp16_bytes", "flow", "config", "fingerprints"]
+SUPERPOSITION = ["tokenize", "teacher_cache", "superposition", "lm_head", "evaluate", "export"]
 
 
 def read_api(method: str, flow_run_id, **kwargs):
@@ -62,16 +63,18 @@ def run_flow(flow_fn, teacher, root, **extra):
     return state.result(), state.state_details.flow_run_id
 
 
-def check_metrics(root, result):
-    metrics = json.loads((root / result["metrics"]["metrics_path"]).read_text())
+def check_metrics(result):
+    links = {name: Path(where) for name, where in result["links"].items()}  # a local root: absolute paths
+    metrics = json.loads(links["metrics.json"].read_text())
     for key in REQUIRED_METRICS:
         assert key in metrics, key
     for name in ("teacher", "ptq_ternary", "student"):
         assert math.isfinite(metrics[name]["perplexity"]) and metrics[name]["perplexity"] > 1
+        assert metrics[name] == result["metrics"][name]  # the flow returns what metrics.json holds
     for key in ("kl_to_teacher", "top1_agreement"):
         assert key in metrics["student"]
-    assert (root / result["metrics"]["report_path"]).read_text().startswith("# ")
-    assert (root / result["metrics"]["curves_png"]).read_bytes()[:4] == b"\x89PNG"
+    assert links["report"].read_text().startswith("# ")
+    assert links["loss curves"].read_bytes()[:4] == b"\x89PNG"
     return metrics
 
 
@@ -86,15 +89,19 @@ def artifacts_of(flow_run_id) -> dict[str, list[str]]:
 
 def test_superposition_flow_end_to_end(tiny_teacher, tmp_path):
     result, flow_run_id = run_flow(superposition_distill, tiny_teacher, tmp_path)
-    metrics = check_metrics(tmp_path, result)
+    metrics = check_metrics(result)
     artifacts = artifacts_of(flow_run_id)
     assert "superposition-distill-tiny-report" in artifacts["markdown"]
+    report = read_artifact(flow_run_id, "superposition-distill-tiny-report")
+    assert "## Loss curves\n\n![loss curves](data:image/png;base64,iVBORw0KGgo" in report  # the PNG, in the report
     assert "superposition-distill-tiny-metrics" in artifacts["table"]
     links = {"superposition-distill-tiny-student", "superposition-distill-tiny-loss-curves",  # links are markdown
              "superposition-distill-tiny-checkpoints", "superposition-distill-tiny-student-checkpoints"}
     assert links <= set(artifacts["markdown"])
     assert any("cache teacher" in d for d in artifacts["progress"]) and any("superposition" in d for d in
                                                                             artifacts["progress"])
+    assert Path(result["links"]["checkpoints"]).name == "checkpoints"  # the head's, beside the student's
+    assert "/lm_head-" in result["links"]["checkpoints"] and "/superposition-" in result["links"]["student checkpoints"]
     assert "student_via_teacher_head" in metrics
     [cosine] = metrics["student"]["hidden_cosine"]  # the reconstructed layer, through the decompressor
     assert -1 <= cosine <= 1
@@ -106,9 +113,53 @@ def test_superposition_flow_end_to_end(tiny_teacher, tmp_path):
     check_model_card(tmp_path / result["export"]["path"], library=None)
 
 
+def read_artifact(flow_run_id, key: str) -> str:
+    async def read():
+        async with get_client() as client:
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key={"any_": [key]}),
+                                                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return found[0].data
+    return asyncio.run(read())
+
+
+def test_a_run_validates_its_configuration_once_and_loads_the_teacher_at_most_once_per_stage(tiny_teacher, tmp_path,
+                                                                                         monkeypatch):
+    """Counted in this process, where Prefect runs the stages: the configuration is resolved once by the flow and
+    travels to the tasks as it is; each stage loads the teacher's weights and tokenizer at most once."""
+    from prefect.context import TaskRunContext
+
+    from distill.config import PipelineConfig
+
+    validations, loads = [], []
+    validate, init = PipelineConfig.model_validate.__func__, PipelineConfig.__init__
+
+    def counting_validate(cls, *args, **kwargs):
+        validations.append("model_validate")
+        return validate(cls, *args, **kwargs)
+
+    def counting_init(self, *args, **kwargs):  # how Prefect would rebuild a model it introspects
+        validations.append("__init__")
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(PipelineConfig, "model_validate", classmethod(counting_validate))
+    monkeypatch.setattr(PipelineConfig, "__init__", counting_init)
+    for cls in (tf.AutoModelForCausalLM, tf.AutoTokenizer):
+        def counting_load(klass, *args, _original=cls.from_pretrained.__func__, _what=cls.__name__, **kwargs):
+            context = TaskRunContext.get()
+            loads.append((context.task.name if context else "flow", _what))
+            return _original(klass, *args, **kwargs)
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(counting_load))
+    run_flow(self_distill, tiny_teacher, tmp_path, **{"self_distill.teacher_signal": "cache"})
+    assert len(validations) == 1, validations
+    per_stage = {(stage, what): loads.count((stage, what)) for stage, what in set(loads)}
+    assert set(stage for stage, _ in per_stage) == {"flow", "tokenize", "teacher_cache", "self_distill", "evaluate",
+                                                    "export"}, per_stage
+    assert all(count == 1 for count in per_stage.values()), per_stage
+
+
 def test_self_distill_flow_end_to_end_and_stock_loading(tiny_teacher, tmp_path):
     result, _ = run_flow(self_distill, tiny_teacher, tmp_path)
-    metrics = check_metrics(tmp_path, result)
+    metrics = check_metrics(result)
     assert len(metrics["student"]["hidden_cosine"]) == 2  # "all" layers of the 2-layer teacher
     exported = tf.AutoModelForCausalLM.from_pretrained(tmp_path / result["export"]["path"])
     assert exported.config.quantization_config.quant_method == "bitnet"
@@ -130,7 +181,7 @@ def check_model_card(directory, library):
 def test_rerun_reuses_every_stage_and_a_change_reruns_from_the_first_affected(tiny_teacher, tmp_path):
     first, first_id = run_flow(superposition_distill, tiny_teacher, tmp_path)
     again, again_id = run_flow(superposition_distill, tiny_teacher, tmp_path)
-    stages = ["tokenize", "cache-teacher", "train-superposition", "retrain-lm-head", "evaluate", "export"]
+    stages = SUPERPOSITION
     states = task_states(again_id, stages)
     assert {s: states[s] for s in stages} == {s: "Cached" for s in stages}
     assert again["metrics"]["student"] == first["metrics"]["student"]
@@ -147,7 +198,7 @@ def test_rerun_reuses_every_stage_and_a_change_reruns_from_the_first_affected(ti
     # a stage's own settings alone: it and the stages after it run again, beside (not over) the first results
     head, head_id = run_flow(superposition_distill, tiny_teacher, tmp_path, **{"head.steps": 2})
     states = task_states(head_id, stages)
-    assert {s: states[s] for s in stages} == rerun_from("retrain-lm-head")
+    assert {s: states[s] for s in stages} == rerun_from("lm_head")
     assert head["metrics"]["student"] != first["metrics"]["student"]
     assert head["export"]["path"] != first["export"]["path"] and head["run"] == first["run"]
     evaluated, eval_id = run_flow(superposition_distill, tiny_teacher, tmp_path, **{"eval.max_new_tokens": 2})
@@ -155,9 +206,9 @@ def test_rerun_reuses_every_stage_and_a_change_reruns_from_the_first_affected(ti
     assert {s: states[s] for s in stages} == rerun_from("evaluate")
     assert evaluated["metrics"]["student"] == first["metrics"]["student"]  # the same student, only fewer samples
     for result in (first, head, evaluated):
-        assert (tmp_path / result["metrics"]["metrics_path"]).exists()
+        assert Path(result["links"]["metrics.json"]).exists()
         assert (tmp_path / result["export"]["path"] / MARKER).exists()
-    assert json.loads((tmp_path / first["metrics"]["metrics_path"]).read_text())["config"]["head"]["steps"] == 4
+    assert json.loads(Path(first["links"]["metrics.json"]).read_text())["config"]["head"]["steps"] == 4
 
     _, changed_id = run_flow(superposition_distill, tiny_teacher, tmp_path, **{"data.seq_len": 24})
     states = task_states(changed_id, stages)
@@ -165,33 +216,45 @@ def test_rerun_reuses_every_stage_and_a_change_reruns_from_the_first_affected(ti
 
     _, student_id = run_flow(superposition_distill, tiny_teacher, tmp_path, **{"student.n_layers": 1})
     states = task_states(student_id, stages)
-    assert states["tokenize"] == states["cache-teacher"] == "Cached"
-    assert states["train-superposition"] == states["evaluate"] == "Completed"
+    assert states["tokenize"] == states["teacher_cache"] == "Cached"
+    assert states["superposition"] == states["evaluate"] == "Completed"
 
 
-def test_a_repaired_teacher_cache_is_rebuilt_by_the_next_run(tiny_teacher, tmp_path):
-    """verify(repair=True) withdraws the damaged chunks' records and the split's marker: the next run of the flow must
-    rewrite exactly those chunks (not return the stage's stored manifest) and reuse every other stage."""
+def test_a_repaired_teacher_cache_is_rebuilt_by_the_next_run(tiny_teacher, tmp_path, capsys):
+    """`python -m flows verify --repair` reopens the damaged chunks and their stage: the next run of the flow must
+    rewrite exactly those chunks (not return the stage's stored result) and reuse every other stage."""
     first, _ = run_flow(superposition_distill, tiny_teacher, tmp_path)
-    metrics = json.loads((tmp_path / first["metrics"]["metrics_path"]).read_text())
-    store = ArtifactStore(str(tmp_path))
-    train = f"{layout.teacher_cache_dir(metrics['fingerprints']['cache_teacher'])}/train"
+    metrics = json.loads(Path(first["links"]["metrics.json"]).read_text())
+    train = tmp_path / "teacher_cache" / metrics["fingerprints"]["teacher_cache"] / "train"
+    command = ["verify", "superposition-distill", "--config", TINY, "--set", f"teacher.name_or_path={tiny_teacher}",
+               "--set", f"storage.root={tmp_path}"]
 
     def record_times() -> dict[str, int]:
-        return {p.name: p.stat().st_mtime_ns for p in (tmp_path / train / RECORDS_DIR).iterdir()}
+        return {p.name: p.stat().st_mtime_ns for p in (train / RECORDS_DIR).iterdir()}
 
-    chunk_files = sorted((tmp_path / train / GROUP_DIR / "input_ids").glob("c.*"))
+    assert main(command) == 0 and capsys.readouterr().out.count(" intact") == len(SUPERPOSITION)
+    chunk_files = sorted((train / GROUP_DIR / "input_ids").glob("c.*"))
     chunk_files[1].write_bytes(b"damaged")
-    report = TeacherCacheReader(store, train).verify(repair=True)
-    assert list(report.corrupt) == [1] and not store.is_complete(train)
+    export = tmp_path / first["export"]["path"]
+    (export / "README.md").write_text("edited by hand")
+    assert main(command) == 1  # damage found, nothing changed
+    lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "damaged (teacher cache at" in lines["teacher_cache"]
+    assert "1 corrupt (chunk 1 (samples 8-15)" in lines["teacher_cache"]
+    assert lines["export"].endswith("damaged (README.md does not match the checksum recorded when it was written)")
+    assert [stage for stage, line in lines.items() if "damaged" in line] == ["teacher_cache", "export"]
+    assert main([*command, "--repair"]) == 0
+    assert capsys.readouterr().out.count("reopened: the next run redoes it") == 2
+    assert not (export / MARKER).exists() and not (train / MARKER).exists()
     before = record_times()
     _, again_id = run_flow(superposition_distill, tiny_teacher, tmp_path)
-    stages = ["tokenize", "cache-teacher", "train-superposition", "retrain-lm-head", "evaluate", "export"]
-    states = task_states(again_id, stages)
-    assert {s: states[s] for s in stages} == {**dict.fromkeys(stages, "Cached"), "cache-teacher": "Completed"}
-    assert TeacherCacheReader(store, train).verify().ok and store.is_complete(train)
+    states = task_states(again_id, SUPERPOSITION)
+    assert {s: states[s] for s in SUPERPOSITION} == {**dict.fromkeys(SUPERPOSITION, "Cached"),
+                                                     "teacher_cache": "Completed", "export": "Completed"}
     after = record_times()
     assert {name for name in after if before.get(name) != after[name]} == {record_path(1).rsplit("/", 1)[1]}
+    assert (export / "README.md").read_text().startswith("---\n")  # rewritten
+    assert main(command) == 0 and capsys.readouterr().out.count(" intact") == len(SUPERPOSITION)
 
 
 CACHED_SIGNAL = {"self_distill.teacher_signal": "cache"}
@@ -199,7 +262,7 @@ CACHED_SIGNAL = {"self_distill.teacher_signal": "cache"}
 
 @pytest.mark.parametrize("flow,overrides,message", [
     (self_distill, {"data.seq_len": 128}, "data.seq_len 128 exceeds the teacher's maximum positions \\(64\\)"),
-    (self_distill, {"cache.layers": [5]}, "cache.layers \\[5\\] do not exist: the teacher has hidden states 0..2"),
+    (superposition_distill, {"cache.layers": [5]}, "cache.layers \\[5\\] do not exist: the teacher has hidden states 0..2"),
     (self_distill, {"self_distill.hidden_layers": [9]}, "self_distill.hidden_layers \\[9\\] do not exist"),
     (self_distill, {"train.steps": 0}, "train.steps: Input should be greater than 0"),
     # the cached teacher signal must hold every term of the loss: found out before tokenizing, not at step 1
@@ -280,7 +343,7 @@ def test_a_failed_stage_leaves_prefects_record_of_it_in_one_folder_and_readable(
     [tokenize] = read_api("read_task_runs", state.state_details.flow_run_id)
     assert tokenize.state.is_failed() and f"cannot read {bad} as jsonl" in tokenize.state.message
     # Prefect persists the failure under a random key of the result storage: not among the stages' directories
-    [record] = (root / FAILED_RESULTS).iterdir()
+    [record] = (root / "prefect").iterdir()
     assert not [p.name for p in root.iterdir() if re.fullmatch(r"[0-9a-f]{32}", p.name)]
     with pytest.raises(ConfigError, match=f"cannot read {bad} as jsonl"):  # and reads it back from there
         tokenize.state.result()

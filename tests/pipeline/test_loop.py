@@ -19,7 +19,7 @@ from distill.loop import (BatchSchedule, ScheduledBatches, Trainable, TrainingDi
                           train, training_autocast)
 from distill.progress import Reporter
 from distill.rows import Rows
-from distill.teacher import resolve_dtype
+from distill.device import resolve_dtype
 from storage import ArtifactStore
 from storage.checkpoints import latest_checkpoint, load_checkpoint
 
@@ -223,51 +223,3 @@ def test_float16_gradients_that_overflow_at_every_loss_scale_stop_training(tmp_p
         train(trainable, OptimConfig(steps=40, checkpoint_every=100, **CONSTANT_LR), ArtifactStore(str(tmp_path)),
               "run", Reporter(), torch.device("cpu"))
     assert torch.equal(weight.detach(), torch.ones(4))  # every step was skipped
-
-
-class LogReporter(Reporter):
-    def __init__(self):
-        super().__init__()
-        self.logged: list[str] = []
-
-    def log(self, message, level=logging.INFO):
-        self.logged.append(message)
-
-
-def counting_trainable(calls: list, started: threading.Event, release: threading.Event) -> Trainable:
-    """A one-weight model whose first step waits for ``release``; ``calls`` records every step's loss call."""
-    weight = torch.nn.Parameter(torch.ones(2))
-
-    def loss(step):
-        calls.append(step)
-        started.set()
-        release.wait(10)
-        return (weight ** 2).sum(), {}
-
-    return Trainable([weight], loss, lambda: {"w": weight.detach().clone()}, lambda state: weight.data.copy_(state["w"]))
-
-
-def test_a_second_run_of_the_same_training_waits_for_the_first_then_resumes_from_its_final_checkpoint(tmp_path):
-    store, optim = ArtifactStore(str(tmp_path)), OptimConfig(steps=3, checkpoint_every=1, **CONSTANT_LR)
-    first_calls, second_calls, results = [], [], {}
-    started, release = threading.Event(), threading.Event()
-
-    def first():
-        results["first"] = train(counting_trainable(first_calls, started, release), optim, store, "run", Reporter(),
-                                 torch.device("cpu"))
-
-    thread = threading.Thread(target=first)
-    thread.start()
-    assert started.wait(10)  # the first run is inside its first step, holding the checkpoints' lock
-    reporter = LogReporter()
-    waiter = threading.Thread(target=lambda: results.update(second=train(
-        counting_trainable(second_calls, threading.Event(), threading.Event()), optim, store, "run", reporter,
-        torch.device("cpu"))))
-    waiter.start()
-    waiter.join(1.0)
-    assert waiter.is_alive() and not second_calls  # waiting, not training beside the first run
-    release.set()
-    thread.join(10), waiter.join(10)
-    assert first_calls == [0, 1, 2] and second_calls == []  # the second found the final checkpoint
-    assert [r["loss"] for r in results["second"]] == [r["loss"] for r in results["first"]]
-    assert any("checkpoints at" in m and "is being written by another process; waiting" in m for m in reporter.logged)

@@ -4,11 +4,16 @@ import pytest
 import yaml
 
 from distill.config import load_config
-from distill.export import TAGS, card_metadata
+from distill.stages.export import TAGS, card_metadata
+from distill.students import SelfDistilled, Superposed
+
+STUDENTS = {"self-distill": SelfDistilled, "superposition-distill": Superposed}
 
 
 def front_matter(flow: str, preset: str, overrides: dict | None = None) -> dict:
-    return yaml.safe_load(card_metadata(load_config(preset, overrides or {}), flow))
+    student = STUDENTS[flow]
+    return yaml.safe_load(card_metadata(load_config(preset, overrides or {}), student.library_name,
+                                        student.base_model_relation))
 
 
 def test_a_hub_teachers_self_distilled_student_is_listed_as_its_quantization():

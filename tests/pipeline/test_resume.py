@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.artifacts import read_tensors
 from distill.config import load_config
 from distill.plan import open_store
-from storage import checkpoints
+from storage import checkpoints, layout
+from storage.tensors import read_tensors
 
 from .conftest import TINY, tiny_overrides
 
@@ -37,19 +37,24 @@ def finish(proc: subprocess.Popen, log: list | None = None) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def kill_after_first_checkpoint(overrides: dict, flow: str, run: str) -> int:
-    """The step of the last checkpoint the killed run left."""
+def training(plan: dict) -> dict:
+    """The training stage of a plan the stage runner printed."""
+    return plan["stages"]["self_distill" if plan["flow"] == "self-distill" else "superposition"]
+
+
+def kill_after_first_checkpoint(overrides: dict, flow: str, directory: str) -> int:
+    """The step of the last checkpoint the killed run left under ``directory``."""
     store = open_store(load_config(TINY, overrides))
     proc = start(overrides, flow, "train")
     deadline = time.monotonic() + 240
-    while checkpoints.latest_checkpoint(store, run) is None:
+    while checkpoints.latest_checkpoint(store, directory) is None:
         assert proc.poll() is None, f"finished before it could be killed: {proc.communicate()[1][-2000:]}"
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    return int(checkpoints.latest_checkpoint(store, run).rsplit("-", 1)[1])
+    return int(checkpoints.latest_checkpoint(store, directory).rsplit("-", 1)[1])
 
 
 # adamw8bit on the superposition student: its embedding (384 x 32) is large enough for 8-bit moments
@@ -61,25 +66,26 @@ def test_training_resumes_after_sigkill_and_matches_an_uninterrupted_run(tiny_te
     settings = {"train.steps": 40, "train.checkpoint_every": 4, "train.eval_every": 20, "train.optimizer": optimizer}
     straight = tiny_overrides(tiny_teacher, tmp_path / "straight", **settings)
     plan = finish(start(straight, flow, "train"))
+    trained = training(plan)
+    checkpoint_dir = layout.checkpoints_dir(trained["path"])
 
     killed = tiny_overrides(tiny_teacher, tmp_path / "killed", **settings)
-    killed_at = kill_after_first_checkpoint(killed, flow, plan["train"]["checkpoint_run"])
+    killed_at = kill_after_first_checkpoint(killed, flow, checkpoint_dir)
     # resumed with another checkpoint cadence and retention: the same run (they are not in its fingerprint)
     resumed, log = {**killed, "train.checkpoint_every": 7, "train.keep_checkpoints": 1}, []
-    assert finish(start(resumed, flow, "train"), log)["train"] == plan["train"]
+    assert training(finish(start(resumed, flow, "train"), log)) == trained
     # from the checkpoint, not from step 0 (a restart would give the same curve and weights too)
     assert re.search(rf": resuming from step {killed_at} \(", log[0]), log[0][-3000:]
 
     stores = [open_store(load_config(TINY, o)) for o in (straight, killed)]
-    histories = [s.read_json(plan["train"]["path"] + "/history.json") for s in stores]
+    histories = [s.read_json(trained["path"] + "/history.json") for s in stores]
     assert [h["loss"] for h in histories[0]] == [h["loss"] for h in histories[1]]  # the curve continues exactly
-    weights = [read_tensors(s, plan["train"]["path"] + "/weights.safetensors") for s in stores]
+    weights = [read_tensors(s, trained["path"] + "/weights.safetensors") for s in stores]
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
     if optimizer == "adamw8bit":  # the resumed state really was 8-bit
-        _, meta = checkpoints.load_checkpoint(stores[1], checkpoints.latest_checkpoint(stores[1],
-                                                                                        plan["train"]["checkpoint_run"]))
+        _, meta = checkpoints.load_checkpoint(stores[1], checkpoints.latest_checkpoint(stores[1], checkpoint_dir))
         moments = [v for state in meta["optimizer"]["state"].values() for v in state.values()]
         assert any(type(m).__name__ == "OptimState8bit" for m in moments)
 
@@ -92,7 +98,7 @@ def test_teacher_cache_stage_resumes_after_sigkill_and_matches_an_uninterrupted_
     settings = {"cache.batch_size": 1, "data.max_train_rows": 60, "cache.topk": 4}
     straight = tiny_overrides(tiny_teacher, tmp_path / "straight", **settings)
     plan = finish(start(straight, "superposition-distill", "cache"))
-    train_cache = plan["cache_teacher"]["path"] + "/train"
+    train_cache = plan["stages"]["teacher_cache"]["path"] + "/train"
 
     killed = tiny_overrides(tiny_teacher, tmp_path / "killed", **settings)
     store = open_store(load_config(TINY, killed))
@@ -128,13 +134,13 @@ def test_sigterm_writes_a_checkpoint_at_the_current_step(tiny_teacher, tmp_path)
     while not (found := [p for p in store.find("runs") if p.endswith("/step-7/_COMPLETE.json")]):
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
-    plan_run = found[0].split("/")[1]
+    checkpoint_dir = found[0].rsplit("/step-7/", 1)[0]
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     stopped = re.search(r"stopped by signal 15 at step (\d+); a checkpoint was written, rerun to resume", err)
     assert stopped, err[-2000:]
-    assert checkpoints.latest_checkpoint(store, plan_run).endswith(f"/step-{stopped.group(1)}")
+    assert checkpoints.latest_checkpoint(store, checkpoint_dir).endswith(f"/step-{stopped.group(1)}")
 
 
 @pytest.mark.slow
@@ -158,32 +164,13 @@ def test_a_killed_flow_resumes_from_its_checkpoint_when_the_flow_runs_again(tiny
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    run = found[0].split("/")[1]
-    killed_at = int(checkpoints.latest_checkpoint(store, run).rsplit("-", 1)[1])
+    stage_dir = found[0].split("/checkpoints/", 1)[0]
+    killed_at = int(checkpoints.latest_checkpoint(store, layout.checkpoints_dir(stage_dir)).rsplit("-", 1)[1])
     assert killed_at < 60
 
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    resumed = re.search(r"self-distill: resuming from step (\d+)", again.stdout + again.stderr)
+    resumed = re.search(r"self_distill: resuming from step (\d+)", again.stdout + again.stderr)
     assert resumed and int(resumed.group(1)) >= killed_at, (again.stdout + again.stderr)[-3000:]
-    history = store.read_json(f"runs/{run}/train/history.json")
+    history = store.read_json(f"{stage_dir}/history.json")
     assert [h["step"] for h in history] == list(range(1, 61))
-
-
-def test_a_killed_uploads_half_written_files_are_not_in_the_finished_stage(tmp_path):
-    """A write killed before its rename leaves a hidden temporary file; the stage's next attempt, which is not
-    finished, clears them before marking itself complete (the exported directory is uploaded to the Hub as is)."""
-    from distill.artifacts import finish_training, save_directory
-    from storage import ArtifactStore
-
-    store = ArtifactStore(str(tmp_path))
-    for path in ("runs/r/student-1", "runs/r/train"):
-        (tmp_path / path).mkdir(parents=True)
-        (tmp_path / path / ".model.safetensors.0123abcd.tmp").write_bytes(b"half a model")
-    save_directory(store, "runs/r/student-1", lambda directory: (directory / "model.safetensors").write_bytes(b"m"),
-                   lambda: {"stage": "export"})
-    finish_training(store, {"path": "runs/r/train", "name": "train", "fingerprint": "f", "checkpoint_run": "r"},
-                    [{"loss": 1.0}], {"w": torch.ones(1)})
-    assert sorted(p.name for p in (tmp_path / "runs/r/student-1").iterdir()) == ["_COMPLETE.json", "model.safetensors"]
-    assert sorted(p.name for p in (tmp_path / "runs/r/train").iterdir()) == ["_COMPLETE.json", "history.json",
-                                                                             "weights.safetensors"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers as tf
 
-from distill.teacher import TeacherForward
+from distill.stages.teacher_cache import TeacherForward
 from tests.bitnet.tiny_models import _COMMON, CONFIGS, VOCAB, token_batch, tiny_causal_lm
 
 # Models whose logits are not their output embedding of the last hidden state.

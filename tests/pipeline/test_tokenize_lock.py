@@ -2,13 +2,13 @@
 for the first and reuses its shards, and never deletes them from under it as an interrupted attempt's debris."""
 
 import logging
+import re
 import shutil
 import threading
 
-from distill import data
-from distill.config import load_config
-from distill.plan import make_plan, open_store, preflight
-from distill.progress import Reporter
+from distill.plan import plan_run
+from distill.stage import execute
+from distill.stages import STAGES
 from storage import layout, shards
 from storage.lease import acquire_lock
 
@@ -16,20 +16,24 @@ from .conftest import TINY, tiny_overrides
 
 
 def tokenize_stage(tiny_teacher, root):
-    cfg = load_config(TINY, tiny_overrides(tiny_teacher, root))
-    return cfg, open_store(cfg), make_plan(cfg, "superposition-distill", preflight(cfg, "superposition-distill"))
+    run, store = plan_run("superposition-distill", TINY, tiny_overrides(tiny_teacher, root), logging.getLogger())
+    return run, store, run.stages["tokenize"].path
 
 
-def start_second_run(cfg, store, stage) -> tuple[threading.Thread, dict]:
+def tokenize(run):
+    return execute(STAGES["tokenize"], run.context("tokenize"))
+
+
+def start_second_run(run) -> tuple[threading.Thread, dict]:
     outcome = {}
 
-    def run():
+    def work():
         try:
-            outcome["manifest"] = data.run_tokenize(cfg, store, stage, Reporter())
+            outcome["manifest"] = tokenize(run)
         except BaseException as exc:  # reported by the test, not lost in the thread
             outcome["error"] = exc
 
-    thread = threading.Thread(target=run)
+    thread = threading.Thread(target=work)
     thread.start()
     return thread, outcome
 
@@ -45,17 +49,17 @@ def first_run_in_progress(store, root, path):
 
 def test_a_second_run_waits_for_the_first_and_reuses_its_shards(tiny_teacher, tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    cfg, store, plan = tokenize_stage(tiny_teacher, tmp_path / "shared")
-    path = plan["tokenize"]["path"]
+    run, store, path = tokenize_stage(tiny_teacher, tmp_path / "shared")
     first, partial = first_run_in_progress(store, tmp_path / "shared", path)
-    thread, second = start_second_run(cfg, store, plan["tokenize"])
+    thread, second = start_second_run(run)
     thread.join(1.5)
     assert thread.is_alive() and not second  # it waits...
     assert partial.read_bytes() == b"being written"  # ...and has deleted nothing of the first run's
-    assert "is being written by another process; waiting up to 3600 s" in caplog.text
+    assert re.search(r"the tokenize stage at .* is being written by process \d+ on \S+; waiting up to 86400 s for it "
+                     r"to finish", caplog.text), caplog.text
     # The first run finishes: the same shards, built under another root, put in place.
-    other_cfg, other_store, other_plan = tokenize_stage(tiny_teacher, tmp_path / "elsewhere")
-    built = data.run_tokenize(other_cfg, other_store, other_plan["tokenize"], Reporter())
+    other, _, _ = tokenize_stage(tiny_teacher, tmp_path / "elsewhere")
+    built = tokenize(other)
     shutil.rmtree(tmp_path / "shared" / path)
     shutil.copytree(tmp_path / "elsewhere" / path, tmp_path / "shared" / path)
     stored = {p: p.stat().st_mtime_ns for p in (tmp_path / "shared" / path).rglob("*")}
@@ -63,18 +67,17 @@ def test_a_second_run_waits_for_the_first_and_reuses_its_shards(tiny_teacher, tm
     thread.join(60)
     assert second == {"manifest": built}  # the first run's shards, as they are...
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "shared" / path).rglob("*")} == stored  # ...not rebuilt
-    assert len(shards.read_token_shards(store, f"{path}/train")["input_ids"]) == cfg.data.max_train_rows
+    assert len(shards.read_token_shards(store, f"{path}/train")["input_ids"]) == run.config.data.max_train_rows
 
 
 def test_a_second_run_builds_the_shards_when_the_first_stops_unfinished(tiny_teacher, tmp_path):
-    cfg, store, plan = tokenize_stage(tiny_teacher, tmp_path)
-    path = plan["tokenize"]["path"]
+    run, store, path = tokenize_stage(tiny_teacher, tmp_path)
     first, partial = first_run_in_progress(store, tmp_path, path)
-    thread, second = start_second_run(cfg, store, plan["tokenize"])
+    thread, second = start_second_run(run)
     thread.join(1.5)
     assert thread.is_alive() and partial.read_bytes() == b"being written"
     first.release()  # it stopped (died, or failed) without finishing: its lock goes with it
     thread.join(60)
     assert "error" not in second, second.get("error")
-    assert second["manifest"]["splits"]["train"]["rows"] == cfg.data.max_train_rows
-    assert len(shards.read_token_shards(store, f"{path}/train")["input_ids"]) == cfg.data.max_train_rows
+    assert second["manifest"].splits["train"].rows == run.config.data.max_train_rows
+    assert len(shards.read_token_shards(store, f"{path}/train")["input_ids"]) == run.config.data.max_train_rows

@@ -6,23 +6,23 @@ import math
 
 import torch
 
-from distill import data, train_self
-from distill.artifacts import read_tensors
 from distill.config import load_config
-from distill.plan import make_plan, open_store, preflight
-from distill.progress import Reporter
+from distill.plan import plan_run
+from distill.stage import execute
+from distill.stages import STAGES
+from distill.stages.self_distill import load_dual
+from distill.teacher import Teacher
+from storage.tensors import read_tensors
 
 from .conftest import TINY, tiny_overrides
 
 
 def train(tiny_teacher, root, **overrides):
-    cfg = load_config(TINY, tiny_overrides(tiny_teacher, root, **overrides))
-    plan = make_plan(cfg, "self-distill", preflight(cfg, "self-distill"))
-    store = open_store(cfg)
-    tokens = data.run_tokenize(cfg, store, plan["tokenize"], Reporter())
-    manifest = train_self.run_self_distill(cfg, store, plan["train"], Reporter(), tokens=tokens, cache=None)
-    return (store.read_json(manifest["path"] + "/history.json"),
-            read_tensors(store, manifest["path"] + "/weights.safetensors"), plan["train"]["fingerprint"])
+    run, store = plan_run("self-distill", TINY, tiny_overrides(tiny_teacher, root, **overrides), logging.getLogger())
+    tokens = execute(STAGES["tokenize"], run.context("tokenize"))
+    manifest = execute(STAGES["self_distill"], run.context("self_distill"), tokens=tokens)
+    return (store.read_json(manifest.history), read_tensors(store, manifest.weights),
+            run.stages["self_distill"].fingerprint)
 
 
 def test_activation_checkpointing_trains_the_same_student_bit_for_bit(tiny_teacher, tmp_path, caplog):
@@ -42,7 +42,7 @@ def test_lora_starts_from_the_runs_seed_whatever_the_process_drew_before(tiny_te
     def lora_a(seed: int) -> torch.Tensor:
         torch.rand(7)  # an earlier run in the same process (a served flow) moved the global generator on
         cfg = load_config(TINY, tiny_overrides(tiny_teacher, tmp_path, seed=seed, **{"self_distill.delta": "lora:4"}))
-        dual = train_self.load_dual(cfg, torch.device("cpu"))
+        dual = load_dual(cfg, Teacher(cfg.teacher), torch.device("cpu"))
         return torch.cat([layer.delta.lora_A.detach().flatten() for layer in dual.layers.values()])
 
     first = lora_a(0)

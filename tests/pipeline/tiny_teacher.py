@@ -8,7 +8,7 @@ import torch
 import transformers as tf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from storage import stdlib_corpus
+from distill.data import stdlib_documents
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 
@@ -17,7 +17,7 @@ def build_tokenizer(vocab_size: int = 384) -> tf.PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    texts = [text for _, text in zip(range(40), (t for _, t in stdlib_corpus.iter_documents("train")))]
+    texts = [doc.text for _, doc in zip(range(40), stdlib_documents("train"))]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)

@@ -51,11 +51,11 @@ def test_nightly_deployment_runs_the_quickstart_on_a_worker(server, tmp_path):
     assert "superposition-distill-quickstart-student" in artifacts
     # the report's link has its own key, not the markdown report's
     report_link = artifacts["superposition-distill-quickstart-report-md"]["data"]
-    assert re.search(r"/eval-[0-9a-f]{10}/report\.md\)", report_link)
+    assert re.search(r"/evaluate-[0-9a-f]{10}/report\.md\)", report_link)
     for key in ("checkpoints", "student-checkpoints"):  # the LM head's and the student's: "[name](<directory>)"
         link = artifacts[f"superposition-distill-quickstart-{key}"]["data"]
         assert list(Path(link.partition("](")[2].removesuffix(")")).glob("step-*"))
-    assert list(tmp_path.glob("runs/quickstart-superposition-*/eval-*/report.md"))
+    assert list(tmp_path.glob("runs/quickstart-superposition-*/evaluate-*/report.md"))
 
 
 def test_nightly_deployment_with_artifacts_and_results_on_s3(server, tiny_teacher, s3_endpoint, s3_bucket):
@@ -68,8 +68,9 @@ def test_nightly_deployment_with_artifacts_and_results_on_s3(server, tiny_teache
                       aws_secret_access_key=CREDENTIALS["secret"], region_name=CREDENTIALS["region"])
     keys = [obj["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
             for obj in page.get("Contents", [])]
-    assert any(re.search(r"/eval-[0-9a-f]{10}/report\.md$", key) for key in keys)
-    assert any(key.endswith("/prefect-result.json") for key in keys)  # Prefect's cached results live there too
+    assert any(re.search(r"/evaluate-[0-9a-f]{10}/report\.md$", key) for key in keys)
+    # Prefect's cached results live there too, one per stage, beside the stages
+    assert any(re.fullmatch(r"bitnet-distill/prefect/tokenize/[0-9a-f]{16}\.json", key) for key in keys), keys
 
 
 def test_unknown_or_mistyped_parameter_is_refused_when_the_run_is_created(server):

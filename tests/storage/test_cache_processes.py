@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -99,6 +101,12 @@ def test_two_writers_never_write_the_same_cache(store, reference, tmp_path):
     first_out, patient_out = finish(first), finish(patient)
     assert first.returncode == 0 and first_out.strip().endswith("wrote 12"), first_out
     assert patient.returncode == 0 and patient_out.strip().endswith("wrote 0"), patient_out  # waited, found it done
-    assert (f"waiting: the teacher cache at {store.url('cache')} is being written by another process; waiting up "
-            "to 60 s") in patient_out and "waiting" not in out  # said so first; the impatient one did not wait
+    # said so first, naming the holder and, for a lease, when a crashed holder's runs out; the impatient one did not
+    assert (f"waiting: the teacher cache at {store.url('cache')} is being written by process {first.pid} on "
+            f"{socket.gethostname()}; waiting up to 60 s for it to finish") in patient_out and "waiting" not in out
+    if store.is_local:
+        assert "(if that process dies, its lock is released at once)" in patient_out
+    else:
+        assert re.search(r"\(its lease runs out at \d\d:\d\d:\d\d UTC, in \d+ s, unless that process renews it; a "
+                         r"crashed holder's lease runs out by itself, and this run then takes over\)", patient_out)
     assert relative_tree(store, "cache") == reference

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from storage import IncompleteArtifactError, IntegrityError
-from storage.checkpoints import (decode_tree, encode_tree, latest_checkpoint, load_checkpoint, rng_state,
-                                 save_checkpoint, set_rng_state)
+from storage.checkpoints import decode_tree, encode_tree, latest_checkpoint, load_checkpoint, save_checkpoint
 
 from .helpers import run_on_tmpfs
 
@@ -43,20 +42,20 @@ def _steps(model, optimizer, scheduler, count: int) -> None:
 def test_resume_continues_exactly(store, optimizer_class):
     model, optimizer, scheduler = _trainer(optimizer_class)
     _steps(model, optimizer, scheduler, 3)
-    meta = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+    meta = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
             "data": {"epoch": 0, "position": 48}}
-    path = save_checkpoint(store, "run-a", 3, dict(model.state_dict()), meta, keep_last=2)
+    path = save_checkpoint(store, "runs/run-a/checkpoints", 3, dict(model.state_dict()), meta, keep_last=2)
     assert path == "runs/run-a/checkpoints/step-3" and store.is_complete(path)
     _steps(model, optimizer, scheduler, 2)
     reference = {k: v.clone() for k, v in model.state_dict().items()}
 
     model, optimizer, scheduler = _trainer(optimizer_class)
     torch.manual_seed(123)  # whatever the new process did before resuming
-    tensors, meta = load_checkpoint(store, latest_checkpoint(store, "run-a"))
+    tensors, meta = load_checkpoint(store, latest_checkpoint(store, "runs/run-a/checkpoints"))
     model.load_state_dict(tensors)
     optimizer.load_state_dict(meta["optimizer"])
     scheduler.load_state_dict(meta["scheduler"])
-    set_rng_state(meta["rng"])
+    torch.set_rng_state(meta["rng"])
     assert meta["data"] == {"epoch": 0, "position": 48}
     _steps(model, optimizer, scheduler, 2)
     for name, value in model.state_dict().items():
@@ -66,7 +65,7 @@ def test_resume_continues_exactly(store, optimizer_class):
 def test_8bit_optimiser_state_is_stored_as_its_8_bit_codes_and_rebuilt(local_store):
     model, optimizer, scheduler = _trainer(_adamw8bit)
     _steps(model, optimizer, scheduler, 2)
-    path = save_checkpoint(local_store, "r", 2, {}, {"optimizer": optimizer.state_dict()}, keep_last=1)
+    path = save_checkpoint(local_store, "runs/r/checkpoints", 2, {}, {"optimizer": optimizer.state_dict()}, keep_last=1)
     from safetensors.torch import load_file
 
     stored = load_file(local_store.local_path(f"{path}/state.safetensors"))
@@ -84,8 +83,8 @@ def test_other_tensor_subclasses_are_refused_when_saving(local_store):
     from torch.testing._internal.two_tensor import TwoTensor  # a subclass torch's own tests use
 
     with pytest.raises(TypeError, match="metadata/state/w is a .*TwoTensor; tensor subclasses are stored only from"):
-        save_checkpoint(local_store, "r", 1, {}, {"state": {"w": TwoTensor(torch.ones(2), torch.zeros(2))}})
-    assert latest_checkpoint(local_store, "r") is None
+        save_checkpoint(local_store, "runs/r/checkpoints", 1, {}, {"state": {"w": TwoTensor(torch.ones(2), torch.zeros(2))}})
+    assert latest_checkpoint(local_store, "runs/r/checkpoints") is None
 
 
 def test_a_checkpoint_cannot_name_a_class_to_import():
@@ -102,23 +101,23 @@ def test_dtypes_round_trip_in_metadata():
 
 
 def test_keep_last_k_and_latest(store):
-    assert latest_checkpoint(store, "r") is None
+    assert latest_checkpoint(store, "runs/r/checkpoints") is None
     for step in (10, 20, 30, 40):
-        save_checkpoint(store, "r", step, {"w": torch.full((2,), float(step))}, {"step": step}, keep_last=2)
+        save_checkpoint(store, "runs/r/checkpoints", step, {"w": torch.full((2,), float(step))}, {"step": step}, keep_last=2)
     assert store.list("runs/r/checkpoints") == ["runs/r/checkpoints/step-30", "runs/r/checkpoints/step-40"]
-    assert latest_checkpoint(store, "r") == "runs/r/checkpoints/step-40"
+    assert latest_checkpoint(store, "runs/r/checkpoints") == "runs/r/checkpoints/step-40"
     store.write_bytes("runs/r/checkpoints/step-50/tensors.safetensors", b"half")  # a save killed midway
-    assert latest_checkpoint(store, "r") == "runs/r/checkpoints/step-40"
+    assert latest_checkpoint(store, "runs/r/checkpoints") == "runs/r/checkpoints/step-40"
     with pytest.raises(IncompleteArtifactError, match="step-50 is incomplete .* latest_checkpoint"):
         load_checkpoint(store, "runs/r/checkpoints/step-50")
-    save_checkpoint(store, "r", 60, {"w": torch.zeros(2)}, {}, keep_last=2)
+    save_checkpoint(store, "runs/r/checkpoints", 60, {"w": torch.zeros(2)}, {}, keep_last=2)
     assert store.list("runs/r/checkpoints") == ["runs/r/checkpoints/step-40", "runs/r/checkpoints/step-60"]
     tensors, meta = load_checkpoint(store, "runs/r/checkpoints/step-40")
     assert torch.equal(tensors["w"], torch.full((2,), 40.0)) and meta == {"step": 40}
 
 
 def test_damaged_checkpoint_is_refused(local_store):
-    path = save_checkpoint(local_store, "r", 1, {"w": torch.ones(3)}, {}, keep_last=1)
+    path = save_checkpoint(local_store, "runs/r/checkpoints", 1, {"w": torch.ones(3)}, {}, keep_last=1)
     data = bytearray(local_store.read_bytes(f"{path}/tensors.safetensors"))
     data[-1] ^= 0xFF
     local_store.write_bytes(f"{path}/tensors.safetensors", bytes(data))
@@ -127,7 +126,7 @@ def test_damaged_checkpoint_is_refused(local_store):
 
 
 def test_a_checkpoint_missing_a_file_is_refused_by_name(store):
-    path = save_checkpoint(store, "r", 1, {"w": torch.ones(3)}, {}, keep_last=1)
+    path = save_checkpoint(store, "runs/r/checkpoints", 1, {"w": torch.ones(3)}, {}, keep_last=1)
     store.delete(f"{path}/state.safetensors")
     with pytest.raises(IntegrityError, match=r"step-1/state\.safetensors is missing or does not match the checksum "
                                              r"recorded when it was saved; delete this checkpoint to resume from the "
@@ -138,7 +137,7 @@ def test_a_checkpoint_missing_a_file_is_refused_by_name(store):
 def test_shared_and_viewed_tensors_are_saved(local_store):
     weight = torch.randn(4, 4)
     tensors = {"embed": weight, "lm_head": weight, "row": weight[1], "t": weight.t()}  # tied, view, transposed
-    loaded, _ = load_checkpoint(local_store, save_checkpoint(local_store, "r", 0, tensors, {}, keep_last=1))
+    loaded, _ = load_checkpoint(local_store, save_checkpoint(local_store, "runs/r/checkpoints", 0, tensors, {}, keep_last=1))
     for name, value in tensors.items():
         assert torch.equal(loaded[name], value), name
 

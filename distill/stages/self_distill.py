@@ -1,4 +1,4 @@
-"""Self-distillation: train dW so that the ternary student on W + dW imitates the original model.
+"""The self_distill stage: train dW so that the ternary student on W + dW imitates the original model.
 
 loss = ce_weight * CE + kl_weight * KL(teacher || student, T) + hidden_weight * hidden cosine
        (+ magnitude_weight * log-norm term). The teacher signal is computed online by switching the same model
@@ -11,13 +11,19 @@ import logging
 
 import torch
 
-from bitnet import DualModel, hidden_cosine_loss, kl_to_teacher, next_token_cross_entropy, sparse_topk_kl
+from bitnet import DualModel, hidden_cosine_loss, kl_to_teacher, next_token_cross_entropy, patch_model, sparse_topk_kl
+from storage import layout
 
-from .config import ConfigError, PipelineConfig
-from .loop import ScheduledBatches, Trainable
-from .metrics import Output, compare_to_teacher
-from .rows import Rows, to_device
-from .teacher import hidden_layers, resolve_layers
+from ..config import ConfigError, PipelineConfig
+from ..device import DTYPES, resolve_device
+from ..loop import ScheduledBatches, Trainable, TrainedManifest, resumable_step, save_trained, train
+from ..metrics import Output, compare_to_teacher
+from ..optim import check_optimizer
+from ..rows import Rows, cached_rows, to_device, token_rows
+from ..stage import Context, Preflight, Stage
+from ..teacher import Teacher, TeacherFacts, hidden_layers, resolve_layers
+from .teacher_cache import TeacherCacheManifest
+from .tokenize import TokenizeManifest
 
 
 def dual_forward(dual: DualModel, mode, layers: list[int]):
@@ -55,8 +61,6 @@ def self_distill_trainable(dual: DualModel, cfg: PipelineConfig, rows: Rows, dev
                            eval_rows: Rows | None = None) -> Trainable:
     sd, optim = cfg.self_distill, cfg.train
     num_hidden_layers = dual.model.config.num_hidden_layers
-    if sd.teacher_signal == "cache":
-        check_cache_holds_teacher_signal(cfg, num_hidden_layers)
     layers = hidden_layers(sd.hidden_layers, num_hidden_layers) if sd.hidden_weight else []
     batches = ScheduledBatches(rows, optim.batch_size, cfg.seed)
     teacher = dual_forward(dual, dual.teacher, layers)
@@ -105,14 +109,10 @@ def self_distill_trainable(dual: DualModel, cfg: PipelineConfig, rows: Rows, dev
     )
 
 
-def load_dual(cfg: PipelineConfig, device: torch.device) -> DualModel:
-    from bitnet import patch_model
-
-    from .teacher import DTYPES, load_teacher, resolve_dtype
-
+def load_dual(cfg: PipelineConfig, teacher: Teacher, device: torch.device) -> DualModel:
+    """The teacher's weights patched into the dual-mode model (dW = 0): the original in teacher mode."""
     # patching wraps the full-precision weights: teacher.load_in_4bit is for the cache stage's forward passes only
-    teacher = cfg.teacher.model_copy(update={"load_in_4bit": False})
-    model = load_teacher(teacher, device, resolve_dtype(teacher.dtype, device))
+    model = teacher.load(device, in_4bit=False)
     sd = cfg.self_distill
     # LoRA's A starts random: drawn from the run's seed, not from whatever this process drew before (a served
     # flow's process runs many), so that a seed names one initialisation and a rerun from step 0 repeats it.
@@ -125,35 +125,80 @@ def load_dual(cfg: PipelineConfig, device: torch.device) -> DualModel:
 FULL_PRECISION_WARNING = 0.05
 
 
-def run_self_distill(cfg: PipelineConfig, store, stage: dict, reporter, tokens: dict, cache: dict | None) -> dict:
-    """The self-distillation training stage: trains dW; writes the (small) delta and the loss history."""
-    from .artifacts import finish_training
-    from .data import load_split
-    from .loop import train
-    from .teacher import resolve_device
-    from .teacher_cache import cached_rows
+class SelfDistillManifest(TrainedManifest):
+    num_patched: int
+    trainable_parameters: int
+    full_precision_block_share: float
 
-    if store.is_complete(stage["path"]):
-        return store.read_manifest(stage["path"])
-    device = resolve_device(cfg.teacher.device)
-    dual = load_dual(cfg, device)
-    share, kept = dual.full_precision_share()
-    if share > FULL_PRECISION_WARNING:
-        largest = ", ".join(f"{kind} {count:,}" for kind, count in sorted(kept.items(), key=lambda kv: -kv[1])[:3])
-        reporter.log(f"self-distill: {share:.0%} of the transformer blocks' parameters stay in full precision in the "
-                     f"student (not held by a plain nn.Linear: {largest}); only the {dual.num_patched} patched linear "
-                     "layers become ternary, and the packed size counts only them", logging.WARNING)
-    if cfg.self_distill.activation_checkpointing:
-        blocks = dual.enable_activation_checkpointing()
-        reporter.log(f"self-distill: activation checkpointing of {blocks} transformer blocks (recomputed in backward)")
-    if cfg.self_distill.teacher_signal == "cache":
-        arrays = cached_signal_arrays(cfg, dual.model.config.num_hidden_layers)
-        rows = cached_rows(store, cache, "train", cache["fingerprint"], arrays)
-    else:
-        rows = load_split(store, tokens, "train")
-    trainable = self_distill_trainable(dual, cfg, rows, device, load_split(store, tokens, "eval"))
-    history = train(trainable, cfg.self_distill_optim(), store, stage["checkpoint_run"], reporter, device,
-                    "self-distill")
-    return finish_training(store, stage, history, dual.delta_state_dict(), num_patched=dual.num_patched,
-                           trainable_parameters=sum(p.numel() for p in dual.trainable_parameters()),
-                           full_precision_block_share=share)
+
+class SelfDistill(Stage):
+    name = "self_distill"
+    Manifest = SelfDistillManifest
+
+    def check(self, pre: Preflight) -> None:
+        cfg, layers = pre.config, pre.facts.num_hidden_layers
+        check_optimizer(cfg.train, resolve_device(cfg.teacher.device))
+        if cfg.self_distill.hidden_layers != "all":
+            hidden_layers(cfg.self_distill.hidden_layers, layers)
+        if cfg.self_distill.teacher_signal == "cache":
+            check_cache_holds_teacher_signal(cfg, layers)
+        check_exportable(pre.teacher)
+
+    def settings(self, cfg: PipelineConfig, teacher: TeacherFacts) -> dict:
+        # steps, lr and min_lr_ratio enter resolved into the optimiser's settings (self_distill_optim), so that one
+        # schedule is one run however it was spelled
+        own = cfg.self_distill.fingerprinted(exclude=("steps", "lr", "min_lr_ratio"))
+        return {"teacher": teacher.identity, "compute_dtype": teacher.compute_dtype, "self_distill": own,
+                "train": cfg.self_distill_optim().fingerprinted(), "seed": cfg.seed}
+
+    def resumes(self, cfg: PipelineConfig, store, path: str) -> str | None:
+        return resumable_step(store, path, cfg.self_distill_optim().steps)
+
+    def run(self, ctx: Context, tokens: TokenizeManifest, cache: TeacherCacheManifest | None = None) -> SelfDistillManifest:
+        cfg, store, device = ctx.config, ctx.store, ctx.device
+        dual = load_dual(cfg, ctx.teacher, device)
+        share, kept = dual.full_precision_share()
+        if share > FULL_PRECISION_WARNING:
+            largest = ", ".join(f"{kind} {count:,}" for kind, count in sorted(kept.items(), key=lambda kv: -kv[1])[:3])
+            ctx.reporter.log(f"self_distill: {share:.0%} of the transformer blocks' parameters stay in full precision "
+                             f"in the student (not held by a plain nn.Linear: {largest}); only the {dual.num_patched} "
+                             "patched linear layers become ternary, and the packed size counts only them",
+                             logging.WARNING)
+        if cfg.self_distill.activation_checkpointing:
+            blocks = dual.enable_activation_checkpointing()
+            ctx.reporter.log(f"self_distill: activation checkpointing of {blocks} transformer blocks (recomputed in "
+                             "backward)")
+        if cfg.self_distill.teacher_signal == "cache":
+            rows = cached_rows(store, cache, "train", cached_signal_arrays(cfg, dual.model.config.num_hidden_layers))
+        else:
+            rows = token_rows(store, tokens, "train")
+        trainable = self_distill_trainable(dual, cfg, rows, device, token_rows(store, tokens, "eval"))
+        history = train(trainable, cfg.self_distill_optim(), store, layout.checkpoints_dir(ctx.path), ctx.reporter,
+                        device, self.name, ctx.lock)
+        return save_trained(ctx, SelfDistillManifest, self.name, history, dual.delta_state_dict(),
+                            num_patched=dual.num_patched,
+                            trainable_parameters=sum(p.numel() for p in dual.trainable_parameters()),
+                            full_precision_block_share=share)
+
+
+def check_exportable(teacher: Teacher) -> None:
+    """Before any work: a self-distilled student of this architecture can be exported (transformers' packed layout
+    needs every patched layer's output size divisible by 4). Checked on the model built on the meta device from the
+    teacher's config: no weights are loaded or allocated. A model whose class cannot be built so is left to the
+    export."""
+    from transformers import AutoModelForCausalLM
+
+    from bitnet import unpackable_layers
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(teacher.config, trust_remote_code=teacher.cfg.trust_remote_code)
+    except Exception:  # remote code or an architecture that needs real tensors to build
+        return
+    uneven = unpackable_layers(model)
+    if uneven:
+        raise ConfigError(
+            f"teacher.name_or_path {teacher.cfg.name_or_path!r}: its self-distilled student could not be exported, "
+            f"since transformers' packed ternary layout stores out_features // 4 rows and these layers' output sizes "
+            f"are not divisible by 4: {', '.join(uneven[:5])}{' ...' if len(uneven) > 5 else ''}; distil it with "
+            "the superposition flow (its student has sizes of its own), or pick a teacher without such layers")

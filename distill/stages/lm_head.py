@@ -1,0 +1,125 @@
+"""The lm_head stage: the superposition student's LM head retrained (the reference's phase 3).
+
+By default a separate (untied) head is trained with every other weight frozen, so the representations the
+student learned stay fixed; retraining a tied embedding, as the reference does (``head.untied: false``), also
+changes the student's input embeddings. The new head starts from the embedding matrix, as a tied head would.
+Loss: cross-entropy, plus optional sparse KL to the teacher's cached top-k logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bitnet import SuperpositionStudent, next_token_cross_entropy, sparse_topk_kl
+from storage import layout
+from storage.tensors import read_tensors
+
+from ..config import ConfigError, PipelineConfig
+from ..device import resolve_device
+from ..loop import ScheduledBatches, Trainable, TrainedManifest, resumable_step, save_trained, train
+from ..optim import check_optimizer
+from ..rows import Rows, cached_rows, to_device, token_rows
+from ..stage import Context, Preflight, Stage
+from ..teacher import TeacherFacts
+from .superposition import (SuperpositionManifest, build_student, load_prefixed_state, load_trained_student,
+                            prefixed_state)
+from .teacher_cache import TeacherCacheManifest
+from .tokenize import TokenizeManifest
+
+
+def head_parameters(student: SuperpositionStudent, untied: bool) -> list[torch.nn.Parameter]:
+    student.requires_grad_(False)
+    if untied:
+        if student.lm_head.weight is student.embed.weight:
+            student.untie_lm_head()
+        else:
+            student.lm_head.weight.data.copy_(student.embed.weight.data)
+    student.lm_head.weight.requires_grad_(True)  # tied: this is the embedding matrix itself
+    return [student.lm_head.weight]
+
+
+def lm_head_trainable(student: SuperpositionStudent, cfg: PipelineConfig, rows: Rows, device: torch.device,
+                      eval_rows: Rows | None = None) -> Trainable:
+    head = cfg.head
+    params = head_parameters(student, head.untied)
+    batches = ScheduledBatches(rows, head.batch_size, cfg.seed + 1)
+    student.to(device).eval()
+
+    def logits_of(batch):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if head.untied:  # the body is frozen: no graph through it
+            with torch.no_grad():
+                hidden = student(ids, mask, compute_logits=False).last_hidden
+            return student.lm_head(hidden)
+        return student(ids, mask).logits
+
+    def loss(micro_step: int):
+        batch = to_device(batches(micro_step), device)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits = logits_of(batch)
+        ce = next_token_cross_entropy(logits, ids, mask)
+        metrics = {"ce": ce.item()}
+        total = ce
+        if head.topk_kl_weight:
+            kl = sparse_topk_kl(logits, batch["topk_values"], batch["topk_indices"], mask)
+            total = total + head.topk_kl_weight * kl
+            metrics["topk_kl"] = kl.item()
+        return total, metrics
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        losses = [next_token_cross_entropy(logits_of(b), b["input_ids"], b["attention_mask"]).item()
+                  for b in (to_device(x, device) for x in eval_rows.batches(head.batch_size, limit=4 * head.batch_size))]
+        return {"loss": sum(losses) / len(losses)}
+
+    return Trainable(
+        parameters=params,
+        loss=loss,
+        state=lambda: {"lm_head.weight": student.lm_head.weight.detach()},
+        load_state=lambda state: student.lm_head.weight.data.copy_(state["lm_head.weight"]),
+        evaluate=evaluate if eval_rows is not None and eval_rows.count else None,
+    )
+
+
+class LmHeadManifest(TrainedManifest):
+    trained: SuperpositionManifest  # the student whose head this retrained (its training history, its checkpoints)
+
+
+class LmHead(Stage):
+    name = "lm_head"
+    Manifest = LmHeadManifest
+
+    def check(self, pre: Preflight) -> None:
+        if pre.config.head.topk_kl_weight and not pre.config.cache.topk:
+            raise ConfigError("head.topk_kl_weight > 0 needs cached top-k teacher logits: set cache.topk > 0 "
+                              "(e.g. 64) or head.topk_kl_weight: 0")
+        check_optimizer(pre.config.head_optim(), resolve_device(pre.config.teacher.device))
+
+    def settings(self, cfg: PipelineConfig, teacher: TeacherFacts) -> dict:
+        return {"head": cfg.head.fingerprinted()}
+
+    def resumes(self, cfg: PipelineConfig, store, path: str) -> str | None:
+        return resumable_step(store, path, cfg.head.steps)
+
+    def run(self, ctx: Context, trained: SuperpositionManifest, tokens: TokenizeManifest,
+            cache: TeacherCacheManifest) -> LmHeadManifest:
+        cfg, store, device = ctx.config, ctx.store, ctx.device
+        student, projector = load_trained_student(cfg, store, trained)
+        if cfg.head.topk_kl_weight:  # top-k targets exist only for cached rows
+            rows, eval_rows = (cached_rows(store, cache, s, ["topk_values", "topk_indices"]) for s in ("train", "eval"))
+        else:
+            rows, eval_rows = token_rows(store, tokens, "train"), token_rows(store, tokens, "eval")
+        trainable = lm_head_trainable(student, cfg, rows, device, eval_rows)
+        history = train(trainable, cfg.head_optim(), store, layout.checkpoints_dir(ctx.path), ctx.reporter, device,
+                        "lm head", ctx.lock)
+        return save_trained(ctx, LmHeadManifest, self.name, history, prefixed_state(student=student, projector=projector),
+                            trained=trained)
+
+
+def load_final_student(cfg: PipelineConfig, store, manifest: LmHeadManifest):
+    """The student after LM-head retraining (its head untied when ``head.untied``), ready for evaluation."""
+    student, projector = build_student(cfg, manifest.trained.vocab_size, manifest.trained.teacher_dim)
+    if cfg.head.untied:
+        student.untie_lm_head()
+    load_prefixed_state(read_tensors(store, manifest.weights), student=student, projector=projector)
+    return student.eval(), projector.eval()

@@ -1,0 +1,201 @@
+"""The teacher_cache stage: one batched no-grad forward pass of the teacher over the token rows, writing the chosen
+hidden states (and optionally the top-k logits) into the Zarr teacher cache (``storage/cache_*.py``), chunk by chunk.
+
+A chunk is one forward batch. The writer compresses and writes in background threads, so the teacher never waits
+on I/O; a rerun after a crash computes only the chunks that are not recorded complete. Both splits are cached:
+train for the student, eval (``cache.eval_samples`` rows) for the held-out loss logged while training from the
+cache.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from storage.cache import TeacherCacheReader, TeacherCacheSpec, TeacherCacheWriter
+from storage.cache_spec import recorded_chunks
+
+from ..config import ConfigError, PipelineConfig
+from ..progress import logger
+from ..rows import token_rows
+from ..stage import Context, Manifest, Preflight, Split, Stage
+from ..teacher import TeacherFacts, resolve_layers
+from .tokenize import TokenizeManifest
+
+
+class TeacherCacheManifest(Manifest):
+    layers: list[int]
+    hidden_size: int
+    vocab_size: int  # what the student's vocabulary must cover: the teacher's output embedding's rows
+    topk: int
+    dtype: str
+    splits: dict[str, Split]
+
+    def parts(self) -> list[str]:
+        return [split.path for split in self.splits.values()]
+
+
+class TeacherCache(Stage):
+    name = "teacher_cache"
+    Manifest = TeacherCacheManifest
+    shared = True
+    checksummed = False  # every chunk has a record with its checksums (storage/cache_writer.py)
+
+    def check(self, pre: Preflight) -> None:
+        cfg = pre.config
+        pre.teacher.check_4bit_loading()
+        resolve_layers(cfg.cache.layers, pre.facts.num_hidden_layers)
+        if cfg.cache.topk > pre.facts.vocab_size:
+            raise ConfigError(f"cache.topk {cfg.cache.topk} exceeds the teacher's {pre.facts.vocab_size} logits per "
+                              f"token; use cache.topk <= {pre.facts.vocab_size} (the quickstart caches 32), or 0")
+
+    def settings(self, cfg: PipelineConfig, teacher: TeacherFacts) -> dict:
+        return {"teacher": teacher.identity, "compute_dtype": teacher.compute_dtype,
+                "load_in_4bit": cfg.teacher.load_in_4bit, "cache": cfg.cache.fingerprinted()}
+
+    def resumes(self, cfg: PipelineConfig, store, path: str) -> str | None:
+        cached = {split: len(recorded_chunks(store, f"{path}/{split}")) for split in ("train", "eval")}
+        return ", ".join(f"{n} {split} chunks cached" for split, n in cached.items()) if any(cached.values()) else None
+
+    def run(self, ctx: Context, tokens: TokenizeManifest) -> TeacherCacheManifest:
+        cfg, store, device = ctx.config, ctx.store, ctx.device
+        model = ctx.teacher.load(device)
+        layers = resolve_layers(cfg.cache.layers, model.config.num_hidden_layers)
+        forward = TeacherForward(model, layers, cfg.cache.topk, log=ctx.reporter.log)
+        splits = {}
+        for split, limit in (("train", cfg.cache.max_samples), ("eval", cfg.cache.eval_samples)):
+            rows = token_rows(store, tokens, split)
+            count = min(rows.count, limit or rows.count)
+            spec = TeacherCacheSpec(num_samples=count, seq_len=cfg.data.seq_len, layers=layers,
+                                    hidden_size=model.config.hidden_size, dtype=cfg.cache.dtype, codec=cfg.cache.codec,
+                                    topk_codec=cfg.cache.topk_codec, chunk_size=cfg.cache.batch_size,
+                                    topk=cfg.cache.topk, fingerprint=ctx.fingerprint)
+            path = f"{ctx.path}/{split}"
+            with TeacherCacheWriter(store, path, spec, on_wait=ctx.reporter.log) as writer:
+                missing = writer.missing_chunks()
+                ctx.reporter.start(spec.num_chunks, f"cache teacher ({split})", initial=spec.num_chunks - len(missing))
+                for chunk in missing:
+                    batch = rows.fetch(np.arange(*spec.chunk_rows(chunk)))
+                    ids, mask = batch["input_ids"], batch["attention_mask"]
+                    outputs = forward(ids.to(device), mask.to(device))
+                    # the writer converts to the stored dtypes on the device and copies to the host asynchronously
+                    writer.write_chunk(chunk, {"input_ids": ids, "attention_mask": mask, **outputs})
+                    ctx.reporter.advance(1)
+                ctx.reporter.close()
+            splits[split] = Split(path=path, rows=count, chunks=spec.num_chunks)
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        del model, forward
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return ctx.manifest(TeacherCacheManifest, self.name, layers=layers, hidden_size=spec.hidden_size,
+                            vocab_size=vocab_size, topk=cfg.cache.topk, dtype=cfg.cache.dtype, splits=splits)
+
+    def verify(self, ctx: Context, manifest: TeacherCacheManifest, repair: bool) -> list[str]:
+        """Every chunk of both splits against its record; ``repair`` forgets the damaged chunks, so that the next
+        run rewrites exactly those."""
+        problems = []
+        for split in manifest.splits.values():
+            report = TeacherCacheReader(ctx.store, split.path, fingerprint=manifest.fingerprint).verify(repair=repair)
+            if not report.ok:
+                problems.append(str(report))
+        if problems and repair:
+            ctx.store.unmark_complete(manifest.path)
+        return problems
+
+
+# Logits per block of the top-k. On a CPU, 2^21 (8 MB of float32: 512 rows at a 4096-token vocabulary) stay in its
+# caches until topk reads them; a GPU wants fewer, larger kernels. But every block streams the whole output
+# embedding again, so one too large for the caches gets at least 1024 rows per block, which keeps it near the speed
+# of the whole logits' top-k (docs/RESULTS.md, "Teacher cache"; bench/topk_blocks.py).
+TOPK_BLOCK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}
+LARGE_HEAD_BYTES, LARGE_HEAD_MIN_ROWS = 32 << 20, 1024
+
+
+def topk_block_rows(head: torch.Tensor) -> int:
+    """Rows of logits per block of the top-k, for the output embedding's weight ``head`` [vocab, hidden]."""
+    budget = TOPK_BLOCK_ELEMENTS.get(head.device.type, TOPK_BLOCK_ELEMENTS["cuda"])
+    least = LARGE_HEAD_MIN_ROWS if head.numel() * head.element_size() > LARGE_HEAD_BYTES else 1
+    return max(least, budget // head.shape[0])
+
+
+class TeacherForward:
+    """The cache stage's forward pass of the teacher: the chosen hidden states (``hidden/layer_<i>``) and, with
+    ``topk``, the top-k logits (``topk_values`` float16, ``topk_indices`` int32) of every position.
+
+    The output embedding and the top-k run fused, block by block of rows of the last hidden state, so the
+    [batch, seq, vocab] logits never exist: the same values for less time (docs/RESULTS.md, "Teacher cache") and
+    gigabytes less memory with a 150k vocabulary. Without ``topk`` the output
+    embedding is skipped altogether. That is only right where the model's logits are its output embedding of its
+    last hidden state, so the first row of the first batch runs both ways and compares (``fused`` says how it went):
+    a model that post-processes its logits (Gemma's soft-capping, Cohere's logit scale) keeps computing its full
+    logits.
+    """
+
+    def __init__(self, model, layers: list[int], topk: int = 0, log: Callable[[str], None] = logger.info):
+        self.model, self.layers, self.topk, self.log = model, layers, topk, log
+        self.fused: bool | None = None  # decided by the first call
+        self.block_rows = topk_block_rows(model.get_output_embeddings().weight)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                      use_cache=False)  # no KV cache to build and fill: nothing here generates
+        if self.fused is None:  # probed on the first row: the whole logits of one row cost little memory
+            self.fused = self._fused_matches(dict(kwargs, input_ids=input_ids[:1], attention_mask=attention_mask[:1]))
+        return self._stored(*(self._fused(kwargs) if self.fused else self._full_logits(kwargs)))
+
+    def _hidden(self, out) -> dict[str, torch.Tensor]:
+        return {f"hidden/layer_{i}": out.hidden_states[i] for i in self.layers}
+
+    def _full_logits(self, kwargs: dict):
+        """The model's own forward: what the fused path must reproduce."""
+        out = self.model(**kwargs)
+        hidden = self._hidden(out)
+        return (hidden, out.logits.topk(self.topk, dim=-1)) if self.topk else (hidden, None)
+
+    def _fused(self, kwargs: dict):
+        out = self.model.base_model(**kwargs)
+        hidden = self._hidden(out)
+        if not self.topk:
+            return hidden, None
+        last = out.last_hidden_state
+        head = self.model.get_output_embeddings()
+        blocks = [head(rows).topk(self.topk, dim=-1) for rows in last.flatten(0, 1).split(self.block_rows)]
+        shape = (*last.shape[:2], self.topk)
+        return hidden, (torch.cat([v for v, _ in blocks]).view(shape), torch.cat([i for _, i in blocks]).view(shape))
+
+    def _stored(self, hidden: dict, topk) -> dict[str, torch.Tensor]:
+        if topk is None:
+            return hidden
+        return {**hidden, "topk_values": topk[0].half(), "topk_indices": topk[1].int()}
+
+    def _fused_matches(self, kwargs: dict) -> bool:
+        own = self._full_logits(kwargs)
+        try:
+            fused = self._fused(kwargs)
+        except Exception as exc:  # e.g. a base model without last_hidden_state: the model's own forward stays
+            self.log(f"teacher cache: the top-k comes from the full logits (the block-wise path failed: "
+                     f"{type(exc).__name__}: {exc})")
+            return False
+        # Compared in the computing dtype, before rounding to float16; the top-k values (sorted) do not depend on
+        # how ties are ordered, the indices would.
+        pairs = {**{name: (fused[0][name], value) for name, value in own[0].items()},
+                 **({"top-k logits": (fused[1][0], own[1][0])} if self.topk else {})}
+        mismatched = [name for name, (a, b) in pairs.items() if not _close(a, b)]
+        if mismatched:
+            self.log("teacher cache: the teacher's logits are not its output embedding of its last hidden state "
+                     f"({', '.join(mismatched)} differ: logit soft-capping or scaling?), so the top-k comes from its "
+                     "full logits")
+        return not mismatched
+
+
+def _close(fused: torch.Tensor, own: torch.Tensor) -> bool:
+    """Equal up to a few roundings of the computing dtype (kernels may block a matmul differently by shape)."""
+    if fused.shape != own.shape:
+        return False
+    fused, own, eps = fused.float(), own.float(), torch.finfo(own.dtype).eps
+    return bool(((fused - own).abs() <= 4 * eps * own.abs().amax()).all())
