@@ -3,20 +3,21 @@
 # venv has none, so that pip does not pull the CUDA build as a dependency; on a
 # GPU machine install your CUDA torch into .venv first and it is kept. TORCH_SPEC
 # may carry pip options: "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
+# Everything else is pinned by constraints.txt, so pip resolves at once.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv test quickstart clean-artifacts
+.PHONY: venv test quickstart clean-artifacts constraints
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_SPEC)
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -c constraints.txt -e ".[dev]"
 	touch $@
 
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
@@ -29,3 +30,12 @@ quickstart: venv
 
 clean-artifacts:
 	rm -rf artifacts
+
+# After changing the dependencies in pyproject.toml: resolve them afresh, without the pins, and pin the result.
+constraints:
+	rm -rf .venv-resolve && $(PYTHON) -m venv .venv-resolve
+	.venv-resolve/bin/python -m pip install $(TORCH_SPEC)
+	.venv-resolve/bin/python -m pip install -e ".[dev]"
+	head -3 constraints.txt > constraints.new
+	.venv-resolve/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|nvidia-|triton)[=@ ]' >> constraints.new
+	mv constraints.new constraints.txt && rm -rf .venv-resolve
