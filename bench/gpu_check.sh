@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks that docs/RESULTS.md section 6 still lacks, in one run of under ten minutes on one GPU: the CUDA
+# The GPU checks that docs/RESULTS.md ("On a GPU") still lacks, in one run of under ten minutes on one GPU: the CUDA
 # tests (bf16 and CUDA paths), then the benchmarks whose GPU figures are missing or stale, most wanted first.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]

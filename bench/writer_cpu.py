@@ -3,7 +3,7 @@ writer threads, any library pool) from an open ``TeacherCacheWriter``'s first ch
 chunks, on the quickstart teacher's real outputs computed beforehand. Opening a writer is left out (once per cache).
 
 On a CPU whose cores the teacher's forward already fills, this is what the cache stage costs over the teacher's
-outputs (docs/RESULTS.md section 1). To compare two commits, run the same copy of this script in a worktree of each,
+outputs (docs/RESULTS.md, "Teacher cache"). To compare two commits, run the same copy of this script in a worktree of each,
 alternating.
 """
 
