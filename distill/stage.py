@@ -19,7 +19,6 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from storage import ArtifactStore, IntegrityError, fingerprint, layout
-from storage.fingerprint import sha256_hex
 from storage.lease import holding_lock
 
 from .config import PipelineConfig
@@ -126,7 +125,7 @@ class Stage:
         problems = []
         for name, expected in manifest.files.items():
             try:
-                actual = sha256_hex(ctx.store.read_bytes(f"{manifest.path}/{name}"))
+                actual = ctx.store.sha256(f"{manifest.path}/{name}")
             except FileNotFoundError:
                 problems.append(f"{name} is missing")
                 continue

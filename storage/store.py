@@ -193,6 +193,14 @@ class ArtifactStore:
     def read_json(self, path: str) -> Any:
         return json.loads(self.read_bytes(path))
 
+    def sha256(self, path: str, block: int = 8 << 20) -> str:
+        """SHA-256 of a stored file, streamed (a model's weights need not fit in memory)."""
+        digest = hashlib.sha256()
+        with self.guard("read", path), self.fs.open(self.full_path(path), "rb") as f:
+            while chunk := f.read(block):
+                digest.update(chunk)
+        return digest.hexdigest()
+
     def read_many(self, paths: list[str]) -> dict[str, bytes | None]:
         """Several whole files at once (concurrent requests on S3), by path; ``None`` for each that does not
         exist."""

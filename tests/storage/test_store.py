@@ -45,6 +45,22 @@ def test_completion_marker_and_deletion(store):
         store.delete("")
 
 
+def test_the_checksums_of_what_a_stage_writes_are_recorded_as_written_and_match_a_read_back(store, tmp_path):
+    """``recording`` hashes the bytes as they are written (nothing read back); ``sha256`` streams a stored file."""
+    (tmp_path / "big.bin").write_bytes(os.urandom(3 << 20))
+    with store.recording("stage/a", skip=("checkpoints",)) as ledger:
+        store.write_bytes("stage/a/x.bin", b"x")
+        store.write_many({"stage/a/sub/y.json": b"{}", "stage/b/z.bin": b"elsewhere"})
+        store.put_file(tmp_path / "big.bin", "stage/a/big.bin")
+        store.write_bytes("stage/a/checkpoints/step-1/t.bin", b"kept apart")
+        store.mark_complete("stage/a/sub", {"rows": 1})  # markers are not the stage's output
+    store.write_bytes("stage/a/late.bin", b"after")
+    assert sorted(ledger) == ["big.bin", "sub/y.json", "x.bin"]
+    assert all(store.sha256(f"stage/a/{name}") == sha for name, sha in ledger.items())
+    with pytest.raises(FileNotFoundError):
+        store.sha256("stage/a/missing.bin")
+
+
 def test_upload_and_download_directory(store, tmp_path):
     source = tmp_path / "model"
     (source / "sub").mkdir(parents=True)
