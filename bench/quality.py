@@ -166,10 +166,9 @@ def variants(args) -> list[Variant]:
     ce_kl = {"self_distill.ce_weight": 1.0}
     quickstart_budget = {
         "KL, 1000 steps (the default recipe)": RECIPE,
-        "KL, 500 steps, lr 2e-3": {"self_distill.steps": 500, "self_distill.lr": 2e-3},
-        "KL, 600 steps, lr 2e-3": {"self_distill.steps": 600, "self_distill.lr": 2e-3},
         "KL, 1000 steps of 8 rows": {**RECIPE, "train.batch_size": 8},
         "CE + KL, 300 steps": {"self_distill.steps": 300, **ce_kl},
+        "CE + KL, 400 steps": {"self_distill.steps": 400, **ce_kl},
         "CE + KL, 500 steps": {"self_distill.steps": 500, **ce_kl},
     }
     out += [Variant(f"quickstart budget: {name}", "quickstart-budget", "self-distill", o)

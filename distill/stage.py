@@ -58,7 +58,7 @@ class Split(BaseModel):
 @dataclass
 class Context:
     """What a stage's ``run`` works with: the resolved configuration, the store, the teacher, where its progress
-    goes, and (set by ``execute``) its own directory, fingerprint and lock."""
+    goes, its own directory and fingerprint (from the plan), and while ``execute`` runs it, its lock."""
 
     config: PipelineConfig
     store: ArtifactStore
