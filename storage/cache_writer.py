@@ -31,6 +31,17 @@ class CacheWriteError(CacheError):
     """Writing a chunk failed in the writer thread; raised by ``write_chunk`` or ``close``."""
 
 
+def range_lock_dir(path: str, chunks: range) -> str:
+    """Where the lock of a writer of ``chunks`` (a range) of the cache at ``path`` lives."""
+    return f"{path}/_ranges/{chunks.start:06d}-{chunks.stop - 1:06d}"
+
+
+def _chunk_of_object(name: str) -> int | None:
+    """The chunk a chunk object's file name holds (``c.<chunk>.0.0``), None for any other file."""
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) >= 2 and parts[0] == "c" and parts[1].isdigit() else None
+
+
 def _open_group(store, path: str, spec: TeacherCacheSpec):
     """The cache's Zarr group, created if needed; an existing one must have been built for the same spec."""
     import zarr
@@ -123,18 +134,32 @@ class TeacherCacheWriter:
     ``threads`` writer threads store chunks in parallel (each chunk is written by exactly one of them);
     ``queue_size`` chunks may wait for them; only when that many are waiting does ``write_chunk`` block.
     ``on_wait(message)`` is called once if another writer holds the cache's lock, before waiting for it.
+
+    With ``chunks`` (a range), the writer owns only those chunks: several such writers, on other processes or
+    machines, fill disjoint ranges of one cache at once. Each holds a lock of its own range (the cache's lock only
+    while it opens, or creates, the group) and never finishes the cache: a writer of the whole cache, once no chunk
+    is missing, writes the statistics and the completion marker. Chunks are independent objects with records of
+    their own, so disjoint writers cannot disturb each other.
     """
 
-    def __init__(self, store, path: str, spec: TeacherCacheSpec, *, threads: int = 4, queue_size: int | None = None,
-                 lock_timeout: float = 3600.0, lease_ttl: float = 120.0, on_wait=None):
+    def __init__(self, store, path: str, spec: TeacherCacheSpec, *, chunks: range | None = None, threads: int = 4,
+                 queue_size: int | None = None, lock_timeout: float = 3600.0, lease_ttl: float = 120.0, on_wait=None):
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
-        self.store, self.path, self.spec = store, path, spec
+        if chunks is not None and (chunks.step != 1 or not 0 <= chunks.start < chunks.stop <= spec.num_chunks):
+            raise ValueError(f"chunks {chunks} is not a range of the cache's chunks 0..{spec.num_chunks - 1}")
+        self.store, self.path, self.spec, self.chunks = store, path, spec, chunks
         self.url = store.url(path)
-        self._lock = acquire_lock(store, path, f"the teacher cache at {self.url}", lock_timeout, lease_ttl, on_wait)
+        what = f"the teacher cache at {self.url}"
+        self._lock = acquire_lock(store, path, what, lock_timeout, lease_ttl, on_wait)
         try:
-            store.remove_temporaries(path)  # a killed writer's unrenamed chunk objects: rewritten, never read
-            self._group = _open_group(store, path, spec)
+            self._group = _open_group(store, path, spec)  # created once, under the cache's lock
+            if chunks is not None:
+                self._lock.release()
+                self._lock = acquire_lock(store, range_lock_dir(path, chunks), f"chunks {chunks.start}-"
+                                          f"{chunks.stop - 1} of {what}", lock_timeout, lease_ttl, on_wait)
+            # a killed writer's unrenamed chunk objects (of this writer's chunks): rewritten, never read
+            store.remove_temporaries(path, None if chunks is None else lambda name: _chunk_of_object(name) in chunks)
             # The arrays are opened once (each open costs requests on S3). Every chunk gets an object, even an
             # all-zero one that zarr's own writes would skip, so each has an object to check.
             try:
@@ -168,9 +193,9 @@ class TeacherCacheWriter:
             pass
 
     def missing_chunks(self) -> list[int]:
-        """Chunks without a completion record (in order): exactly what a rerun must write."""
+        """This writer's chunks without a completion record (in order): exactly what a rerun must write."""
         with self._done_lock:
-            return [c for c in range(self.spec.num_chunks) if c not in self._done]
+            return [c for c in (self.chunks or range(self.spec.num_chunks)) if c not in self._done]
 
     def write_chunk(self, chunk: int, arrays: Mapping) -> None:
         """Hand over chunk ``chunk``: one array (numpy, or a torch tensor on any device) per name of
@@ -190,6 +215,9 @@ class TeacherCacheWriter:
             if tuple(arrays[name].shape) != want:
                 raise ValueError(f"{chunk_label(self.spec, chunk)}: {name} has shape {list(arrays[name].shape)}, "
                                  f"expected {list(want)}")
+        if self.chunks is not None and chunk not in self.chunks:
+            raise ValueError(f"{chunk_label(self.spec, chunk)} is not among this writer's chunks {self.chunks.start}-"
+                             f"{self.chunks.stop - 1}")
         with self._done_lock:
             if chunk in self._done or chunk in self._handed_over:
                 raise ValueError(f"{chunk_label(self.spec, chunk)} of {self.url} was already written; each chunk is "
@@ -246,7 +274,7 @@ class TeacherCacheWriter:
             thread.join()
         try:
             self._raise_failure()
-            if not self.missing_chunks() and not self.store.is_complete(self.path):
+            if self.chunks is None and not self.missing_chunks() and not self.store.is_complete(self.path):
                 self._finish()
         finally:
             self._lock.release()

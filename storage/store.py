@@ -306,15 +306,17 @@ class ArtifactStore:
                     _fsync(os.path.join(directory, name))
                     _fsync(directory)
 
-    def remove_temporaries(self, prefix: str) -> int:
+    def remove_temporaries(self, prefix: str, of: Callable[[str], bool] | None = None) -> int:
         """Delete the hidden temporary files that writes killed before their rename left under ``prefix`` (local
-        disk; an object store has none); returns how many. Only for an artifact whose writer holds its lock."""
+        disk; an object store has none), only those of files whose name ``of`` accepts if given; returns how many.
+        Only for an artifact (or the files ``of`` names) whose writer holds its lock."""
         if not self.is_local:
             return 0
         removed = 0
         for directory, _, files in os.walk(self.full_path(prefix)):
             for name in files:
-                if name.startswith(".") and name.endswith(".tmp"):
+                # ".<target name>.<32 hex>.tmp", as _write_local names them
+                if name.startswith(".") and name.endswith(".tmp") and (of is None or of(name[1:].rsplit(".", 2)[0])):
                     with suppress(FileNotFoundError):
                         os.unlink(os.path.join(directory, name))
                         removed += 1

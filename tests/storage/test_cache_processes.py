@@ -27,11 +27,12 @@ def start_workers(store, path: str, *settings: dict) -> list[subprocess.Popen]:
     together; returns once each has imported everything and said ``ready``."""
     processes = []
     for options in settings:
-        options = {"delay": 0, "lock_timeout": 0, "lease_ttl": 2, "gate": None, **options}
+        options = {"delay": 0, "lock_timeout": 0, "lease_ttl": 2, "gate": None, "chunks": None, **options}
         command = [sys.executable, "-m", "tests.storage.cache_worker", describe(store), path,
                    json.dumps(SPEC.to_dict()), str(options["delay"]), str(options["lock_timeout"]),
                    str(options["lease_ttl"]), *([str(options["gate"])] if options["gate"] else [])]
-        processes.append(subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        shard = {"CACHE_CHUNKS": options["chunks"]} if options["chunks"] else {}
+        processes.append(subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **shard},
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for process in processes:
         assert process.stdout.readline().strip() == "ready", finish(process)
@@ -110,3 +111,31 @@ def test_two_writers_never_write_the_same_cache(store, reference, tmp_path):
         assert re.search(r"\(its lease runs out at \d\d:\d\d:\d\d UTC, in \d+ s, unless that process renews it; a "
                          r"crashed holder's lease runs out by itself, and this run then takes over\)", patient_out)
     assert relative_tree(store, "cache") == reference
+
+
+def test_shard_writers_of_disjoint_chunks_fill_one_cache_at_once_and_a_killed_one_costs_only_its_chunks(store,
+                                                                                                       reference):
+    """Three processes write chunks 0-3, 4-7 and 8-11 of one cache at the same time; the third is killed midway. Its
+    rerun writes only what it had not recorded, the others' work and in-flight files are never touched, and a writer
+    of the whole cache then finishes it: byte for byte the cache one writer builds."""
+    shard = {"lock_timeout": 30}  # each takes the cache's lock for the moment it opens the group
+    first, second, third = start_workers(store, "cache", {**shard, "delay": 0.05, "chunks": "0:4"},
+                                         {**shard, "delay": 0.05, "chunks": "4:8"},
+                                         {**shard, "delay": 0.3, "chunks": "8:12"})
+    wait_for_records(store, "cache", 6, third)
+    third.send_signal(signal.SIGKILL)
+    third.wait()
+    assert [finish(w).strip().splitlines()[-1] for w in (first, second)] == ["wrote 4", "wrote 4"]
+    survived = [c for c in range(8, 12) if store.exists(f"cache/_chunks/chunk-{c:06d}.json")]
+    assert len(survived) < 4 and not store.is_complete("cache")  # a shard writer never finishes the cache
+    if store.is_local:  # the killed writer's half-written object of its next chunk
+        debris = Path(store.full_path(f"cache/data.zarr/hidden/layer_2/.c.11.0.0.{'0' * 32}.tmp"))
+        debris.write_bytes(b"half a chunk")
+    rerun, = start_workers(store, "cache", {"chunks": "8:12", "lock_timeout": 30})  # S3: waits out the dead lease
+    assert finish(rerun).strip().endswith(f"wrote {4 - len(survived)}")
+    assert build_cache(store, "cache", SPEC) == 0 and store.is_complete("cache")  # nothing missing: it finishes
+    ranges = re.compile(r"^/_ranges/")  # the shard writers' locks
+    assert {k: v for k, v in relative_tree(store, "cache").items() if not ranges.match(k)} == reference
+    assert TeacherCacheReader(store, "cache").verify().ok
+    if store.is_local:
+        assert not list(Path(store.full_path("cache")).rglob("*.tmp"))
