@@ -192,6 +192,31 @@ class StorageConfig(Section):
     storage_options: dict[str, Any] = Field(default_factory=dict)  # e.g. endpoint_url, key, secret for s3fs
 
 
+class RayConfig(Section):
+    # null: a local Ray instance sized to this machine; "auto": the cluster this machine belongs to (ray start);
+    # "ray://host:10001": a remote cluster through Ray Client
+    address: str | None = None
+    workers: int = Field(default=2, gt=0)  # cache shards run at once, and training processes
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+
+    @field_validator("address")
+    @classmethod
+    def _known_address(cls, value: str | None) -> str | None:
+        if value is not None and value != "auto" and not re.fullmatch(r"ray://[^\s/:]+(:\d+)?", value):
+            raise ValueError(f"{value!r} is not a Ray address: use null (a local instance), auto (the cluster this "
+                             "machine joined with ray start) or ray://host:10001 (Ray Client)")
+        return value
+
+
+class ComputeConfig(Section):
+    """Where the stages compute. No stage's fingerprint includes it: the teacher cache is the same bytes and a
+    training the same run on one process or on N workers, so a run may resume with another backend or worker count."""
+
+    backend: Literal["local", "ray"] = "local"
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
 class PipelineConfig(Section):
     name: str = "run"
     seed: int = 0
@@ -204,6 +229,7 @@ class PipelineConfig(Section):
     head: HeadConfig = Field(default_factory=HeadConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
     @field_validator("name")
     @classmethod

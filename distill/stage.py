@@ -55,6 +55,20 @@ class Split(BaseModel):
     chunks: int | None = None  # the teacher cache's
 
 
+class Shard(BaseModel):
+    """A part of a stage's work that a worker of its own can do beside the others (a range of a split's chunks)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    split: str
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.start}-{self.stop - 1}"
+
+
 @dataclass
 class Context:
     """What a stage's ``run`` works with: the resolved configuration, the store, the teacher, where its progress
@@ -113,6 +127,14 @@ class Stage:
         return fingerprint({"stage": self.name, "version": self.version, **self.settings(cfg, teacher)}, upstream)
 
     def run(self, ctx: Context, **inputs: Manifest) -> Manifest:
+        raise NotImplementedError
+
+    def shards(self, ctx: Context, workers: int, **inputs: Manifest) -> list[Shard] | None:
+        """The stage's work split for ``workers`` workers, for stages that can run on several at once (then
+        ``run_shard`` does one shard, and ``run`` afterwards only what the shards left); None for the others."""
+        return None
+
+    def run_shard(self, ctx: Context, shard: Shard, **inputs: Manifest) -> int:
         raise NotImplementedError
 
     def resumes(self, cfg: PipelineConfig, store: ArtifactStore, path: str) -> str | None:

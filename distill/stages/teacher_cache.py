@@ -21,9 +21,32 @@ from storage.cache_spec import recorded_chunks
 from ..config import ConfigError, PipelineConfig
 from ..progress import logger
 from ..rows import token_rows
-from ..stage import Context, Manifest, Preflight, Split, Stage
+from ..stage import Context, Manifest, Preflight, Shard, Split, Stage
 from ..teacher import TeacherFacts, resolve_layers
 from .tokenize import TokenizeManifest
+
+
+class _LazyForward:
+    """The teacher's forward pass, its weights loaded on the first call (a rerun with nothing missing, or a stage
+    whose shards ran elsewhere, loads none)."""
+
+    def __init__(self, ctx: Context):
+        self.ctx, self.forward = ctx, None
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.forward is None:
+            model = self.ctx.teacher.load(self.ctx.device)
+            layers = resolve_layers(self.ctx.config.cache.layers, model.config.num_hidden_layers)
+            self.forward = TeacherForward(model, layers, self.ctx.config.cache.topk, log=self.ctx.reporter.log)
+        return self.forward(ids.to(self.ctx.device), mask.to(self.ctx.device))
+
+    def release(self) -> None:
+        """Free the teacher's memory, on the device too."""
+        if self.forward is not None:
+            self.forward = None
+            gc.collect()
+            if self.ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 class TeacherCacheManifest(Manifest):
@@ -60,39 +83,69 @@ class TeacherCache(Stage):
         cached = {split: len(recorded_chunks(store, f"{path}/{split}")) for split in ("train", "eval")}
         return ", ".join(f"{n} {split} chunks cached" for split, n in cached.items()) if any(cached.values()) else None
 
+    def specs(self, ctx: Context, tokens: TokenizeManifest) -> dict[str, TeacherCacheSpec]:
+        """What each split's cache holds, from the configuration and the teacher's config (no weights)."""
+        cfg, text = ctx.config, ctx.teacher.text_config
+        layers = resolve_layers(cfg.cache.layers, text.num_hidden_layers)
+        limits = {"train": cfg.cache.max_samples, "eval": cfg.cache.eval_samples}
+        return {split: TeacherCacheSpec(
+            num_samples=min(tokens.splits[split].rows, limit or tokens.splits[split].rows), seq_len=cfg.data.seq_len,
+            layers=layers, hidden_size=text.hidden_size, dtype=cfg.cache.dtype, codec=cfg.cache.codec,
+            topk_codec=cfg.cache.topk_codec, chunk_size=cfg.cache.batch_size, topk=cfg.cache.topk,
+            fingerprint=ctx.fingerprint) for split, limit in limits.items()}
+
+    def shards(self, ctx: Context, workers: int, tokens: TokenizeManifest) -> list[Shard]:
+        """Each split's chunks in ``workers`` ranges of whole chunks (fewer where a split has fewer chunks): work that
+        ``workers`` processes can do at once, each writing only its own chunks."""
+        shards = []
+        for split, spec in self.specs(ctx, tokens).items():
+            bounds = np.linspace(0, spec.num_chunks, min(workers, spec.num_chunks) + 1).round().astype(int).tolist()
+            shards += [Shard(split=split, start=start, stop=stop) for start, stop in zip(bounds, bounds[1:])]
+        return shards
+
+    def run_shard(self, ctx: Context, shard: Shard, tokens: TokenizeManifest) -> int:
+        """Cache the missing chunks of one shard; how many it wrote. The teacher is loaded only if one is missing,
+        and freed when the shard is done (a worker process may take another shard next)."""
+        forward = _LazyForward(ctx)
+        try:
+            return self._fill(ctx, tokens, shard.split, self.specs(ctx, tokens)[shard.split], forward,
+                              range(shard.start, shard.stop))
+        finally:
+            forward.release()
+
     def run(self, ctx: Context, tokens: TokenizeManifest) -> TeacherCacheManifest:
-        cfg, store, device = ctx.config, ctx.store, ctx.device
-        model = ctx.teacher.load(device)
-        layers = resolve_layers(cfg.cache.layers, model.config.num_hidden_layers)
-        forward = TeacherForward(model, layers, cfg.cache.topk, log=ctx.reporter.log)
-        splits = {}
-        for split, limit in (("train", cfg.cache.max_samples), ("eval", cfg.cache.eval_samples)):
-            rows = token_rows(store, tokens, split)
-            count = min(rows.count, limit or rows.count)
-            spec = TeacherCacheSpec(num_samples=count, seq_len=cfg.data.seq_len, layers=layers,
-                                    hidden_size=model.config.hidden_size, dtype=cfg.cache.dtype, codec=cfg.cache.codec,
-                                    topk_codec=cfg.cache.topk_codec, chunk_size=cfg.cache.batch_size,
-                                    topk=cfg.cache.topk, fingerprint=ctx.fingerprint)
-            path = f"{ctx.path}/{split}"
-            with TeacherCacheWriter(store, path, spec, on_wait=ctx.reporter.log) as writer:
-                missing = writer.missing_chunks()
-                ctx.reporter.start(spec.num_chunks, f"cache teacher ({split})", initial=spec.num_chunks - len(missing))
-                for chunk in missing:
-                    batch = rows.fetch(np.arange(*spec.chunk_rows(chunk)))
-                    ids, mask = batch["input_ids"], batch["attention_mask"]
-                    outputs = forward(ids.to(device), mask.to(device))
-                    # the writer converts to the stored dtypes on the device and copies to the host asynchronously
-                    writer.write_chunk(chunk, {"input_ids": ids, "attention_mask": mask, **outputs})
-                    ctx.reporter.advance(1)
-                ctx.reporter.close()
-            splits[split] = Split(path=path, rows=count, chunks=spec.num_chunks)
-        vocab_size = model.get_output_embeddings().weight.shape[0]
-        del model, forward
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return ctx.manifest(TeacherCacheManifest, self.name, layers=layers, hidden_size=spec.hidden_size,
-                            vocab_size=vocab_size, topk=cfg.cache.topk, dtype=cfg.cache.dtype, splits=splits)
+        specs, forward = self.specs(ctx, tokens), _LazyForward(ctx)
+        try:  # whatever shard workers left missing (everything, when none ran), then each split is finished
+            for split, spec in specs.items():
+                self._fill(ctx, tokens, split, spec, forward)
+        finally:
+            forward.release()
+        text = ctx.teacher.text_config
+        return ctx.manifest(TeacherCacheManifest, self.name, layers=specs["train"].layers,
+                            hidden_size=text.hidden_size, vocab_size=text.vocab_size, topk=ctx.config.cache.topk,
+                            dtype=ctx.config.cache.dtype,
+                            splits={split: Split(path=f"{ctx.path}/{split}", rows=spec.num_samples,
+                                                 chunks=spec.num_chunks) for split, spec in specs.items()})
+
+    def _fill(self, ctx: Context, tokens: TokenizeManifest, split: str, spec: TeacherCacheSpec, forward,
+              chunks: range | None = None) -> int:
+        """Write the missing chunks of ``split`` (of ``chunks`` only, as one shard writer); how many."""
+        rows = token_rows(ctx.store, tokens, split)
+        with TeacherCacheWriter(ctx.store, f"{ctx.path}/{split}", spec, chunks=chunks,
+                                on_wait=ctx.reporter.log) as writer:
+            missing = writer.missing_chunks()
+            total = len(chunks) if chunks is not None else spec.num_chunks
+            label = f" {chunks.start}-{chunks.stop - 1}" if chunks is not None else ""
+            ctx.reporter.start(total, f"cache teacher ({split}{label})", initial=total - len(missing))
+            for chunk in missing:
+                batch = rows.fetch(np.arange(*spec.chunk_rows(chunk)))
+                ids, mask = batch["input_ids"], batch["attention_mask"]
+                outputs = forward(ids, mask)
+                # the writer converts to the stored dtypes on the device and copies to the host asynchronously
+                writer.write_chunk(chunk, {"input_ids": ids, "attention_mask": mask, **outputs})
+                ctx.reporter.advance(1)
+            ctx.reporter.close()
+        return len(missing)
 
     def verify(self, ctx: Context, manifest: TeacherCacheManifest, repair: bool) -> list[str]:
         """Every chunk of both splits against its record; ``repair`` forgets the damaged chunks, so that the next
