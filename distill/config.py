@@ -297,6 +297,17 @@ def preset_path(config: str | Path) -> Path:
     raise ConfigError(f"no configuration {str(config)!r}: give a preset name ({', '.join(names)}) or a YAML file path")
 
 
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["train.steps=20", ...]`` (the command line's ``--set``) as ``{"train.steps": "20"}``; values stay YAML text."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.steps=20")
+        overrides[key.strip()] = value
+    return overrides
+
+
 def apply_overrides(raw: dict, overrides: dict[str, Any] | None) -> dict:
     """Set dotted keys (``{"train.steps": 20}``) in a nested mapping; values may be YAML strings (``"20"``)."""
     raw = copy.deepcopy(raw)

@@ -31,7 +31,7 @@ from storage.tensors import write_tensors
 from .config import OptimConfig
 from .device import native_bf16
 from .optim import make_optimizer
-from .progress import Reporter
+from .progress import Reporter, Silent
 from .rows import Rows
 from .stage import Context, Manifest
 
@@ -77,6 +77,14 @@ class BatchSchedule:
         return out
 
 
+def process_group() -> tuple[int, int]:
+    """``(rank, world size)`` of this process in torch.distributed's default group (Ray Train and torchrun set one
+    up); ``(0, 1)`` outside one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 class ScheduledBatches:
     """The training batches of ``rows`` by micro-step (a ``BatchSchedule``), read ``ahead`` steps in advance.
 
@@ -84,16 +92,24 @@ class ScheduledBatches:
     teacher cache overlaps the training step instead of preceding it (on a GPU a step can be shorter than the
     decode). Indices are computed on the caller's thread (the schedule is not thread-safe); only ``rows.fetch``
     runs on the background threads. A step that was not read ahead (the first, a resumed run) is read at once.
+
+    Under torch.distributed each rank reads its own contiguous slice of every global batch, so that the global batch,
+    and with it the run, is that of one process: only where each rank's rows come from changes.
     """
 
     def __init__(self, rows: Rows, batch_size: int, seed: int, ahead: int = 2):
         self.rows, self.ahead = rows, ahead
         self.schedule = BatchSchedule(rows.count, batch_size, seed, rows.chunk_size)
+        rank, world = process_group()
+        if batch_size % world:
+            raise ValueError(f"a batch of {batch_size} rows does not split evenly over {world} workers")
+        per_rank = batch_size // world
+        self._slice = slice(rank * per_rank, (rank + 1) * per_rank)
         self._pool = ThreadPoolExecutor(max_workers=max(1, ahead), thread_name_prefix="batch-read-ahead")
         self._pending: dict[int, Future] = {}
 
     def _read(self, micro_step: int) -> Future:
-        return self._pool.submit(self.rows.fetch, self.schedule.indices(micro_step))
+        return self._pool.submit(self.rows.fetch, self.schedule.indices(micro_step)[self._slice])
 
     def __call__(self, micro_step: int) -> dict[str, torch.Tensor]:
         current = self._pending.pop(micro_step, None) or self._read(micro_step)
@@ -121,6 +137,10 @@ class Trainable:
 
 class TrainingInterrupted(RuntimeError):
     """Raised after a checkpoint was written in response to SIGTERM / SIGINT."""
+
+
+class TrainingFailed(RuntimeError):
+    """A training worker failed; the message names it and the checkpoint a rerun resumes from."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -213,7 +233,14 @@ def train(trainable: Trainable, optim: OptimConfig, store, checkpoint_dir: str, 
           device: torch.device, description: str = "train", lock=None) -> list[dict]:
     """Run ``optim.steps`` optimiser steps, resuming from the latest checkpoint under ``checkpoint_dir`` if there is
     one; returns the loss history (one record per step). ``lock``, the stage's, must still be held before each
-    checkpoint is written (on an object store a lease can be lost to another run)."""
+    checkpoint is written (on an object store a lease can be lost to another run).
+
+    Under torch.distributed (``process_group``), every rank trains on its slice of each global batch, the gradients
+    and the logged losses are averaged over the ranks before the step (so every rank takes the same step, as DDP
+    would), and rank 0 alone evaluates, reports and writes checkpoints; every rank resumes from the same one."""
+    rank, world = process_group()
+    if rank:
+        reporter = Silent()
     optimizer = make_optimizer(trainable.parameters, optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, optim.warmup_steps, optim.steps, optim.min_lr_ratio))
@@ -268,6 +295,8 @@ def train(trainable: Trainable, optim: OptimConfig, store, checkpoint_dir: str, 
                 scaler.scale(loss / optim.grad_accum).backward()
                 for key, value in {"loss": value, **metrics}.items():
                     totals[key] = totals.get(key, 0.0) + value / optim.grad_accum
+            if world > 1:
+                totals = _average_over_ranks(trainable.parameters, totals, world)
             totals["lr"] = float(scheduler.get_last_lr()[0])  # a tensor for optimisers that keep lr as one
             try:
                 totals.update(_update(optimizer, scaler, trainable.parameters, optim.grad_clip))
@@ -285,11 +314,11 @@ def train(trainable: Trainable, optim: OptimConfig, store, checkpoint_dir: str, 
             optimizer.zero_grad(set_to_none=True)
             step += 1
             record = {"step": step, **totals, "seconds": time.perf_counter() - started}
-            if trainable.evaluate is not None and (step % optim.eval_every == 0 or step == optim.steps):
+            if rank == 0 and trainable.evaluate is not None and (step % optim.eval_every == 0 or step == optim.steps):
                 record.update({f"eval_{k}": v for k, v in trainable.evaluate().items()})
             history.append(record)
             reporter.advance(1, loss=totals["loss"])
-            if step % optim.checkpoint_every == 0 or step == optim.steps or interrupted["signal"]:
+            if rank == 0 and (step % optim.checkpoint_every == 0 or step == optim.steps or interrupted["signal"]):
                 save()
             if interrupted["signal"]:
                 reporter.close()
@@ -318,6 +347,18 @@ def save_trained(ctx: Context, cls: type[TrainedManifest], stage: str, history: 
     write_tensors(ctx.store, manifest.weights, tensors)
     ctx.store.write_json(manifest.history, history)
     return manifest
+
+
+def _average_over_ranks(parameters: list[nn.Parameter], totals: dict[str, float], world: int) -> dict[str, float]:
+    """Every rank's gradients and logged values replaced by their mean over the ranks (one collective per tensor:
+    no second copy of a large model's gradients)."""
+    for p in parameters:
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(world)
+    values = torch.tensor(list(totals.values()), dtype=torch.float64)
+    torch.distributed.all_reduce(values)
+    return dict(zip(totals, (values / world).tolist()))
 
 
 def resumable_step(store, stage_dir: str, steps: int) -> str | None:

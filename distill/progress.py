@@ -39,3 +39,13 @@ class Reporter:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class Silent(Reporter):
+    """Reports nothing: the ranks but the first of a distributed training, whose progress rank 0 reports."""
+
+    def start(self, total: int | None, description: str, initial: int = 0) -> None:
+        pass
+
+    def log(self, message: str, level: int = logging.INFO) -> None:
+        pass

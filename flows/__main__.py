@@ -23,20 +23,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import yaml
 
-from distill.config import ConfigError, PipelineConfig, load_config
+from distill.config import ConfigError, PipelineConfig, load_config, parse_overrides
 from flows.user_errors import USER_ERRORS
 
 FLOW_NAMES = ["superposition-distill", "self-distill"]
-
-
-def parse_sets(items: list[str]) -> dict[str, str]:
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.steps=20")
-        overrides[key.strip()] = value
-    return overrides
 
 
 def summary_table(results: dict[str, dict]) -> str:
@@ -129,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         name = getattr(args, "name", None)
         if name and args.config and name != args.config:
             raise ConfigError(f"two configurations given, {name!r} and --config {args.config!r}: give one")
-        cfg = load_config(name or args.config or "quickstart", parse_sets(args.set))  # the one validation
+        cfg = load_config(name or args.config or "quickstart", parse_overrides(args.set))  # the one validation
         if args.command == "config":
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
             return 0

@@ -12,7 +12,9 @@ from distill.config import PipelineConfig
 from distill.plan import plan_run, stage_states
 from distill.stage import Manifest
 from tasks.publish import publish_report
+from distill.stages import STAGES
 from tasks.result_storage import result_storage
+from tasks.shards import run_shards
 from tasks.stage import run_stage
 
 FINISHED = "finished: reused"
@@ -38,8 +40,14 @@ class FlowRun:
         return stage in self.run.stages
 
     def stage(self, name: str, **inputs: Manifest | None) -> Manifest:
-        return run_stage(self.run, name, finished=self.states[name] == FINISHED, result_storage=self.result_storage,
-                         **inputs)
+        """Stage ``name`` as a task; on a Ray backend, the shards of a stage that has them first, on the cluster."""
+        finished = self.states[name] == FINISHED
+        compute = self.run.config.compute
+        if not finished and compute.backend == "ray":
+            shards = STAGES[name].shards(self.run.context(name), compute.ray.workers, **inputs)
+            if shards:
+                run_shards(self.run, name, shards, self.result_storage, **inputs)
+        return run_stage(self.run, name, finished=finished, result_storage=self.result_storage, **inputs)
 
     def publish(self, metrics: Manifest, exported: Manifest) -> dict:
         """The report in the UI; the flow's return value."""

@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 
 from distill.config import ConfigError
-from distill.loop import TrainingDiverged, TrainingInterrupted
+from distill.loop import TrainingDiverged, TrainingFailed, TrainingInterrupted
 from storage import StoreError
 from storage.lease import LockedError
 
 from .temporary_server import ServerUnreachable
 
-USER_ERRORS = (ConfigError, StoreError, LockedError, TrainingInterrupted, TrainingDiverged, ServerUnreachable)
+USER_ERRORS = (ConfigError, StoreError, LockedError, TrainingInterrupted, TrainingDiverged, TrainingFailed,
+               ServerUnreachable)
 
 # Prefect's loggers for flow and task runs (prefect.logging.loggers.flow_run_logger / task_run_logger)
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")

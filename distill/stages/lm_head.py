@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 
 from bitnet import SuperpositionStudent, next_token_cross_entropy, sparse_topk_kl
-from storage import layout
 from storage.tensors import read_tensors
 
 from ..config import ConfigError, PipelineConfig
 from ..device import resolve_device
-from ..loop import ScheduledBatches, Trainable, TrainedManifest, resumable_step, save_trained, train
+from ..distributed import Built, fit
+from ..loop import ScheduledBatches, Trainable, TrainedManifest, resumable_step, save_trained
 from ..optim import check_optimizer
 from ..rows import Rows, cached_rows, to_device, token_rows
 from ..stage import Context, Preflight, Stage
@@ -38,8 +38,10 @@ def head_parameters(student: SuperpositionStudent, untied: bool) -> list[torch.n
     return [student.lm_head.weight]
 
 
-def lm_head_trainable(student: SuperpositionStudent, cfg: PipelineConfig, rows: Rows, device: torch.device,
-                      eval_rows: Rows | None = None) -> Trainable:
+def lm_head_trainable(student: SuperpositionStudent, projector: torch.nn.Module, cfg: PipelineConfig, rows: Rows,
+                      device: torch.device, eval_rows: Rows | None = None) -> Trainable:
+    """The head's loss; its state is the whole student and decompressor (the head trained, the rest as trained
+    before), which is what the stage saves."""
     head = cfg.head
     params = head_parameters(student, head.untied)
     batches = ScheduledBatches(rows, head.batch_size, cfg.seed + 1)
@@ -75,8 +77,8 @@ def lm_head_trainable(student: SuperpositionStudent, cfg: PipelineConfig, rows: 
     return Trainable(
         parameters=params,
         loss=loss,
-        state=lambda: {"lm_head.weight": student.lm_head.weight.detach()},
-        load_state=lambda state: student.lm_head.weight.data.copy_(state["lm_head.weight"]),
+        state=lambda: prefixed_state(student=student, projector=projector),
+        load_state=lambda state: load_prefixed_state(state, student=student, projector=projector),
         evaluate=evaluate if eval_rows is not None and eval_rows.count else None,
     )
 
@@ -101,19 +103,22 @@ class LmHead(Stage):
     def resumes(self, cfg: PipelineConfig, store, path: str) -> str | None:
         return resumable_step(store, path, cfg.head.steps)
 
-    def run(self, ctx: Context, trained: SuperpositionManifest, tokens: TokenizeManifest,
-            cache: TeacherCacheManifest) -> LmHeadManifest:
-        cfg, store, device = ctx.config, ctx.store, ctx.device
+    def build(self, ctx: Context, trained: SuperpositionManifest, tokens: TokenizeManifest,
+              cache: TeacherCacheManifest) -> Built:
+        """The trained student with its head to retrain, over token rows (or the cache's, for the top-k KL)."""
+        cfg, store = ctx.config, ctx.store
         student, projector = load_trained_student(cfg, store, trained)
         if cfg.head.topk_kl_weight:  # top-k targets exist only for cached rows
             rows, eval_rows = (cached_rows(store, cache, s, ["topk_values", "topk_indices"]) for s in ("train", "eval"))
         else:
             rows, eval_rows = token_rows(store, tokens, "train"), token_rows(store, tokens, "eval")
-        trainable = lm_head_trainable(student, cfg, rows, device, eval_rows)
-        history = train(trainable, cfg.head_optim(), store, layout.checkpoints_dir(ctx.path), ctx.reporter, device,
-                        "lm head", ctx.lock)
-        return save_trained(ctx, LmHeadManifest, self.name, history, prefixed_state(student=student, projector=projector),
-                            trained=trained)
+        trainable = lm_head_trainable(student, projector, cfg, rows, ctx.device, eval_rows)
+        return Built(trainable, cfg.head_optim(), {}, "lm head")
+
+    def run(self, ctx: Context, trained: SuperpositionManifest, tokens: TokenizeManifest,
+            cache: TeacherCacheManifest) -> LmHeadManifest:
+        history, state, _ = fit(ctx, self, trained=trained, tokens=tokens, cache=cache)
+        return save_trained(ctx, LmHeadManifest, self.name, history, state, trained=trained)
 
 
 def load_final_student(cfg: PipelineConfig, store, manifest: LmHeadManifest):

@@ -12,11 +12,11 @@ import logging
 import torch
 
 from bitnet import DualModel, hidden_cosine_loss, kl_to_teacher, next_token_cross_entropy, patch_model, sparse_topk_kl
-from storage import layout
 
 from ..config import ConfigError, PipelineConfig
 from ..device import DTYPES, resolve_device
-from ..loop import ScheduledBatches, Trainable, TrainedManifest, resumable_step, save_trained, train
+from ..distributed import Built, fit
+from ..loop import ScheduledBatches, Trainable, TrainedManifest, resumable_step, save_trained
 from ..metrics import Output, compare_to_teacher
 from ..optim import check_optimizer
 from ..rows import Rows, cached_rows, to_device, token_rows
@@ -154,7 +154,8 @@ class SelfDistill(Stage):
     def resumes(self, cfg: PipelineConfig, store, path: str) -> str | None:
         return resumable_step(store, path, cfg.self_distill_optim().steps)
 
-    def run(self, ctx: Context, tokens: TokenizeManifest, cache: TeacherCacheManifest | None = None) -> SelfDistillManifest:
+    def build(self, ctx: Context, tokens: TokenizeManifest, cache: TeacherCacheManifest | None = None) -> Built:
+        """The dual-mode model and its loss over the training rows: what every training worker runs."""
         cfg, store, device = ctx.config, ctx.store, ctx.device
         dual = load_dual(cfg, ctx.teacher, device)
         share, kept = dual.full_precision_share()
@@ -173,12 +174,14 @@ class SelfDistill(Stage):
         else:
             rows = token_rows(store, tokens, "train")
         trainable = self_distill_trainable(dual, cfg, rows, device, token_rows(store, tokens, "eval"))
-        history = train(trainable, cfg.self_distill_optim(), store, layout.checkpoints_dir(ctx.path), ctx.reporter,
-                        device, self.name, ctx.lock)
-        return save_trained(ctx, SelfDistillManifest, self.name, history, dual.delta_state_dict(),
-                            num_patched=dual.num_patched,
-                            trainable_parameters=sum(p.numel() for p in dual.trainable_parameters()),
-                            full_precision_block_share=share)
+        extra = {"num_patched": dual.num_patched, "full_precision_block_share": share,
+                 "trainable_parameters": sum(p.numel() for p in dual.trainable_parameters())}
+        return Built(trainable, cfg.self_distill_optim(), extra, self.name)
+
+    def run(self, ctx: Context, tokens: TokenizeManifest,
+            cache: TeacherCacheManifest | None = None) -> SelfDistillManifest:
+        history, delta, extra = fit(ctx, self, tokens=tokens, cache=cache)
+        return save_trained(ctx, SelfDistillManifest, self.name, history, delta, **extra)
 
 
 def check_exportable(teacher: Teacher) -> None:

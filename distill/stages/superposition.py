@@ -8,12 +8,12 @@ import dataclasses
 import torch
 
 from bitnet import Decompressor, SuperpositionStudent, hidden_cosine_loss
-from storage import layout
 from storage.tensors import read_tensors
 
 from ..config import ConfigError, PipelineConfig
 from ..device import resolve_device
-from ..loop import ScheduledBatches, Trainable, TrainedManifest, resumable_step, save_trained, train
+from ..distributed import Built, fit
+from ..loop import ScheduledBatches, Trainable, TrainedManifest, resumable_step, save_trained
 from ..optim import check_optimizer
 from ..rows import Rows, cached_rows, to_device
 from ..stage import Context, Preflight, Stage
@@ -96,17 +96,20 @@ class Superposition(Stage):
     def resumes(self, cfg: PipelineConfig, store, path: str) -> str | None:
         return resumable_step(store, path, cfg.train.steps)
 
-    def run(self, ctx: Context, cache: TeacherCacheManifest) -> SuperpositionManifest:
-        cfg, store, device = ctx.config, ctx.store, ctx.device
+    def build(self, ctx: Context, cache: TeacherCacheManifest) -> Built:
+        """The student, its decompressor and their loss over the cached states: what every training worker runs."""
+        cfg = ctx.config
         target = f"hidden/layer_{cache.layers[-1]}"
-        rows, eval_rows = (cached_rows(store, cache, split, [target]) for split in ("train", "eval"))
+        rows, eval_rows = (cached_rows(ctx.store, cache, split, [target]) for split in ("train", "eval"))
         student, projector = build_student(cfg, cache.vocab_size, cache.hidden_size)
-        trainable = superposition_trainable(student, projector, cfg, rows, target, device, eval_rows)
-        history = train(trainable, cfg.train, store, layout.checkpoints_dir(ctx.path), ctx.reporter, device,
-                        self.name, ctx.lock)
-        return save_trained(ctx, SuperpositionManifest, self.name, history, trainable.state(), target=target,
-                            vocab_size=cache.vocab_size, teacher_dim=cache.hidden_size,
-                            student_parameters=sum(p.numel() for p in student.parameters()))
+        trainable = superposition_trainable(student, projector, cfg, rows, target, ctx.device, eval_rows)
+        extra = {"target": target, "vocab_size": cache.vocab_size, "teacher_dim": cache.hidden_size,
+                 "student_parameters": sum(p.numel() for p in student.parameters())}
+        return Built(trainable, cfg.train, extra, self.name)
+
+    def run(self, ctx: Context, cache: TeacherCacheManifest) -> SuperpositionManifest:
+        history, state, extra = fit(ctx, self, cache=cache)
+        return save_trained(ctx, SuperpositionManifest, self.name, history, state, **extra)
 
 
 def load_trained_student(cfg: PipelineConfig, store, trained: SuperpositionManifest):

@@ -95,12 +95,15 @@ class TeacherCache(Stage):
             fingerprint=ctx.fingerprint) for split, limit in limits.items()}
 
     def shards(self, ctx: Context, workers: int, tokens: TokenizeManifest) -> list[Shard]:
-        """Each split's chunks in ``workers`` ranges of whole chunks (fewer where a split has fewer chunks): work that
-        ``workers`` processes can do at once, each writing only its own chunks."""
+        """Each split's chunks cut into ``workers`` ranges of whole chunks (fewer where a split has fewer chunks),
+        each for a process of its own, writing only its own chunks; the ranges that still miss a chunk (a rerun
+        hands out only the work that is left)."""
         shards = []
         for split, spec in self.specs(ctx, tokens).items():
+            recorded = recorded_chunks(ctx.store, f"{ctx.path}/{split}")
             bounds = np.linspace(0, spec.num_chunks, min(workers, spec.num_chunks) + 1).round().astype(int).tolist()
-            shards += [Shard(split=split, start=start, stop=stop) for start, stop in zip(bounds, bounds[1:])]
+            shards += [Shard(split=split, start=start, stop=stop) for start, stop in zip(bounds, bounds[1:])
+                       if not set(range(start, stop)) <= recorded]
         return shards
 
     def run_shard(self, ctx: Context, shard: Shard, tokens: TokenizeManifest) -> int:
