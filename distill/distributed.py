@@ -62,19 +62,25 @@ def _context_of(config, path: str, fingerprint: str) -> Context:
                    fingerprint=fingerprint)
 
 
+def _built_path(path: str) -> str:
+    """Where rank 0 leaves the manifest fields its build found, for the stage's own process (beside the
+    checkpoints: not one of the stage's outputs)."""
+    return f"{layout.checkpoints_dir(path)}/built.json"
+
+
 def _ray_worker(job: dict) -> None:
-    """One Ray Train worker: torch.distributed is up (gloo on CPU, NCCL on GPU); train, and rank 0 reports."""
+    """One Ray Train worker: torch.distributed is up (gloo on CPU, NCCL on GPU); train, rank 0 writing."""
     import ray.train
 
     from .stages import STAGES
 
     ctx = _context_of(job["config"], job["path"], job["fingerprint"])
     ctx.device = ray.train.torch.get_device()  # the GPU Ray gave this worker, or the CPU
-    stage = STAGES[job["stage"]]
-    built = stage.build(ctx, **job["inputs"])
-    history = train(built.trainable, built.optim, ctx.store, layout.checkpoints_dir(ctx.path), ctx.reporter,
-                    ctx.device, built.description)
-    ray.train.report({"extra": built.extra, "steps": len(history)})
+    built = STAGES[job["stage"]].build(ctx, **job["inputs"])
+    train(built.trainable, built.optim, ctx.store, layout.checkpoints_dir(ctx.path), ctx.reporter, ctx.device,
+          built.description)
+    if process_group()[0] == 0:
+        ctx.store.write_json(_built_path(ctx.path), built.extra)
 
 
 def _fit_on_ray(ctx: Context, stage: Stage, inputs: dict) -> tuple[list[dict], dict[str, torch.Tensor], dict]:
@@ -102,7 +108,7 @@ def _fit_on_ray(ctx: Context, stage: Stage, inputs: dict) -> tuple[list[dict], d
             run_config=RunConfig(name=f"{stage.name}-{ctx.fingerprint}", storage_path=_ray_storage(),
                                  failure_config=FailureConfig(max_failures=0)))
         ctx.reporter.log(f"{stage.name}: training on {cfg.workers} Ray workers")
-        result = trainer.fit()
+        trainer.fit()
     except Exception as exc:  # Ray Train's TrainingFailedError wraps the worker's error; its type varies by version
         latest = checkpoints.latest_checkpoint(ctx.store, checkpoint_dir)
         resume = f"rerun to resume from {latest}" if latest else "no checkpoint was written; rerun to start again"
@@ -112,7 +118,7 @@ def _fit_on_ray(ctx: Context, stage: Stage, inputs: dict) -> tuple[list[dict], d
             ray.shutdown()
     tensors, meta = checkpoints.load_checkpoint(ctx.store, checkpoints.latest_checkpoint(ctx.store, checkpoint_dir))
     state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-    return meta["history"], state, result.metrics["extra"]
+    return meta["history"], state, ctx.store.read_json(_built_path(ctx.path))
 
 
 def _ray_storage() -> str:

@@ -6,7 +6,6 @@ stage itself computes when it runs next, so no shard's failure can leave a stage
 from __future__ import annotations
 
 from prefect import flow, task
-from prefect.utilities.annotations import quote
 
 from distill.plan import Run
 from distill.stage import Manifest, Shard
@@ -19,7 +18,6 @@ from .progress import PrefectReporter
 def _shard_key(_context, parameters: dict) -> str:
     """The stage's directory and the shard's range: never the run id, so another run finds finished shards."""
     run = parameters["run"]
-    run = run.unquote() if isinstance(run, quote) else run
     return layout.prefect_result(f"{run.stages[parameters['name']].path}/{parameters['shard'].name}")
 
 
@@ -36,8 +34,9 @@ def shards_flow(run: Run, name: str, shards: list[Shard], inputs: dict[str, Mani
     ray = run.config.compute.ray
     resources = {"num_cpus": ray.cpus_per_worker, **({"num_gpus": ray.gpus_per_worker} if ray.gpus_per_worker else {})}
     with remote_options(**resources):
+        # run travels as it is: prefect-ray hands a quoted value to the worker as a bare tuple
         futures = [shard_task.with_options(name=f"{name}[{shard.name}]", result_storage=result_storage,
-                                           refresh_cache=True).submit(quote(run), name, shard, inputs)
+                                           refresh_cache=True).submit(run, name, shard, inputs)
                    for shard in shards]
     return sum(future.result() for future in futures)
 
@@ -48,7 +47,11 @@ def run_shards(run: Run, name: str, shards: list[Shard], result_storage, **input
     from prefect_ray import RayTaskRunner
 
     ray = run.config.compute.ray
-    local = {"num_cpus": int(ray.workers * ray.cpus_per_worker), "num_gpus": int(ray.workers * ray.gpus_per_worker)}
-    runner = RayTaskRunner(address=ray.address, init_kwargs=local if ray.address is None else {})
+    if ray.address is None:  # a local instance with room for the workers, and no more
+        init = {"num_cpus": int(ray.workers * ray.cpus_per_worker) or 1,
+                "num_gpus": int(ray.workers * ray.gpus_per_worker)}
+    else:  # prefect-ray takes "auto" for "start a local instance": say it to ray.init itself
+        init = {"address": "auto"} if ray.address == "auto" else {}
+    runner = RayTaskRunner(address=None if ray.address == "auto" else ray.address, init_kwargs=init)
     return shards_flow.with_options(name=f"{name} shards", task_runner=runner)(run, name, shards, inputs,
                                                                                 result_storage)
