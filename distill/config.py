@@ -193,8 +193,8 @@ class StorageConfig(Section):
 
 
 class RayConfig(Section):
-    # null: a local Ray instance sized to this machine; "auto": the cluster this machine belongs to (ray start);
-    # "ray://host:10001": a remote cluster through Ray Client
+    # null: a local Ray instance sized to the workers; "auto": the cluster this machine joined (ray start);
+    # "host:6379": a cluster's head, from a machine of the cluster; "ray://host:10001": through Ray Client
     address: str | None = None
     workers: int = Field(default=2, gt=0)  # cache shards run at once, and training processes
     cpus_per_worker: float = Field(default=1.0, gt=0)
@@ -203,9 +203,10 @@ class RayConfig(Section):
     @field_validator("address")
     @classmethod
     def _known_address(cls, value: str | None) -> str | None:
-        if value is not None and value != "auto" and not re.fullmatch(r"ray://[^\s/:]+(:\d+)?", value):
+        if value is not None and value != "auto" and not re.fullmatch(r"(ray://)?[^\s/:]+:\d+", value):
             raise ValueError(f"{value!r} is not a Ray address: use null (a local instance), auto (the cluster this "
-                             "machine joined with ray start) or ray://host:10001 (Ray Client)")
+                             "machine joined with ray start), host:6379 (the head's address) or ray://host:10001 "
+                             "(Ray Client)")
         return value
 
 

@@ -94,7 +94,48 @@ def preflight(cfg: PipelineConfig, flow: str, teacher: Teacher | None = None) ->
     pre = Preflight(cfg, teacher, facts, flow)
     for name in names:
         STAGES[name].check(pre)
+    if cfg.compute.backend == "ray":
+        check_ray(cfg, names)
     return facts
+
+
+def check_ray(cfg: PipelineConfig, stages: list[str]) -> None:
+    """A Ray backend can run: Ray and prefect-ray installed, every batch splits evenly over the workers, and the
+    workers can reach the artifact store (a cluster of several machines cannot share a relative local path)."""
+    import importlib.util
+
+    missing = [name for name in ("ray", "prefect_ray") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"compute.backend: ray needs {' and '.join(missing)}: pip install 'bitnet-distill[ray]', or "
+                          "set compute.backend: local")
+    workers = cfg.compute.ray.workers
+    batches = {"train.batch_size": cfg.train.batch_size, "head.batch_size": cfg.head.batch_size}
+    uneven = [f"{field} {size}" for field, size in batches.items() if size % workers
+              and (field == "train.batch_size" or "lm_head" in stages)]
+    if uneven:
+        raise ConfigError(f"compute.ray.workers {workers} do not divide {' and '.join(uneven)}: each worker trains on "
+                          "an equal slice of every batch; choose a batch size that is a multiple of the workers")
+    root = cfg.storage.root
+    if cfg.compute.ray.address is not None and "://" not in root and not Path(root).expanduser().is_absolute():
+        nodes = _ray_nodes(cfg.compute.ray.address)
+        if nodes > 1:
+            raise ConfigError(f"storage.root {root!r} is a relative local path, which the {nodes} machines of the Ray "
+                              f"cluster at {cfg.compute.ray.address} cannot share: use s3://bucket/prefix, or an "
+                              "absolute path that every machine mounts")
+
+
+def _ray_nodes(address: str) -> int:
+    """How many machines (alive nodes) the Ray cluster at ``address`` has."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, log_to_driver=False)
+    try:
+        return sum(1 for node in ray.nodes() if node.get("Alive"))
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def make_plan(cfg: PipelineConfig, flow: str, teacher: TeacherFacts) -> Run:
