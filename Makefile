@@ -10,18 +10,25 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv test quickstart clean-artifacts constraints
+.PHONY: venv dev test quickstart clean-artifacts constraints
 
 venv: $(VENV)/.installed
+dev: $(VENV)/.installed-dev
 
+# The project; the quickstart needs nothing more.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install -c constraints.txt -e .
+	touch $@
+
+# And the dev extra, for the tests (S3 in moto, Ray, ...).
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -c constraints.txt -e ".[dev]"
 	touch $@
 
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
-test: venv
+test: dev
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 # Both flows on the embedded offline teacher; a second run reuses every finished stage.

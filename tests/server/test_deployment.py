@@ -40,6 +40,10 @@ def test_prefect_yaml_deploys_a_nightly_schedule_and_a_manual_deployment(server)
     for deployment in (nightly, manual):
         assert deployment["work_pool_name"] == POOL
         assert deployment["parameters"] == {"config": "tinyllama", "overrides": {}}
+    on_ray = server.api_call("GET", "/deployments/name/superposition-distill/ray")
+    assert on_ray["schedules"] == [] and on_ray["work_pool_name"] == POOL
+    assert on_ray["parameters"]["overrides"] == {"compute.backend": "ray", "compute.ray.address": "auto",
+                                                 "compute.ray.workers": 2}
     assert server.api_call("GET", f"/work_pools/{POOL}")["type"] == "process"
 
 
