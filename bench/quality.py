@@ -64,14 +64,16 @@ class Variant:
 # rows over the quickstart's 8192 training rows: the quickstart preset's (written out, so that the rows stay put if the
 # preset moves). Until 2026-12-01 the preset stopped at EARLIER_QUICKSTART_STEPS, for a quickstart of 6 minutes.
 EARLIER_QUICKSTART_STEPS, RECIPE_STEPS, RECIPE_ROWS = 300, 1000, 8192  # RECIPE_ROWS: the preset's data.max_train_rows
-RECIPE = {"self_distill.steps": RECIPE_STEPS}
+KL_ALONE = {"self_distill.ce_weight": 0.0}  # the library's default loss (the quickstart preset adds CE)
+RECIPE = {"self_distill.steps": RECIPE_STEPS, **KL_ALONE}
+QUICKSTART_STEPS = 500  # the quickstart preset's recipe: CE + KL, 500 steps
 # The learning rate's floor before the default became 0 (train.min_lr_ratio's): the rows measured with it keep it
 EARLIER_DECAY = {"self_distill.min_lr_ratio": 0.1}
 # An earlier quickstart preset: KL alone on 2048 training rows, 300 steps (about 2.3 epochs). The search rows and the
 # ablation start from it, written out, so that they do not move when the preset does and rerunning this script reuses
 # their finished runs. The ablation keeps that search's first learning rate.
 PREVIOUS_DEFAULT = {"data.max_train_rows": 2048, "self_distill.steps": 300, "self_distill.hidden_weight": 0,
-                    **EARLIER_DECAY}
+                    **KL_ALONE, **EARLIER_DECAY}
 ABLATION_BUDGET = {**PREVIOUS_DEFAULT, "self_distill.lr": 5e-4}
 
 
@@ -93,7 +95,10 @@ def variants(args) -> list[Variant]:
             out.append(Variant(f"self-distill, {RECIPE_STEPS} steps, lr decayed to 0.1x, KL + hidden cosine, seed {s}",
                                "headline", "self-distill", {**earlier, "self_distill.hidden_weight": 1}))
     out += [Variant(f"self-distill, the earlier quickstart preset ({EARLIER_QUICKSTART_STEPS} steps), seed {s}",
-                    "headline", "self-distill", {"self_distill.steps": EARLIER_QUICKSTART_STEPS, "seed": s})
+                    "headline", "self-distill", {"self_distill.steps": EARLIER_QUICKSTART_STEPS, **KL_ALONE, "seed": s})
+            for s in args.seeds]
+    out += [Variant(f"self-distill, the quickstart preset (CE + KL, {QUICKSTART_STEPS} steps), seed {s}", "headline",
+                    "self-distill", {"self_distill.steps": QUICKSTART_STEPS, "self_distill.ce_weight": 1.0, "seed": s})
             for s in args.seeds]
     out += [Variant(f"superposition, seed {s}", "headline", "superposition-distill", {"seed": s}) for s in args.seeds]
     # What the superposition student needs to beat its control: each row changes the preset as named, and its
@@ -131,7 +136,7 @@ def variants(args) -> list[Variant]:
                      "lr 2e-3": {"self_distill.lr": 2e-3}}
     out += [Variant(f"self-distill, {RECIPE_STEPS} steps, {name}", "search", "self-distill", {**RECIPE, **o})
             for name, o in recipe_search.items()]
-    out += [Variant(f"self-distill, {n} steps", "search", "self-distill", {"self_distill.steps": n})
+    out += [Variant(f"self-distill, {n} steps", "search", "self-distill", {"self_distill.steps": n, **KL_ALONE})
             for n in args.recipe_steps]  # where the default recipe crosses the 5% target
     out += [Variant(f"{previous}, 300 steps, lr {lr:g}", "search", "self-distill",
                     {**PREVIOUS_DEFAULT, "self_distill.lr": lr}) for lr in args.lrs]
@@ -166,7 +171,7 @@ def variants(args) -> list[Variant]:
     ce_kl = {"self_distill.ce_weight": 1.0}
     quickstart_budget = {
         "KL, 1000 steps (the default recipe)": RECIPE,
-        "KL, 1000 steps of 8 rows": {**RECIPE, "train.batch_size": 8},
+        "KL, 1000 steps of 8 rows": {**RECIPE, "train.batch_size": 8},  # RECIPE keeps ce_weight 0
         "CE + KL, 300 steps": {"self_distill.steps": 300, **ce_kl},
         "CE + KL, 400 steps": {"self_distill.steps": 400, **ce_kl},
         "CE + KL, 500 steps": {"self_distill.steps": 500, **ce_kl},

@@ -121,3 +121,47 @@ def test_bad_ray_settings_are_refused_before_any_work(tiny_teacher, tmp_path):
     finally:
         cluster.shutdown()
     assert not (tmp_path / "tokenize").exists()  # nothing ran
+
+
+def test_a_killed_training_worker_fails_the_stage_naming_the_checkpoint_a_rerun_resumes_from(tiny_teacher, tmp_path):
+    import re
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    from distill.loop import TrainingFailed
+    from storage import checkpoints
+
+    steps = {"self_distill.steps": 100, "train.checkpoint_every": 5, "train.eval_every": 1000}
+    run, store = planned(tiny_teacher, tmp_path, **steps, **RAY)
+    tokens = trained(run, "tokenize")
+    outcome = {}
+
+    def train():
+        try:
+            execute(STAGES["self_distill"], run.context("self_distill"), tokens=tokens)
+        except BaseException as exc:  # reported below, not lost in the thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    directory = layout.checkpoints_dir(run.stages["self_distill"].path)
+    deadline = time.monotonic() + 300
+    while checkpoints.latest_checkpoint(store, directory) is None:
+        assert thread.is_alive() and time.monotonic() < deadline, outcome
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    assert workers, "no Ray Train worker process found"
+    subprocess.run(["kill", f"-{signal.SIGKILL}", workers[-1]], check=True)  # one rank's machine lost
+    thread.join(300)
+    error = outcome.get("error")
+    assert isinstance(error, TrainingFailed), error
+    latest = checkpoints.latest_checkpoint(store, directory)
+    assert re.search(rf"self_distill: a training worker failed \(.*\); rerun to resume from {re.escape(latest)}",
+                     str(error)), error
+    killed_at = layout.checkpoint_step(latest)
+    assert 0 < killed_at < 100 and not store.is_complete(run.stages["self_distill"].path)
+    run, _ = planned(tiny_teacher, tmp_path, **steps)  # the rerun, on one process: from that checkpoint on
+    done = execute(STAGES["self_distill"], run.context("self_distill"), tokens=tokens)
+    assert [h["step"] for h in store.read_json(done.history)] == list(range(1, 101))
