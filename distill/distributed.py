@@ -128,13 +128,18 @@ def _ray_storage() -> str:
 
 
 def _worker_error(exc: BaseException) -> str:
-    """The failed worker's own error, as one line, with its rank where Ray says it."""
-    cause = exc
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    text = str(cause).strip().splitlines()
-    rank = next((line.strip() for line in str(exc).splitlines() if "rank" in line.lower()), "")
-    return "; ".join(part for part in (rank, f"{type(cause).__name__}: {text[-1] if text else ''}") if part)
+    """Which rank failed and how, in one line: Ray Train's ``WorkerGroupError`` maps each failed rank to its error."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    if failures:
+        return "; ".join(f"rank {rank}: {_one_line(error)}" for rank, error in sorted(failures.items()))
+    return _one_line(exc)
+
+
+def _one_line(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -158,8 +158,8 @@ def test_a_killed_training_worker_fails_the_stage_naming_the_checkpoint_a_rerun_
     error = outcome.get("error")
     assert isinstance(error, TrainingFailed), error
     latest = checkpoints.latest_checkpoint(store, directory)
-    assert re.search(rf"self_distill: a training worker failed \(.*\); rerun to resume from {re.escape(latest)}",
-                     str(error)), error
+    assert re.search(rf"self_distill: a training worker failed \(rank \d: .*\); rerun to resume from "
+                     rf"{re.escape(latest)}$", str(error)), error
     killed_at = layout.checkpoint_step(latest)
     assert 0 < killed_at < 100 and not store.is_complete(run.stages["self_distill"].path)
     run, _ = planned(tiny_teacher, tmp_path, **steps)  # the rerun, on one process: from that checkpoint on
