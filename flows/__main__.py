@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from contextlib import nullcontext
 
 # The temporary Prefect server this command starts would send usage telemetry, and log an error every ten minutes
 # where there is no network; a server of your own keeps its own setting.
@@ -149,11 +148,16 @@ def run_flows(cfg: PipelineConfig, names: list[str]) -> dict[str, dict]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows import FLOWS
-    from flows.temporary_server import start_temporary_server
+    from flows.temporary_server import send_what_prefect_holds, start_temporary_server
 
     api_url = start_temporary_server()
-    with temporary_settings({PREFECT_API_URL: api_url}) if api_url else nullcontext():
+    if not api_url:
         return {name: FLOWS[name](config=cfg) for name in names}
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        try:
+            return {name: FLOWS[name](config=cfg) for name in names}
+        finally:
+            send_what_prefect_holds()
 
 
 if __name__ == "__main__":

@@ -176,3 +176,15 @@ def start_temporary_server() -> str | None:
                                     "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); raise it on a busy machine")
         time.sleep(0.2)
     return api_url
+
+
+def send_what_prefect_holds(timeout: float = 30.0) -> None:
+    """Send the logs and events (task runs' states among them) that Prefect's background workers still hold to the
+    temporary server, before the command leaves it: as Prefect's own test harness does before it stops its server.
+    The workers are then closed, so a later flow in this process opens new ones to whatever server it is pointed at
+    instead of writing to this one (a worker keeps the address it was opened with)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout)
+    EventsWorker.drain_all(timeout=timeout)

@@ -28,6 +28,17 @@ RAY = {"compute.backend": "ray", "compute.ray.workers": 2}
 LOSS_RTOL, LOSS_ATOL, WEIGHT_ATOL = 1e-4, 1e-7, 1e-5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _print_restored():
+    """Ray's driver replaces builtins.print with its progress bars' print (ray.experimental.tqdm_ray) and leaves it
+    after ray.shutdown: the tests after these get Python's own back."""
+    import builtins
+
+    original = builtins.print
+    yield
+    builtins.print = original
+
+
 def planned(tiny_teacher, root, flow="self-distill", **overrides):
     return plan_run(flow, TINY, tiny_overrides(tiny_teacher, root, **overrides), logging.getLogger())
 

@@ -49,6 +49,7 @@ def test_shards_written_at_once_then_finished_equal_one_writers_cache(tiny_teach
         thread.join(120)
     assert not errors and written == {"train-0-2": 3, "train-3-6": 4, "train-7-9": 3, "eval-0-0": 1, "eval-1-1": 1}
     assert stage.run_shard(run.context("teacher_cache"), shards[0], tokens=tokens) == 0  # done: nothing to write
+    assert stage.shards(run.context("teacher_cache"), 3, tokens=tokens) == []  # no work left to hand out
     finished = execute(stage, run.context("teacher_cache"), tokens=tokens)  # writes nothing, finishes each split
     assert finished.model_dump(exclude={"path"}) == single.model_dump(exclude={"path"})
     assert files(tmp_path / "sharded", finished.path) == files(tmp_path / "one", single.path)
