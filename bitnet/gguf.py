@@ -196,7 +196,7 @@ def _hf_spec(dual: DualModel) -> Spec:
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), config.num_hidden_layers)
     tied = _ties_head(model)
     head_name = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
-    patched = {f"{name}.{leaf}": name for name in dual.layers for leaf in ("weight",)}
+    patched = {f"{name}.weight": name for name in dual.layers}
     for key, tensor in model.state_dict().items():
         if ".delta." in key or (tied and key == f"{head_name}.weight"):
             continue
@@ -282,9 +282,9 @@ def tokenizer_metadata(tokenizer, vocab_size: int, pre_tokenizer: str | None = N
     spec = json.loads(backend.to_str())
     model = spec["model"]
     if model.get("type") != "BPE" or model.get("byte_fallback"):
+        kind = model.get("type", "?") + (" with byte fallback (SentencePiece style)" if model.get("byte_fallback") else "")
         raise ValueError(f"save_gguf writes byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2 style); this one is "
-                         f"{model.get('type')}{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}"
-                         ". llama.cpp's own convert_hf_to_gguf.py handles the others")
+                         f"{kind}. llama.cpp's own convert_hf_to_gguf.py handles the others")
     pre = pre_tokenizer or detect_pre_tokenizer(spec)
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
@@ -341,7 +341,7 @@ def save_gguf(model: DualModel | SuperpositionStudent, path: str | Path, tokeniz
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), spec.arch)
-    _write_metadata(writer, spec, vocab, qtype, name or getattr(model, "name_or_path", None) or "bitnet-student")
+    _write_metadata(writer, spec, vocab, qtype, name or "bitnet-distill student")
 
     fallback: dict[str, str] = {}
     ternary = 0
