@@ -175,15 +175,24 @@ def _rope_theta(config) -> float:
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _architecture(config) -> tuple[str, bool]:
+    """llama.cpp's architecture for a transformers (text) config, and whether q/k rows need permuting."""
+    if config.model_type not in HF_ARCHITECTURES:
+        raise ValueError(f"save_gguf writes {', '.join(HF_ARCHITECTURES)} models; this one is "
+                         f"{config.model_type!r}. Export it in transformers' bitnet format (save_ternary_pretrained)")
+    return HF_ARCHITECTURES[config.model_type]
+
+
 def _hf_spec(dual: DualModel) -> Spec:
     """A patched transformers Llama / Mistral / Qwen2: its own tensors, the patched layers ternary."""
     gguf = _gguf()
     model = dual.model
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if config.model_type not in HF_ARCHITECTURES:
-        raise ValueError(f"save_gguf writes {', '.join(HF_ARCHITECTURES)} models; this one is "
-                         f"{config.model_type!r}. Export it in transformers' bitnet format (save_ternary_pretrained)")
-    arch, permute = HF_ARCHITECTURES[config.model_type]
+    config = _text_config(model.config)
+    arch, permute = _architecture(config)
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
@@ -271,21 +280,40 @@ def detect_pre_tokenizer(tokenizer_json: dict) -> str:
                      "pre_tokenizer=..., and check that llama.cpp tokenizes held-out text as transformers does")
 
 
-def tokenizer_metadata(tokenizer, vocab_size: int, pre_tokenizer: str | None = None) -> dict:
-    """The GGUF tokenizer keys of a byte-level BPE (``gpt2``-model) tokenizer: token list of ``vocab_size`` (the
-    embedding's rows; ids no token has are unused padding, as the converter writes them), types, merges, special
-    ids, and whether transformers adds BOS / EOS when encoding (llama.cpp follows these keys)."""
-    gguf = _gguf()
+def _byte_level_bpe(tokenizer, pre_tokenizer: str | None = None) -> tuple[dict, str]:
+    """The tokenizer's BPE model (from its tokenizer.json) and llama.cpp's name for its pre-tokenizer; a clear error
+    for a tokenizer save_gguf cannot write."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ValueError("save_gguf needs a fast (tokenizers-backed) tokenizer: load it with AutoTokenizer")
     spec = json.loads(backend.to_str())
     model = spec["model"]
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        kind = model.get("type", "?") + (" with byte fallback (SentencePiece style)" if model.get("byte_fallback") else "")
+        kind = model.get("type", "?")
+        kind += " with byte fallback (SentencePiece style)" if model.get("byte_fallback") else ""
         raise ValueError(f"save_gguf writes byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2 style); this one is "
                          f"{kind}. llama.cpp's own convert_hf_to_gguf.py handles the others")
-    pre = pre_tokenizer or detect_pre_tokenizer(spec)
+    return model, pre_tokenizer or detect_pre_tokenizer(spec)
+
+
+def check_exportable(tokenizer, config=None) -> None:
+    """Raise ``ValueError`` naming the problem where ``save_gguf`` could not write this tokenizer or (given a
+    transformers config: a self-distilled model of it) this architecture. Needs no weights: a pipeline checks this
+    before any work."""
+    _gguf()
+    if config is not None:
+        text = _text_config(config)
+        _architecture(text)
+        _rope_theta(text)
+    _byte_level_bpe(tokenizer)
+
+
+def tokenizer_metadata(tokenizer, vocab_size: int, pre_tokenizer: str | None = None) -> dict:
+    """The GGUF tokenizer keys of a byte-level BPE (``gpt2``-model) tokenizer: token list of ``vocab_size`` (the
+    embedding's rows; ids no token has are unused padding, as the converter writes them), types, merges, special
+    ids, and whether transformers adds BOS / EOS when encoding (llama.cpp follows these keys)."""
+    gguf = _gguf()
+    model, pre = _byte_level_bpe(tokenizer, pre_tokenizer)
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise ValueError(f"the tokenizer has ids up to {max(vocab.values())} but the model only {vocab_size} "
