@@ -21,6 +21,9 @@
   into the metadata, with a pre-tokenizer llama.cpp knows, chosen from the tokenizer's own pre-tokenizer
   (``pre_tokenizer`` overrides it). llama.cpp refuses a BPE vocabulary whose pre-tokenizer it does not recognise.
 
+``save_teacher_gguf`` writes the teacher of a self-distilled model (its weights W in F16 or Q8_0) the same way: the
+baseline to time and compare a student's file with in llama.cpp.
+
 ``gguf`` is imported inside the functions: it is an optional dependency of this package.
 """
 
@@ -116,12 +119,6 @@ def ternary_data(codes: torch.Tensor, scale: torch.Tensor | float, type_name: st
     return blocks.reshape(rows, -1)
 
 
-def dequantized(data: np.ndarray, type_name: str) -> np.ndarray:
-    """What llama.cpp's weights hold, as fp32 (gguf's reference dequantization)."""
-    gguf = _gguf()
-    return gguf.quants.dequantize(data, gguf.GGMLQuantizationType[type_name])
-
-
 @dataclass
 class Entry:
     """One GGUF tensor: its name, where it came from, and either full-precision values or ternary codes + scale."""
@@ -131,6 +128,7 @@ class Entry:
     values: torch.Tensor | None = None  # 1-D: written F32; 2-D (embeddings, head): F16 or Q8_0
     codes: torch.Tensor | None = None
     scale: torch.Tensor | None = None
+    linear: bool = False  # values of a block linear layer (a teacher's): written in the file's own type
 
 
 @dataclass
@@ -187,8 +185,9 @@ def _architecture(config) -> tuple[str, bool]:
     return HF_ARCHITECTURES[config.model_type]
 
 
-def _hf_spec(dual: DualModel) -> Spec:
-    """A patched transformers Llama / Mistral / Qwen2: its own tensors, the patched layers ternary."""
+def _hf_spec(dual: DualModel, teacher: bool = False) -> Spec:
+    """A patched transformers Llama / Mistral / Qwen2: its own tensors, the patched layers ternary (``teacher``: the
+    patched layers' original weights W)."""
     gguf = _gguf()
     model = dual.model
     config = _text_config(model.config)
@@ -213,14 +212,14 @@ def _hf_spec(dual: DualModel) -> Spec:
         if gguf_name is None:
             raise ValueError(f"save_gguf does not know where {key!r} goes in a llama.cpp {arch} model")
         heads = n_head if ".attn_q." in gguf_name else n_kv if ".attn_k." in gguf_name else None
-        if key in patched:
+        if key in patched and not teacher:
             codes, scale = _ternary(dual.layers[patched[key]])
             codes = rope_permute(codes, heads) if permute and heads else codes
             spec.entries.append(Entry(gguf_name, patched[key], codes=codes, scale=scale))
         else:
             values = tensor.detach().float().cpu()
             values = rope_permute(values, heads) if permute and heads else values
-            spec.entries.append(Entry(gguf_name, key.removesuffix(".weight"), values=values))
+            spec.entries.append(Entry(gguf_name, key.removesuffix(".weight"), values=values, linear=key in patched))
     return spec
 
 
@@ -359,22 +358,41 @@ def save_gguf(model: DualModel | SuperpositionStudent, path: str | Path, tokeniz
     ``ternary_layers`` (their count), ``fallback`` (each ternary layer written in another type than ``qtype``, by its
     name in the model, with that type), ``architecture`` and ``pre_tokenizer``.
     """
-    gguf = _gguf()
     if qtype not in QTYPES:
         raise ValueError(f"qtype must be one of {QTYPES}, got {qtype!r}")
+    return _write(gguf_spec(model), path, tokenizer, qtype, embeddings, name or "bitnet-distill student",
+                  pre_tokenizer)
+
+
+def save_teacher_gguf(dual: DualModel, path: str | Path, tokenizer, wtype: str = "f16", embeddings: str = "f16",
+                      name: str | None = None, pre_tokenizer: str | None = None) -> dict:
+    """Write the teacher of a self-distilled model (its original weights W) with every block linear layer in F16 or
+    Q8_0 (``wtype``): the baseline a student's GGUF is compared with in llama.cpp (``bench/gguf_speed.py``).
+    Returns what ``save_gguf`` returns, ``qtype`` being ``wtype``."""
+    if wtype not in EMBEDDING_TYPES:
+        raise ValueError(f"wtype must be one of {EMBEDDING_TYPES}, got {wtype!r}")
+    return _write(_hf_spec(dual, teacher=True), path, tokenizer, wtype, embeddings, name or "teacher", pre_tokenizer)
+
+
+def _q8_or_f16(row_length: int, wanted: str) -> str:
+    """``wanted`` (F16 or Q8_0) where rows of ``row_length`` values can hold it; Q8_0 needs whole 32-value blocks."""
+    return wanted.upper() if row_length % Q8_BLOCK == 0 else "F16"
+
+
+def _write(spec: Spec, path: str | Path, tokenizer, qtype: str, embeddings: str, name: str,
+           pre_tokenizer: str | None) -> dict:
+    gguf = _gguf()
     if embeddings not in EMBEDDING_TYPES:
         raise ValueError(f"embeddings must be one of {EMBEDDING_TYPES}, got {embeddings!r}")
-    spec = gguf_spec(model)
     vocab = tokenizer_metadata(tokenizer, spec.vocab_size, pre_tokenizer)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), spec.arch)
-    _write_metadata(writer, spec, vocab, qtype, name or "bitnet-distill student")
+    _write_metadata(writer, spec, vocab, qtype, name)
 
     fallback: dict[str, str] = {}
     ternary = 0
-    width = spec.hparams["embedding_length"]
-    embed_type = embeddings.upper() if width % Q8_BLOCK == 0 else "F16"
+    embed_type = _q8_or_f16(spec.hparams["embedding_length"], embeddings)
     for entry in spec.entries:
         if entry.codes is not None:
             type_name = ternary_type_for(entry.codes.shape[1], qtype)
@@ -383,7 +401,12 @@ def save_gguf(model: DualModel | SuperpositionStudent, path: str | Path, tokeniz
             data = ternary_data(entry.codes, entry.scale, type_name)
             ternary += 1
         else:
-            type_name = "F32" if entry.values.dim() == 1 else embed_type
+            if entry.values.dim() == 1:
+                type_name = "F32"
+            elif entry.linear:  # a teacher's block linear layer
+                type_name = _q8_or_f16(entry.values.shape[1], qtype)
+            else:
+                type_name = embed_type
             data = _full_precision(entry.values, type_name)
         writer.add_tensor(entry.name, data, raw_dtype=gguf.GGMLQuantizationType[type_name])
     writer.write_header_to_file()
@@ -410,7 +433,7 @@ def _write_metadata(writer, spec: Spec, vocab: dict, qtype: str, name: str) -> N
     writer.add_layer_norm_rms_eps(h["layer_norm_rms_eps"])
     writer.add_key_length(h["head_dim"])
     writer.add_value_length(h["head_dim"])
-    writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{qtype.upper()}"))
+    writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{qtype.upper()}"))  # tq2_0, tq1_0, f16 or q8_0
     if spec.arch == "llama":  # the converter's LlamaModel adds these two
         writer.add_vocab_size(spec.vocab_size)
         writer.add_rope_dimension_count(h["head_dim"])

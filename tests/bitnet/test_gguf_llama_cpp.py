@@ -22,6 +22,7 @@ llama_cpp = pytest.importorskip(
                         "GGUF export in llama.cpp itself")
 
 from bitnet import SuperpositionStudent, patch_model, save_gguf  # noqa: E402
+from bitnet.gguf import save_teacher_gguf  # noqa: E402
 from distill.data import stdlib_documents  # noqa: E402
 from tests.pipeline.tiny_teacher import build_tokenizer  # noqa: E402
 
@@ -88,6 +89,18 @@ def test_llama_cpp_computes_the_quickstart_students_logits(qtype, quickstart, tm
     assert kl(ours, theirs) < 3e-3
     assert top1(ours, theirs) > 0.95
     assert abs(perplexity(theirs, rows) / perplexity(ours, rows) - 1) < 0.01
+
+
+@pytest.mark.parametrize("wtype,bound", [("f16", 1e-5), ("q8_0", 5e-4)])  # measured: 3.7e-7, 6.4e-5
+def test_llama_cpp_computes_the_teachers_logits(wtype, bound, quickstart, tmp_path):
+    """The teacher written by the same code, without ternary layers: what is left is llama.cpp's own arithmetic
+    (fp16 weights and KV cache; Q8_0 weights with Q8_0 activations)."""
+    tokenizer, dual, rows, _ = quickstart
+    with torch.no_grad(), dual.teacher():
+        ours = dual(rows).logits
+    save_teacher_gguf(dual, tmp_path / "t.gguf", tokenizer, wtype)
+    theirs = llama_cpp_logits(tmp_path / "t.gguf", rows)
+    assert kl(ours, theirs) < bound and top1(ours, theirs) > 0.98
 
 
 def peaked_dual(family: str, tokenizer):
