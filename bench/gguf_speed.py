@@ -6,9 +6,9 @@ the order alternating; file sizes.
 The teachers are randomly initialised Llamas (speed does not depend on the weights' values) whose block linear layers
 dominate and whose dimensions are multiples of 256 (hidden H, SwiGLU width 2.75 H rounded to 256, heads of 64, the
 quickstart tokenizer's 4096-token vocabulary, untied head). The student is naive ternary quantization of the teacher
-(dW = 0): a trained one has the same shapes, hence the same speed. llama.cpp runs with ``--threads`` threads (default 1: on a
-shared CPU, threads that spin while waiting for each other make decode timings collapse; with more than one thread
-``OMP_WAIT_POLICY`` is set to PASSIVE unless it is set already).
+(dW = 0): a trained one has the same shapes, hence the same speed. llama.cpp runs with ``--threads`` threads
+(default 1: on a shared CPU, threads that spin while waiting for each other make decode timings collapse; with more
+than one thread ``OMP_WAIT_POLICY`` is set to PASSIVE unless it is set already).
 
     .venv/bin/python -m bench.gguf_speed                          # hidden 1024 x 8 layers and 2048 x 16
     .venv/bin/python -m bench.gguf_speed --sizes 2048x16 --threads 2
