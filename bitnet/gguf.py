@@ -24,7 +24,7 @@
 ``save_teacher_gguf`` writes the teacher of a self-distilled model (its weights W in F16 or Q8_0) the same way: the
 baseline to time and compare a student's file with in llama.cpp.
 
-``gguf`` is imported inside the functions: it is an optional dependency of this package.
+``gguf`` is imported inside the functions: the rest of ``bitnet`` does without it.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layers import BitLinear, TernaryLinear
+from .layers import TernaryLinear
 from .patch import DualModel
 from .quant import ternary_weight
 from .student import SuperpositionStudent
@@ -48,10 +48,12 @@ EMBEDDING_TYPES = ("f16", "q8_0")
 TQ_BLOCK = 256  # values per TQ1_0 / TQ2_0 block (ggml's QK_K)
 Q8_BLOCK = 32  # values per Q8_0 block
 FP16_MAX = 65504.0
-INSTALL_HINT = "pip install gguf (or the project's [gguf] extra)"
+INSTALL_HINT = "pip install gguf (a dependency of bitnet-distill: pip install -e . installs it)"
 
 # The families save_gguf writes, by transformers' model_type: llama.cpp's architecture and whether q/k rows need the
 # converter's permutation (llama.cpp's llama architecture rotates interleaved pairs, transformers rotates halves).
+# Mistral is a llama model to llama.cpp's converter too; its sliding window is not written (llama.cpp's llama
+# architecture has none), so contexts beyond that window attend further than in transformers.
 HF_ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 
 # Pre-tokenizers llama.cpp implements, recognised by the regex of the tokenizer's Split (transformers' tokenizer.json);
