@@ -9,6 +9,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# llama-cpp-python (in the dev extra) is a source distribution: pip compiles llama.cpp, once per machine (pip keeps the
+# wheel). Its multimodal library, which nothing here uses, is left out: a fifth less build time (docs/gguf.md).
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
 .PHONY: venv dev test quickstart clean-artifacts constraints
 
@@ -24,7 +27,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # And the dev extra, for the tests (S3 in moto, Ray, ...).
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install -c constraints.txt -e ".[dev]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(PY) -m pip install -c constraints.txt -e ".[dev]"
 	touch $@
 
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
@@ -42,7 +45,7 @@ clean-artifacts:
 constraints:
 	rm -rf .venv-resolve && $(PYTHON) -m venv .venv-resolve
 	.venv-resolve/bin/python -m pip install $(TORCH_SPEC)
-	.venv-resolve/bin/python -m pip install -e ".[dev]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" .venv-resolve/bin/python -m pip install -e ".[dev]"
 	head -3 constraints.txt > constraints.new
 	.venv-resolve/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|nvidia-|triton)[=@ ]' >> constraints.new
 	mv constraints.new constraints.txt && rm -rf .venv-resolve

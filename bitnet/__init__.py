@@ -1,6 +1,7 @@
-"""BitNet b1.58 model core: quantizers, layers, dual-mode patching, students, losses, packed export.
+"""BitNet b1.58 model core: quantizers, layers, dual-mode patching, students, losses, packed and GGUF export.
 
-Pure PyTorch (+ transformers for patching and export); knows nothing of Prefect or storage.
+Pure PyTorch (+ transformers for patching and export, and the optional gguf package, imported by the GGUF export
+when it runs); knows nothing of Prefect or storage.
 """
 
 from .checkpointing import checkpoint_blocks
@@ -8,6 +9,7 @@ from .export import (
     freeze_ternary,
     load_student,
     pack_ternary,
+    save_gguf,
     save_student,
     save_ternary_pretrained,
     unpack_ternary,
@@ -25,6 +27,7 @@ __all__ = [
     "SuperpositionStudent", "StudentConfig", "Decompressor",
     "ternary_weight", "int8_activation", "ste_ternary_codes", "ste_int8_codes", "bitlinear",
     "next_token_cross_entropy", "kl_to_teacher", "sparse_topk_kl", "hidden_cosine_loss",
-    "pack_ternary", "unpack_ternary", "save_ternary_pretrained", "save_student", "load_student", "freeze_ternary",
+    "pack_ternary", "unpack_ternary", "save_ternary_pretrained", "save_gguf", "save_student", "load_student",
+    "freeze_ternary",
     "unpackable_layers",
 ]

@@ -8,6 +8,7 @@
   offline quantization; transformers' BitLinear *divides* by ``weight_scale``, so it holds ``1 / mean(|W|)``).
 * ``save_student`` / ``load_student``: the superposition student (+ decompressor) in our own format:
   packed codes and scales in safetensors, architecture in JSON.
+* ``save_gguf`` (from ``bitnet.gguf``): either student as one GGUF file for llama.cpp (TQ2_0 / TQ1_0).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .gguf import save_gguf  # noqa: F401  (re-exported: every export of a student is here)
 from .layers import BitLinear, TernaryLinear
 from .patch import DualModel, find_block_linears
 from .quant import ternary_weight

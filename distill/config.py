@@ -187,6 +187,13 @@ class EvalConfig(Section):
         return value
 
 
+class ExportConfig(Section):
+    # the student as a GGUF file for llama.cpp beside the transformers export: TQ2_0 (2.06 bits per weight, llama.cpp's
+    # faster ternary kernel) or TQ1_0 (1.69 bits), or none (docs/gguf.md)
+    gguf: Literal["tq2_0", "tq1_0", "none"] = "tq2_0"
+    gguf_embeddings: Literal["f16", "q8_0"] = "f16"  # the GGUF's token embeddings and output head
+
+
 class StorageConfig(Section):
     root: str = "artifacts"  # a local path (relative to the repository) or s3://bucket/prefix
     storage_options: dict[str, Any] = Field(default_factory=dict)  # e.g. endpoint_url, key, secret for s3fs
@@ -229,6 +236,7 @@ class PipelineConfig(Section):
     self_distill: SelfDistillConfig = Field(default_factory=SelfDistillConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
 

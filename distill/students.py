@@ -5,6 +5,9 @@ how it generates, how it is saved and loaded. One adapter per flow, so those sta
   exports in transformers' bitnet format, which stock ``AutoModelForCausalLM.from_pretrained`` loads.
 - ``Superposed``: the small superposition student and its decompressor after LM-head retraining; it exports in
   this project's format (``bitnet.load_student``).
+
+Both also write themselves as one GGUF file for llama.cpp (``save_gguf``; the superposition student as a llama
+model, without its decompressor, which only training needs).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from bitnet import BitLinear, DualModel, save_student, save_ternary_pretrained
+from bitnet import BitLinear, DualModel, save_gguf, save_student, save_ternary_pretrained
 from storage.tensors import read_tensors
 
 from .metrics import Forward, Output
@@ -65,6 +68,9 @@ class SelfDistilled:
     def save(self, directory, tokenizer) -> dict:
         return save_ternary_pretrained(self.dual, directory, tokenizer)
 
+    def save_gguf(self, path, tokenizer, qtype: str, embeddings: str, name: str) -> dict:
+        return save_gguf(self.dual, path, tokenizer, qtype, embeddings, name=name)
+
 
 class Superposed:
     flow = "superposition-distill"
@@ -108,6 +114,9 @@ class Superposed:
         sizes = save_student(self.small, self.projector, directory)
         tokenizer.save_pretrained(directory)
         return sizes
+
+    def save_gguf(self, path, tokenizer, qtype: str, embeddings: str, name: str) -> dict:
+        return save_gguf(self.small, path, tokenizer, qtype, embeddings, name=name)
 
 
 def open_student(ctx: Context, manifest: SelfDistillManifest | LmHeadManifest,

@@ -41,6 +41,10 @@ def summary_table(results: dict[str, dict]) -> str:
                  (f"{label} packed size", f"{m['packed_bytes'] / 2**20:.2f} MiB "
                                           f"({m['fp16_bytes'] / max(m['packed_bytes'], 1):.1f}x smaller than fp16)"),
                  (f"{label} report", result["links"]["report"])]
+        gguf = result["export"].get("gguf")
+        if gguf:
+            rows.append((f"{label} llama.cpp file", f"{result['links']['student gguf']} ({gguf['bytes'] / 2**20:.2f} "
+                                                   f"MiB, {gguf['qtype'].upper()})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

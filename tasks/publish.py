@@ -12,7 +12,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from distill.plan import Run, open_store
 from distill.report import CURVES_IMAGE, metrics_rows
 from distill.stages.evaluate import EvaluateManifest
-from distill.stages.export import ExportManifest
+from distill.stages.export import ExportManifest, example_prompt, llama_cpp_section
 
 
 def artifact_key(*parts: str) -> str:
@@ -27,10 +27,15 @@ def publish_report(run: Run, metrics: EvaluateManifest, exported: ExportManifest
     # The browser that shows the report cannot reach the artifact store, so the loss curves travel inside it
     png = base64.b64encode(store.read_bytes(metrics.curves_png)).decode()
     report = store.read_bytes(metrics.report).decode().replace(f"]({CURVES_IMAGE})", f"](data:image/png;base64,{png})")
+    if exported.gguf is not None:  # the export comes after the evaluate stage's report: its GGUF is added here
+        where = store.url(f"{exported.path}/{exported.gguf.file}")
+        report += "\n\n## Run it with llama.cpp\n\n" + llama_cpp_section(exported.gguf, where, example_prompt(run.config))
     create_markdown_artifact(report, key=f"{key}-report", description=f"{run.flow} report for {run.config.name}")
     create_table_artifact(metrics_rows(metrics.results), key=f"{key}-metrics", description="held-out metrics")
     links = {"student": exported.path, "report": metrics.report, "loss curves": metrics.curves_png,
              "metrics.json": metrics.metrics, **metrics.checkpoints}
+    if exported.gguf is not None:
+        links["student gguf"] = f"{exported.path}/{exported.gguf.file}"
     for name, path in links.items():
         # The report's link must not take the markdown report's own key (the UI shows the latest artifact of a key).
         link_key = artifact_key(key, "report-md" if name == "report" else name)

@@ -114,6 +114,8 @@ def test_run_both_prints_the_summary_table(tiny_teacher, tmp_path, capsys):
         assert label in out, label
     reports = [line.split()[-1] for line in out.splitlines() if " report " in line]
     assert len(reports) == 2 and all(Path(r).read_text().startswith("# ") for r in reports)
+    ggufs = [line.split()[-4] for line in out.splitlines() if " llama.cpp file " in line]  # path (size MiB, type)
+    assert len(ggufs) == 2 and all(Path(g).name == "student.gguf" and Path(g).exists() for g in ggufs)
 
 
 class RunningCommand:

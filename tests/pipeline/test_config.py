@@ -420,3 +420,36 @@ def test_a_teacher_whose_self_distilled_student_could_not_be_exported_fails_in_p
                                           r"flow"):
         preflight(cfg, "self-distill")
     preflight(cfg, "superposition-distill")  # its student has sizes of its own
+
+
+def test_the_gguf_options_change_the_export_alone_and_are_validated():
+    for flow in ("self-distill", "superposition-distill"):
+        base = fingerprints(flow, {})
+        for overrides in ({"export.gguf": "tq1_0"}, {"export.gguf": "none"}, {"export.gguf_embeddings": "q8_0"}):
+            changed = {name for name, fp in fingerprints(flow, overrides).items() if fp != base[name]}
+            assert changed == {"export"}, (flow, overrides)
+        assert fingerprints(flow, {"export.gguf": "tq2_0"}) == base  # the default, named
+    with pytest.raises(ConfigError, match="export.gguf: Input should be 'tq2_0', 'tq1_0' or 'none'"):
+        load_config("quickstart", {"export.gguf": "q4_0"})
+
+
+def test_a_tokenizer_the_gguf_writer_cannot_write_fails_in_preflight_unless_the_gguf_is_off(tiny_teacher, tmp_path):
+    """A byte-level BPE whose pre-tokenizer llama.cpp does not know (here: one that adds a prefix space) would make a
+    GGUF llama.cpp refuses or tokenizes differently: found before any work, with the way out."""
+    import json
+    import shutil
+
+    from distill.plan import preflight
+
+    from .conftest import TINY, tiny_overrides
+
+    spaced = tmp_path / "spaced"
+    shutil.copytree(tiny_teacher, spaced)
+    spec = json.loads((spaced / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["add_prefix_space"] = True
+    (spaced / "tokenizer.json").write_text(json.dumps(spec))
+    for flow in ("self-distill", "superposition-distill"):
+        with pytest.raises(ConfigError, match=r"export.gguf 'tq2_0': llama.cpp has no pre-tokenizer known to match .*"
+                                              r"or set export.gguf: none"):
+            preflight(load_config(TINY, tiny_overrides(spaced, tmp_path)), flow)
+        preflight(load_config(TINY, tiny_overrides(spaced, tmp_path, **{"export.gguf": "none"})), flow)

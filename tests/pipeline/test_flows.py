@@ -111,6 +111,26 @@ def test_superposition_flow_end_to_end(tiny_teacher, tmp_path):
     assert torch.isfinite(student(ids).logits).all()
     assert (tmp_path / result["export"]["path"] / "tokenizer.json").exists()
     check_model_card(tmp_path / result["export"]["path"], library=None)
+    check_gguf(tmp_path / result["export"]["path"], result, student.config.n_layers * 7)  # q, k, v apart
+    assert "## Run it with llama.cpp" in report and "llama-completion -m " in report
+
+
+def check_gguf(directory, result, ternary_layers: int):
+    """student.gguf beside the transformers export: the manifest names it, its size and the layers that are not
+    TQ2_0 (the tiny models' rows of 32 to 128 values are not 256-value blocks: all of them, in Q8_0); the card says how
+    to run it; gguf reads it back."""
+    gguf = pytest.importorskip("gguf")  # a dependency of the project
+
+    manifest = result["export"]["gguf"]
+    path = directory / "student.gguf"
+    assert manifest["file"] == "student.gguf" and manifest["bytes"] == path.stat().st_size
+    assert manifest["qtype"] == "tq2_0" and len(manifest["fallback"]) == ternary_layers
+    assert set(manifest["fallback"].values()) == {"Q8_0"}
+    assert Path(result["links"]["student gguf"]) == path
+    types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types == {"Q8_0", "F16", "F32"}
+    card = ModelCard.load(directory / "README.md").text
+    assert "## Run it with llama.cpp" in card and "llama-completion -m student.gguf" in card
 
 
 def read_artifact(flow_run_id, key: str) -> str:
@@ -167,6 +187,7 @@ def test_self_distill_flow_end_to_end_and_stock_loading(tiny_teacher, tmp_path):
     with torch.no_grad():
         assert torch.isfinite(exported(**tokenizer("def f(x):", return_tensors="pt")).logits).all()
     check_model_card(tmp_path / result["export"]["path"], library="transformers")
+    check_gguf(tmp_path / result["export"]["path"], result, 2 * 7)
 
 
 def check_model_card(directory, library):
