@@ -228,13 +228,20 @@ def task_specs(cfg: LmEvalConfig) -> tuple[list, bool]:
             continue
         given = (raw.get("dataset_kwargs") or {}).get("data_files")
         if given:
-            def resolve(name):
-                return str(_resolve_data_file(path, name)) if _is_plain_path(name) else name
-            raw["dataset_kwargs"]["data_files"] = (
-                {split: resolve(f) if isinstance(f, str) else [resolve(x) for x in f] for split, f in given.items()}
-                if isinstance(given, dict) else resolve(given) if isinstance(given, str) else [resolve(x) for x in given])
+            raw["dataset_kwargs"]["data_files"] = _resolved_data_files(path, given)
         specs.append(raw)
     return specs, harness_tasks
+
+
+def _resolved_data_files(task: Path, given):
+    """``data_files`` (a name, a list, or a mapping of splits to either) with local paths made absolute."""
+    def one(name: str) -> str:
+        return str(_resolve_data_file(task, name)) if _is_plain_path(name) else name
+
+    def many(value):
+        return one(value) if isinstance(value, str) else [one(v) for v in value]
+
+    return {split: many(v) for split, v in given.items()} if isinstance(given, dict) else many(given)
 
 
 def json_safe(results: dict) -> dict:
