@@ -28,6 +28,7 @@ from distill.stages.self_distill import load_dual
 from distill.students import hf_harness
 from distill.teacher import Teacher
 from flows import self_distill
+from flows.__main__ import summary_table
 
 from .conftest import TINY, tiny_overrides
 from .test_flows import artifacts_of, run_flow
@@ -191,6 +192,9 @@ def test_self_distill_flow_benchmarks_three_models_through_the_harness(self_dist
     card = (root / result["export"]["path"] / "README.md").read_text()
     assert "## Benchmark accuracy (lm-evaluation-harness)" in card
     assert "self-distill-tiny-lm-eval" in artifacts_of(flow_run_id)["table"]
+    summary = summary_table({"self-distill": result})  # what python -m flows run prints last
+    assert "stdlib_next_line acc: teacher, naive ternary" in summary
+    assert "self-distilled student stdlib_next_line acc_norm" in summary
     # the stage's teacher row is what the harness gives the saved teacher directory, run as users run it
     monkeypatch.chdir(REPO_ROOT)  # the YAML's data_files is relative to the repository root, as documented
     direct = simple_evaluate(model="hf", model_args={"pretrained": str(tiny_teacher)}, tasks=[LOCAL], limit=LIMIT,
