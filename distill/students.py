@@ -1,5 +1,6 @@
 """The trained student of each flow, as the evaluate and export stages see it: what to compare with the teacher,
-how it generates, how it is saved and loaded. One adapter per flow, so those stages never ask which flow ran.
+how it generates, how lm-evaluation-harness scores it (and which requests it answers), how it is saved and loaded.
+One adapter per flow, so those stages never ask which flow ran.
 
 - ``SelfDistilled``: the teacher's own architecture, patched (``bitnet.patch_model``) with the trained dW; it
   exports in transformers' bitnet format, which stock ``AutoModelForCausalLM.from_pretrained`` loads.
