@@ -171,12 +171,40 @@ class HeadConfig(Section):
     topk_kl_weight: float = Field(default=0.0, ge=0.0)  # sparse KL to cached top-k teacher logits
 
 
+class LmEvalConfig(Section):
+    """Benchmark accuracy through EleutherAI's lm-evaluation-harness (the ``eval`` extra), off while ``tasks`` is
+    empty. docs/pipeline.md, "Benchmark accuracy"."""
+
+    # harness task names (hellaswag, arc_easy: their data comes from the Hub), task YAML files (relative: to the
+    # working directory, then the repository), or the name of a task shipped in configs/lm_eval/ (stdlib_next_line)
+    tasks: list[str] = Field(default_factory=list)
+    num_fewshot: int | None = Field(default=None, ge=0)  # None: each task's own default (0 for most)
+    limit: int | None = Field(default=None, gt=0)  # examples per task, the first N (None: all)
+    batch_size: int = Field(default=8, gt=0)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        # "hellaswag,arc_easy", as the harness's own --tasks takes them
+        return [t.strip() for t in value.split(",")] if isinstance(value, str) else value
+
+    @field_validator("tasks")
+    @classmethod
+    def _named_once(cls, value: list[str]) -> list[str]:
+        if any(not task.strip() for task in value):
+            raise ValueError("a task name is blank: drop it (tasks: [] runs no benchmark)")
+        if len(set(value)) != len(value):
+            raise ValueError(f"a task is named twice in {value}: name each once")
+        return value
+
+
 class EvalConfig(Section):
     batch_size: int = Field(default=8, gt=0)
     max_rows: int | None = Field(default=256, gt=0)
     prompts: list[str] = Field(default_factory=lambda: ["Once upon a time", "The capital of France is",
                                                         "def fibonacci(n):"])
     max_new_tokens: int = Field(default=32, ge=0)
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
 
     @field_validator("prompts")
     @classmethod

@@ -35,6 +35,17 @@ def metrics_rows(metrics) -> list[dict]:
     return rows
 
 
+def accuracy_table_rows(rows) -> list[dict]:
+    """The benchmark accuracy table for people (``rows``: ``distill.harness.AccuracyRow``s, or their dicts)."""
+    out = []
+    for row in rows:
+        r = row if isinstance(row, dict) else row.model_dump()
+        out.append({"task": r["task"], "metric": r["metric"], "n": r["n"] if r["n"] is not None else "",
+                    "teacher": round(r["teacher"], 4), "naive ternary": round(r["ptq_ternary"], 4),
+                    "student": round(r["student"], 4), "student - teacher": f"{r['student_minus_teacher']:+.4f}"})
+    return out
+
+
 def markdown_table(rows: list[dict]) -> str:
     if not rows:
         return ""
@@ -60,6 +71,13 @@ def markdown_report(metrics: dict, samples: dict[str, list[dict]], locations: di
     if "student" in metrics and "hidden_cosine" in metrics["student"]:
         cos = ", ".join(f"{c:.3f}" for c in metrics["student"]["hidden_cosine"])
         parts.append(f"Per-layer hidden cosine (student vs teacher): {cos}.")
+    if metrics.get("lm_eval"):
+        lm = metrics["config"]["eval"]["lm_eval"]
+        shots = "each task's default" if lm["num_fewshot"] is None else lm["num_fewshot"]
+        parts += ["## Benchmark accuracy (lm-evaluation-harness)",
+                  f"Few-shot: {shots}; examples per task: {lm['limit'] or 'all'} (n). The harness's own results, "
+                  "standard errors included, are in lm_eval.json.",
+                  markdown_table(accuracy_table_rows(metrics["lm_eval"]))]
     parts.append("## Samples (greedy)")
     for model, items in samples.items():
         parts.append(f"**{model}**\n")

@@ -1,5 +1,6 @@
 """The trained student of each flow, as the evaluate and export stages see it: what to compare with the teacher,
-how it generates, how it is saved and loaded. One adapter per flow, so those stages never ask which flow ran.
+how it generates, how lm-evaluation-harness scores it (and which requests it answers), how it is saved and loaded.
+One adapter per flow, so those stages never ask which flow ran.
 
 - ``SelfDistilled``: the teacher's own architecture, patched (``bitnet.patch_model``) with the trained dW; it
   exports in transformers' bitnet format, which stock ``AutoModelForCausalLM.from_pretrained`` loads.
@@ -12,7 +13,8 @@ model, without its decompressor, which only training needs).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -38,8 +40,18 @@ def hf_generate(dual: DualModel, mode, tokenizer) -> Generate:
     return generate
 
 
+@contextmanager
+def hf_harness(dual: DualModel, mode, tokenizer, batch_size: int) -> Iterator:
+    """The dual-mode model in ``mode`` as the harness's own HF wrapper (lm_eval's ``HFLM``), while it is open."""
+    from .harness_lm import hf_lm
+
+    with mode():
+        yield hf_lm(dual.model, tokenizer, batch_size)
+
+
 class SelfDistilled:
     flow = "self-distill"
+    harness_requests = None  # a transformers model: every kind of harness task
     library_name = "transformers"  # stock from_pretrained loads it
     base_model_relation = "quantized"  # the teacher's own architecture, ternary
     loading = ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -62,6 +74,10 @@ class SelfDistilled:
     def generator(self, tokenizer) -> Generate:
         return hf_generate(self.dual, self.dual.student, tokenizer)
 
+    def harness_model(self, tokenizer, batch_size: int):
+        """A context: the student as an lm-evaluation-harness ``LM`` while it is open."""
+        return hf_harness(self.dual, self.dual.student, tokenizer, batch_size)
+
     def ternary_shapes(self) -> list[tuple[int, int]]:
         return [(layer.out_features, layer.in_features) for layer in self.dual.layers.values()]
 
@@ -74,6 +90,7 @@ class SelfDistilled:
 
 class Superposed:
     flow = "superposition-distill"
+    harness_requests = ("loglikelihood",)  # distill.harness_lm.ForwardLM: multiple-choice tasks
     library_name = None  # bitnet.load_student, not transformers
     base_model_relation = None  # another architecture than the teacher's
     loading = ("```python\nfrom bitnet import load_student\nfrom transformers import AutoTokenizer\n"
@@ -107,6 +124,14 @@ class Superposed:
     def generator(self, tokenizer) -> Generate:
         return lambda ids, n: self.small.generate(ids, n, temperature=0)
 
+    @contextmanager
+    def harness_model(self, tokenizer, batch_size: int) -> Iterator:
+        """A context: the student as an lm-evaluation-harness ``LM`` (its own forward; log-likelihoods only)."""
+        from .harness_lm import ForwardLM
+
+        yield ForwardLM(lambda ids: self.small(ids).logits, tokenizer, self.small.config.max_seq_len, batch_size,
+                        next(self.small.parameters()).device, what="the superposition student")
+
     def ternary_shapes(self) -> list[tuple[int, int]]:
         return [tuple(m.weight.shape) for m in self.small.modules() if isinstance(m, BitLinear)]
 
@@ -117,6 +142,9 @@ class Superposed:
 
     def save_gguf(self, path, tokenizer, qtype: str, embeddings: str, name: str) -> dict:
         return save_gguf(self.small, path, tokenizer, qtype, embeddings, name=name)
+
+
+STUDENTS = {adapter.flow: adapter for adapter in (SelfDistilled, Superposed)}
 
 
 def open_student(ctx: Context, manifest: SelfDistillManifest | LmHeadManifest,

@@ -30,15 +30,21 @@ FLOW_NAMES = ["superposition-distill", "self-distill"]
 
 def summary_table(results: dict[str, dict]) -> str:
     """The headline numbers of one or both flows, as aligned text."""
-    first = next(iter(results.values()))["metrics"]
+    first_result = next(iter(results.values()))
+    first = first_result["metrics"]
     rows = [("teacher perplexity", f"{first['teacher']['perplexity']:.3f}"),
             ("naive ternary (PTQ) perplexity", f"{first['ptq_ternary']['perplexity']:.3f}")]
+    for row in first_result.get("lm_eval", []):  # eval.lm_eval.tasks: benchmark accuracy
+        rows.append((f"{row['task']} {row['metric']}: teacher, naive ternary", f"{row['teacher']:.3f}, "
+                                                                              f"{row['ptq_ternary']:.3f}"))
     for flow, result in results.items():
         m = result["metrics"]
         label = "self-distilled student" if flow == "self-distill" else "superposition student"
         rows += [(f"{label} perplexity", f"{m['student']['perplexity']:.3f}"),
-                 (f"{label} KL to teacher", f"{m['student']['kl_to_teacher']:.4f}"),
-                 (f"{label} packed size", f"{m['packed_bytes'] / 2**20:.2f} MiB "
+                 (f"{label} KL to teacher", f"{m['student']['kl_to_teacher']:.4f}")]
+        rows += [(f"{label} {row['task']} {row['metric']}", f"{row['student']:.3f}")
+                 for row in result.get("lm_eval", [])]
+        rows += [(f"{label} packed size", f"{m['packed_bytes'] / 2**20:.2f} MiB "
                                           f"({m['fp16_bytes'] / max(m['packed_bytes'], 1):.1f}x smaller than fp16)"),
                  (f"{label} report", result["links"]["report"])]
         gguf = result["export"].get("gguf")

@@ -53,5 +53,8 @@ class FlowRun:
         """The report in the UI; the flow's return value."""
         links = publish_report(self.run, metrics, exported)
         results = {name: m.model_dump(exclude_none=True) for name, m in metrics.results.items()}
-        return {"flow": self.run.flow, "run": self.run.name, "links": links, "export": exported.model_dump(),
-                "metrics": {**results, "packed_bytes": metrics.packed_bytes, "fp16_bytes": metrics.fp16_bytes}}
+        out = {"flow": self.run.flow, "run": self.run.name, "links": links, "export": exported.model_dump(),
+               "metrics": {**results, "packed_bytes": metrics.packed_bytes, "fp16_bytes": metrics.fp16_bytes}}
+        if metrics.lm_eval_table:
+            out["lm_eval"] = [row.model_dump() for row in metrics.lm_eval_table]
+        return out

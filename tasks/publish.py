@@ -10,7 +10,7 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from distill.plan import Run, open_store
-from distill.report import CURVES_IMAGE, metrics_rows
+from distill.report import CURVES_IMAGE, accuracy_table_rows, metrics_rows
 from distill.stages.evaluate import EvaluateManifest
 from distill.stages.export import ExportManifest, example_prompt, llama_cpp_section
 
@@ -32,10 +32,16 @@ def publish_report(run: Run, metrics: EvaluateManifest, exported: ExportManifest
         report += "\n\n## Run it with llama.cpp\n\n" + llama_cpp_section(exported.gguf, where, example_prompt(run.config))
     create_markdown_artifact(report, key=f"{key}-report", description=f"{run.flow} report for {run.config.name}")
     create_table_artifact(metrics_rows(metrics.results), key=f"{key}-metrics", description="held-out metrics")
+    if metrics.lm_eval_table:
+        create_table_artifact(accuracy_table_rows(metrics.lm_eval_table), key=f"{key}-lm-eval",
+                              description="benchmark accuracy (lm-evaluation-harness): "
+                                          + ", ".join(run.config.eval.lm_eval.tasks))
     links = {"student": exported.path, "report": metrics.report, "loss curves": metrics.curves_png,
              "metrics.json": metrics.metrics, **metrics.checkpoints}
     if exported.gguf is not None:
         links["student gguf"] = f"{exported.path}/{exported.gguf.file}"
+    if metrics.lm_eval:
+        links["lm_eval.json"] = metrics.lm_eval
     for name, path in links.items():
         # The report's link must not take the markdown report's own key (the UI shows the latest artifact of a key).
         link_key = artifact_key(key, "report-md" if name == "report" else name)

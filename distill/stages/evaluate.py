@@ -1,7 +1,8 @@
 """The evaluate stage: held-out perplexity of the teacher, of naive post-training ternary quantization (dW = 0,
 the baseline every student must beat) and of the trained student; KL(teacher || student), top-1 agreement and
 per-layer hidden cosine; packed size, greedy samples and loss curves. Writes ``metrics.json``, ``report.md`` and
-``loss_curves.{png,json}``.
+``loss_curves.{png,json}``. With ``eval.lm_eval.tasks`` set, also the three models' accuracy on those tasks
+through lm-evaluation-harness (``distill.harness``), in ``lm_eval.json`` and a table of the report.
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel
 
+from .. import harness
 from ..config import PipelineConfig
 from ..metrics import compare_to_teacher
 from ..report import loss_curves_json, loss_curves_png, markdown_report
 from ..rows import token_rows
-from ..stage import Context, Manifest, Stage
-from ..students import hf_generate, open_student
+from ..stage import Context, Manifest, Preflight, Stage
+from ..students import STUDENTS, hf_generate, hf_harness, open_student
 from ..teacher import TeacherFacts
 from .lm_head import LmHeadManifest
 from .self_distill import SelfDistillManifest, dual_forward, load_dual
@@ -39,6 +41,8 @@ class EvaluateManifest(Manifest):
     report: str
     curves_png: str
     checkpoints: dict[str, str]  # the student's checkpoint directories, by what they hold
+    lm_eval: str | None = None  # lm_eval.json: the harness's own results per model (eval.lm_eval.tasks set)
+    lm_eval_table: list[harness.AccuracyRow] = []  # per task and metric: each model's value, the student's change
 
 
 def packed_sizes(shapes: list[tuple[int, int]]) -> tuple[int, int]:
@@ -57,12 +61,34 @@ def greedy_samples(generate, tokenizer, prompts: list[str], max_new_tokens: int,
     return samples
 
 
+def benchmark_accuracy(ctx: Context, dual, trained, where: str) -> list[harness.AccuracyRow]:
+    """The teacher's, naive ternary's and the student's accuracy on ``eval.lm_eval.tasks`` through
+    lm-evaluation-harness; writes the harness's results to ``where`` (lm_eval.json) and returns the table."""
+    lm_cfg, tokenizer, bs = ctx.config.eval.lm_eval, ctx.teacher.tokenizer, ctx.config.eval.lm_eval.batch_size
+    models = {"teacher": lambda: hf_harness(dual, dual.teacher, tokenizer, bs),
+              "ptq_ternary": lambda: hf_harness(dual, dual.ptq, tokenizer, bs),
+              "student": lambda: trained.harness_model(tokenizer, bs)}
+    results, seconds = harness.evaluate(models, lm_cfg, ctx.reporter.log)
+    table = harness.accuracy_rows(results)
+    ctx.store.write_json(where, {"harness": f"lm-eval {harness.harness_version()}", **lm_cfg.model_dump(mode="json"),
+                                 "table": [row.model_dump() for row in table], "seconds": seconds,
+                                 "results": results})
+    return table
+
+
 class Evaluate(Stage):
     name = "evaluate"
     Manifest = EvaluateManifest
 
+    def check(self, pre: Preflight) -> None:
+        student = STUDENTS[pre.flow]
+        harness.check(pre.config.eval.lm_eval, student.harness_requests, f"{pre.flow} student")
+
     def settings(self, cfg: PipelineConfig, teacher: TeacherFacts) -> dict:
-        return {"eval": cfg.eval.fingerprinted()}
+        own = {"eval": cfg.eval.fingerprinted(exclude=("lm_eval",))}
+        if cfg.eval.lm_eval.tasks:  # off, the stage's fingerprint is what it was before the harness came
+            own["lm_eval"] = harness.settings(cfg.eval.lm_eval)
+        return own
 
     def run(self, ctx: Context, student: SelfDistillManifest | LmHeadManifest,
             tokens: TokenizeManifest) -> EvaluateManifest:
@@ -91,12 +117,20 @@ class Evaluate(Stage):
                    "samples": samples}
         files = {name: f"{path}/{name}" for name in ("metrics.json", "report.md", "loss_curves.png",
                                                      "loss_curves.json")}
+        table = []
+        if cfg.eval.lm_eval.tasks:
+            files["lm_eval.json"] = f"{path}/lm_eval.json"
+            table = benchmark_accuracy(ctx, dual, trained, files["lm_eval.json"])
+            metrics["lm_eval"] = [row.model_dump() for row in table]
         store.write_bytes(files["loss_curves.png"], loss_curves_png(trained.curves))
         store.write_bytes(files["loss_curves.json"], loss_curves_json(trained.curves))
         locations = {"metrics": files["metrics.json"], "student weights": student.weights, **trained.checkpoints}
+        if "lm_eval.json" in files:
+            locations["lm-evaluation-harness results"] = files["lm_eval.json"]
         store.write_bytes(files["report.md"],
                           markdown_report(metrics, samples, {k: store.url(v) for k, v in locations.items()}).encode())
         store.write_json(files["metrics.json"], metrics)
         return ctx.manifest(EvaluateManifest, self.name, flow=trained.flow, results=results, packed_bytes=packed,
                             fp16_bytes=fp16, metrics=files["metrics.json"], report=files["report.md"],
-                            curves_png=files["loss_curves.png"], checkpoints=trained.checkpoints)
+                            curves_png=files["loss_curves.png"], checkpoints=trained.checkpoints,
+                            lm_eval=files.get("lm_eval.json"), lm_eval_table=table)

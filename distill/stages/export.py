@@ -16,7 +16,7 @@ from bitnet.gguf import check_exportable
 
 from ..config import ConfigError, PipelineConfig
 from ..data import hub_dataset
-from ..report import markdown_table, metrics_rows
+from ..report import accuracy_table_rows, markdown_table, metrics_rows
 from ..stage import Context, Manifest, Preflight, Stage
 from ..students import open_student
 from ..teacher import TeacherFacts, model_source
@@ -105,6 +105,8 @@ def model_card(cfg: PipelineConfig, student, metrics: dict, sizes: dict, gguf: G
         "## Held-out metrics",
         markdown_table(metrics_rows(metrics)),
         f"Packed ternary layers: {sizes['packed_bytes']:,} bytes ({sizes['compression']:.1f}x smaller than fp16).",
+        *(["## Benchmark accuracy (lm-evaluation-harness)", markdown_table(accuracy_table_rows(metrics["lm_eval"]))]
+          if metrics.get("lm_eval") else []),
         "## Loading",
         student.loading,
         *run_it,
