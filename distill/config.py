@@ -251,6 +251,9 @@ class ComputeConfig(Section):
 
     backend: Literal["local", "ray"] = "local"
     ray: RayConfig = Field(default_factory=RayConfig)
+    # self-distillation on N workers with FSDP2 instead of DDP: each worker holds 1/N of every parameter (the frozen
+    # W too) and of dW's gradients and optimiser state, for teachers whose dW and its AdamW state outgrow one device
+    shard_params: bool = False
 
 
 class PipelineConfig(Section):

@@ -26,7 +26,7 @@ import torch
 from storage import checkpoints, layout
 
 from .config import OptimConfig
-from .loop import Trainable, TrainingFailed, process_group, train
+from .loop import Trainable, TrainingFailed, process_group, train, trained_state
 from .stage import Context, Manifest, Stage
 
 
@@ -50,7 +50,26 @@ def fit(ctx: Context, stage: Stage, **inputs: Manifest | None) -> tuple[list[dic
     built = stage.build(ctx, **inputs)
     history = train(built.trainable, built.optim, ctx.store, layout.checkpoints_dir(ctx.path), ctx.reporter,
                     ctx.device, built.description, ctx.lock)
-    return history, built.trainable.state(), built.extra
+    return history, trained_state(built.trainable), built.extra
+
+
+def shard_params(dual, device: torch.device) -> int:
+    """FSDP2 over this process group (``compute.shard_params``): every rank keeps 1/N of each parameter, the frozen
+    W included, and of dW's gradients and optimiser state; a block's parameters are gathered whole for its forward
+    and backward only, so the teacher mode computes with the exact W. Each layer's dW is a group of its own (FSDP2
+    gathers one dtype per group, and dW may be float32 beside a bfloat16 W), inside its block's group, inside the
+    model's. Returns how many blocks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for layer in dual.layers.values():
+        fully_shard(layer.delta, mesh=mesh)
+    blocks = [block for name in dual.block_lists for block in dual.model.get_submodule(name)]
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(dual.model, mesh=mesh)
+    return len(blocks)
 
 
 def _context_of(config, path: str, fingerprint: str) -> Context:

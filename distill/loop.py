@@ -133,6 +133,9 @@ class Trainable:
     # below fp16's normal range, losing precision, the more so as the student nears the teacher (docs/RESULTS.md,
     # "float16 gradients")
     compute_dtype: torch.dtype = torch.float32
+    # FSDP2 (fully_shard) holds its parameters: each rank keeps a shard of them, their gradients and optimiser
+    # state, and the whole of a tensor exists only when gathered (forward, backward, checkpoints)
+    sharded: bool = False
 
 
 class TrainingInterrupted(RuntimeError):
@@ -216,7 +219,7 @@ def _update(optimizer, scaler: torch.amp.GradScaler, parameters: list[nn.Paramet
     if grad_clip or not scaler.is_enabled():
         norm = (nn.utils.clip_grad_norm_(parameters, grad_clip) if grad_clip
                 else nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None]))
-        record["grad_norm"] = float(norm)
+        record["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # sharded: a DTensor
         if not scaler.is_enabled() and not math.isfinite(record["grad_norm"]):
             raise _NonFiniteGradients(record["grad_norm"])
     scaler.step(optimizer)
@@ -255,8 +258,11 @@ def train(trainable: Trainable, optim: OptimConfig, store, checkpoint_dir: str, 
     latest = checkpoints.latest_checkpoint(store, checkpoint_dir)
     if latest is not None:
         tensors, meta = checkpoints.load_checkpoint(store, latest)
-        trainable.load_state({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+        state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+        trainable.load_state(_sharded_like(state, trainable.state()) if trainable.sharded else state)
         optimizer.load_state_dict(meta["optimizer"])
+        if trainable.sharded:
+            _shard_optimizer_state(optimizer)
         scheduler.load_state_dict(meta["scheduler"])
         if scaler.is_enabled() and "scaler" in meta:
             scaler.load_state_dict(meta["scaler"])
@@ -266,12 +272,16 @@ def train(trainable: Trainable, optim: OptimConfig, store, checkpoint_dir: str, 
     saved = step or None
 
     def save() -> None:
+        """Rank 0 writes the checkpoint; a sharded run's ranks all gather its tensors first. A checkpoint holds
+        whole tensors, so any number of workers resumes it."""
         nonlocal saved
+        model, optimizer_state = trained_state(trainable), _gathered(optimizer.state_dict())
+        if rank:
+            return
         if lock is not None:
             lock.ensure_held()  # on an object store: never write after losing the lease to another run
-        tensors = {f"model/{k}": v for k, v in trainable.state().items()} | _rng_state()
-        meta = {"step": step, "history": history, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict()}
+        tensors = {f"model/{k}": v for k, v in model.items()} | _rng_state()
+        meta = {"step": step, "history": history, "optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
         if scaler.is_enabled():
             meta["scaler"] = scaler.state_dict()
         checkpoints.save_checkpoint(store, checkpoint_dir, step, tensors, meta, keep_last=optim.keep_checkpoints)
@@ -295,8 +305,8 @@ def train(trainable: Trainable, optim: OptimConfig, store, checkpoint_dir: str, 
                 scaler.scale(loss / optim.grad_accum).backward()
                 for key, value in {"loss": value, **metrics}.items():
                     totals[key] = totals.get(key, 0.0) + value / optim.grad_accum
-            if world > 1:
-                totals = _average_over_ranks(trainable.parameters, totals, world)
+            if world > 1:  # FSDP2 averages a sharded run's gradients itself (reduce-scatter)
+                totals = _average_over_ranks([] if trainable.sharded else trainable.parameters, totals, world)
             totals["lr"] = float(scheduler.get_last_lr()[0])  # a tensor for optimisers that keep lr as one
             try:
                 totals.update(_update(optimizer, scaler, trainable.parameters, optim.grad_clip))
@@ -314,11 +324,13 @@ def train(trainable: Trainable, optim: OptimConfig, store, checkpoint_dir: str, 
             optimizer.zero_grad(set_to_none=True)
             step += 1
             record = {"step": step, **totals, "seconds": time.perf_counter() - started}
-            if rank == 0 and trainable.evaluate is not None and (step % optim.eval_every == 0 or step == optim.steps):
+            # a sharded model's forward is collective: every rank evaluates (the same rows), rank 0 keeps it
+            evaluates = rank == 0 or trainable.sharded
+            if evaluates and trainable.evaluate is not None and (step % optim.eval_every == 0 or step == optim.steps):
                 record.update({f"eval_{k}": v for k, v in trainable.evaluate().items()})
             history.append(record)
             reporter.advance(1, loss=totals["loss"])
-            if rank == 0 and (step % optim.checkpoint_every == 0 or step == optim.steps or interrupted["signal"]):
+            if (step % optim.checkpoint_every == 0 or step == optim.steps or interrupted["signal"]) and evaluates:
                 save()
             if interrupted["signal"]:
                 reporter.close()
@@ -359,6 +371,46 @@ def _average_over_ranks(parameters: list[nn.Parameter], totals: dict[str, float]
     values = torch.tensor(list(totals.values()), dtype=torch.float64)
     torch.distributed.all_reduce(values)
     return dict(zip(totals, (values / world).tolist()))
+
+
+def trained_state(trainable: Trainable) -> dict[str, torch.Tensor]:
+    """The tensors that define the trained model, whole (a sharded run's ranks all call this: it gathers)."""
+    return _gathered(trainable.state()) if trainable.sharded else trainable.state()
+
+
+def _gathered(value):
+    """``value`` with every DTensor (a sharded parameter or its optimiser state) gathered whole, through dicts and
+    lists; other values as they are."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.full_tensor()
+    if isinstance(value, dict):
+        return {k: _gathered(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_gathered(v) for v in value]
+    return value
+
+
+def _sharded_like(tensors: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors from a checkpoint, each sharded as the model's own tensor of that name."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    return {k: distribute_tensor(v.to(like[k].device), like[k].device_mesh, like[k].placements)
+            if isinstance(like.get(k), DTensor) else v for k, v in tensors.items()}
+
+
+def _shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict`` of a checkpoint's whole tensors: each sharded parameter's state (AdamW's moments)
+    sharded as the parameter, which the optimiser's step expects."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {}) if isinstance(p, DTensor) else {}
+            for key, value in state.items():
+                if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == p.shape:
+                    state[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
 
 
 def resumable_step(store, stage_dir: str, steps: int) -> str | None:

@@ -94,6 +94,9 @@ def preflight(cfg: PipelineConfig, flow: str, teacher: Teacher | None = None) ->
     pre = Preflight(cfg, teacher, facts, flow)
     for name in names:
         STAGES[name].check(pre)
+    if cfg.compute.shard_params and "self_distill" not in names:
+        raise ConfigError("compute.shard_params shards the self-distilled teacher's parameters; the superposition "
+                          "student and its head are small and train with DDP: set compute.shard_params: false")
     if cfg.compute.backend == "ray":
         check_ray(cfg, names)
     return facts

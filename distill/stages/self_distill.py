@@ -15,8 +15,8 @@ from bitnet import DualModel, hidden_cosine_loss, kl_to_teacher, next_token_cros
 
 from ..config import ConfigError, PipelineConfig
 from ..device import DTYPES, resolve_device
-from ..distributed import Built, fit
-from ..loop import ScheduledBatches, Trainable, TrainedManifest, resumable_step, save_trained
+from ..distributed import Built, fit, shard_params
+from ..loop import ScheduledBatches, Trainable, TrainedManifest, process_group, resumable_step, save_trained
 from ..metrics import Output, compare_to_teacher
 from ..optim import check_optimizer
 from ..rows import Rows, cached_rows, to_device, token_rows
@@ -169,11 +169,17 @@ class SelfDistill(Stage):
             blocks = dual.enable_activation_checkpointing()
             ctx.reporter.log(f"self_distill: activation checkpointing of {blocks} transformer blocks (recomputed in "
                              "backward)")
+        sharded = cfg.compute.shard_params and process_group()[1] > 1
+        if sharded:
+            blocks = shard_params(dual, device)
+            ctx.reporter.log(f"self_distill: parameters, dW's gradients and optimiser state sharded over "
+                             f"{process_group()[1]} workers (FSDP2, {blocks} blocks)")
         if cfg.self_distill.teacher_signal == "cache":
             rows = cached_rows(store, cache, "train", cached_signal_arrays(cfg, dual.model.config.num_hidden_layers))
         else:
             rows = token_rows(store, tokens, "train")
         trainable = self_distill_trainable(dual, cfg, rows, device, token_rows(store, tokens, "eval"))
+        trainable.sharded = sharded
         extra = {"num_patched": dual.num_patched, "full_precision_block_share": share,
                  "trainable_parameters": sum(p.numel() for p in dual.trainable_parameters())}
         return Built(trainable, cfg.self_distill_optim(), extra, self.name)

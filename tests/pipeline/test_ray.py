@@ -22,6 +22,7 @@ pytest.importorskip("prefect_ray")
 pytestmark = pytest.mark.slow
 
 RAY = {"compute.backend": "ray", "compute.ray.workers": 2}
+SHARDED = {**RAY, "compute.shard_params": True}  # FSDP2 instead of DDP
 # DDP averages the two halves' losses and gradients where one process averages the whole batch's: the same maths,
 # summed in another order, so float32 rounding is all that differs (measured: at most 8e-9 on the tiny teacher's
 # KL of about 3e-4, so relative to it up to 3e-5), grown a little over the steps by the optimiser
@@ -74,13 +75,17 @@ def test_cache_shards_on_ray_give_the_single_process_cache(tiny_teacher, tmp_pat
     assert sharded.model_dump(exclude={"path"}) == single.model_dump(exclude={"path"})
 
 
-@pytest.mark.parametrize("flow,stages", [("self-distill", ["tokenize", "self_distill"]),
-                                         ("superposition-distill", ["tokenize", "teacher_cache", "superposition"])])
-def test_training_on_two_ray_workers_is_the_single_process_run(tiny_teacher, tmp_path, flow, stages):
+@pytest.mark.parametrize("flow,stages,workers", [
+    ("self-distill", ["tokenize", "self_distill"], RAY),
+    ("self-distill", ["tokenize", "self_distill"], SHARDED),
+    ("superposition-distill", ["tokenize", "teacher_cache", "superposition"], RAY)],
+    ids=["self-distill-ddp", "self-distill-fsdp2", "superposition-ddp"])
+def test_training_on_two_ray_workers_is_the_single_process_run(tiny_teacher, tmp_path, flow, stages, workers):
+    """DDP, and FSDP2 (each worker holding half of every parameter, W included, and of dW's optimiser state)."""
     steps = {"train.steps": 6, "train.checkpoint_every": 3, "self_distill.steps": 6}
     run, store = planned(tiny_teacher, tmp_path / "one", flow, **steps)
     one = trained(run, *stages)
-    run, ray_store = planned(tiny_teacher, tmp_path / "ray", flow, **steps, **RAY)
+    run, ray_store = planned(tiny_teacher, tmp_path / "ray", flow, **steps, **workers)
     two = trained(run, *stages)
     assert two.path == one.path  # the same run: the backend is in no fingerprint
     check_same_run(store, one, ray_store, two)
@@ -95,7 +100,8 @@ def check_same_run(store, one, other_store, other):
         torch.testing.assert_close(weights[0][name], weights[1][name], rtol=0, atol=WEIGHT_ATOL, msg=name)
 
 
-@pytest.mark.parametrize("first,then", [(RAY, {}), ({}, RAY)], ids=["2-workers-then-1", "1-worker-then-2"])
+@pytest.mark.parametrize("first,then", [(RAY, {}), ({}, RAY), (SHARDED, {}), ({}, SHARDED)],
+                         ids=["2-workers-then-1", "1-worker-then-2", "2-sharded-then-1", "1-then-2-sharded"])
 def test_a_run_checkpointed_by_one_worker_count_resumes_with_the_other(tiny_teacher, tmp_path, first, then):
     """The run is trained to its end, then wound back to its step-3 checkpoint and finished with the other worker
     count: the same weights as an uninterrupted run."""
@@ -120,6 +126,9 @@ def test_bad_ray_settings_are_refused_before_any_work(tiny_teacher, tmp_path):
 
     with pytest.raises(ConfigError, match="compute.ray.workers 3 do not divide train.batch_size 4 and head.batch_size"):
         planned(tiny_teacher, tmp_path, "superposition-distill", **{**RAY, "compute.ray.workers": 3})
+    with pytest.raises(ConfigError, match="compute.shard_params shards the self-distilled teacher's parameters; the "
+                                          "superposition student and its head are small and train with DDP"):
+        planned(tiny_teacher, tmp_path, "superposition-distill", **SHARDED)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)  # a second machine, as Ray sees it
     try:
