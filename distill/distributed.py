@@ -56,15 +56,13 @@ def fit(ctx: Context, stage: Stage, **inputs: Manifest | None) -> tuple[list[dic
 def shard_params(dual, device: torch.device) -> int:
     """FSDP2 over this process group (``compute.shard_params``): every rank keeps 1/N of each parameter, the frozen
     W included, and of dW's gradients and optimiser state; a block's parameters are gathered whole for its forward
-    and backward only, so the teacher mode computes with the exact W. Each layer's dW is a group of its own (FSDP2
-    gathers one dtype per group, and dW may be float32 beside a bfloat16 W), inside its block's group, inside the
-    model's. Returns how many blocks."""
+    and backward only, so the teacher mode computes with the exact W. One group per block, then the rest of the
+    model (FSDP2 wants one dtype among a group's trainable parameters: dW's, whatever W's is). Returns how many
+    blocks."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    for layer in dual.layers.values():
-        fully_shard(layer.delta, mesh=mesh)
     blocks = [block for name in dual.block_lists for block in dual.model.get_submodule(name)]
     for block in blocks:
         fully_shard(block, mesh=mesh)

@@ -169,11 +169,13 @@ class SelfDistill(Stage):
             blocks = dual.enable_activation_checkpointing()
             ctx.reporter.log(f"self_distill: activation checkpointing of {blocks} transformer blocks (recomputed in "
                              "backward)")
-        sharded = cfg.compute.shard_params and process_group()[1] > 1
+        rank, world = process_group()
+        sharded = cfg.compute.shard_params and world > 1
         if sharded:
             blocks = shard_params(dual, device)
-            ctx.reporter.log(f"self_distill: parameters, dW's gradients and optimiser state sharded over "
-                             f"{process_group()[1]} workers (FSDP2, {blocks} blocks)")
+            if rank == 0:
+                ctx.reporter.log(f"self_distill: parameters, dW's gradients and optimiser state sharded over "
+                                 f"{world} workers (FSDP2, {blocks} blocks)")
         if cfg.self_distill.teacher_signal == "cache":
             rows = cached_rows(store, cache, "train", cached_signal_arrays(cfg, dual.model.config.num_hidden_layers))
         else:
