@@ -107,6 +107,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     device = setup(args)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: its telemetry only logs errors
     from prefect.testing.utilities import prefect_test_harness
 
     with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=120):
