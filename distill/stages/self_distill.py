@@ -176,6 +176,9 @@ class SelfDistill(Stage):
             if rank == 0:
                 ctx.reporter.log(f"self_distill: parameters, dW's gradients and optimiser state sharded over "
                                  f"{world} workers (FSDP2, {blocks} blocks)")
+        elif cfg.compute.shard_params:
+            ctx.reporter.log("self_distill: compute.shard_params has nothing to shard on one process: it applies to "
+                             "the workers of compute.backend ray, or of torchrun", logging.WARNING)
         if cfg.self_distill.teacher_signal == "cache":
             rows = cached_rows(store, cache, "train", cached_signal_arrays(cfg, dual.model.config.num_hidden_layers))
         else:
