@@ -33,7 +33,9 @@ def shards_flow(run: Run, name: str, shards: list[Shard], inputs: dict[str, Mani
 
     ray = run.config.compute.ray
     resources = {"num_cpus": ray.cpus_per_worker, **({"num_gpus": ray.gpus_per_worker} if ray.gpus_per_worker else {})}
-    with remote_options(**resources):
+    # a shard whose worker process dies (killed, out of memory, its machine lost) runs again on another worker:
+    # Ray's retries, as Prefect's own retries run inside the worker that died
+    with remote_options(**resources, max_retries=3):
         # run travels as it is: prefect-ray hands a quoted value to the worker as a bare tuple
         futures = [shard_task.with_options(name=f"{name}[{shard.name}]", result_storage=result_storage,
                                            refresh_cache=True).submit(run, name, shard, inputs)

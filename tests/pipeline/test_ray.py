@@ -75,6 +75,49 @@ def test_cache_shards_on_ray_give_the_single_process_cache(tiny_teacher, tmp_pat
     assert sharded.model_dump(exclude={"path"}) == single.model_dump(exclude={"path"})
 
 
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_shard_whose_worker_is_killed_is_retried_and_the_cache_verifies(tiny_teacher, tmp_path):
+    """SIGKILL to the Ray worker running the first train shard, as soon as it runs: Ray runs the task again on
+    another worker, every chunk gets written, and the finished cache is the single process's, checksums included."""
+    import threading
+
+    import psutil
+
+    from distill.stage import verify_stage
+    from tasks.result_storage import result_storage
+    from tasks.shards import run_shards
+
+    cache = {"cache.batch_size": 4, "data.max_train_rows": 40}
+    run, _ = planned(tiny_teacher, tmp_path / "one", "superposition-distill", **cache)
+    single = trained(run, "tokenize", "teacher_cache")
+    run, store = planned(tiny_teacher, tmp_path / "ray", "superposition-distill", **cache, **RAY)
+    tokens = trained(run, "tokenize")
+    shards = STAGES["teacher_cache"].shards(run.context("teacher_cache"), 2, tokens=tokens)
+    killed, done = [], threading.Event()
+
+    def kill_first_train_shard():  # Ray titles a worker's process with the task it runs
+        while not done.is_set() and not killed:
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if any("teacher_cache[train-0-4]" in part for part in proc.info["cmdline"] or []):
+                    proc.kill()
+                    killed.append(proc.info["pid"])
+                    break
+            done.wait(0.05)
+
+    killer = threading.Thread(target=kill_first_train_shard)
+    killer.start()
+    try:
+        written = run_shards(run, "teacher_cache", shards, result_storage(store), tokens=tokens)
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "the shard's worker was never seen running"
+    assert written >= 1
+    finished = execute(STAGES["teacher_cache"], run.context("teacher_cache"), tokens=tokens)
+    assert files(tmp_path / "ray", finished.path) == files(tmp_path / "one", single.path)
+    assert verify_stage(STAGES["teacher_cache"], run.context("teacher_cache")) == ("intact", [])
+
+
 @pytest.mark.parametrize("flow,stages,workers", [
     ("self-distill", ["tokenize", "self_distill"], RAY),
     ("self-distill", ["tokenize", "self_distill"], SHARDED),
