@@ -114,13 +114,37 @@ def test_teacher_tokenizer_round_trips_code(teacher):
     assert len(tok) == model.config.vocab_size
 
 
-def test_teacher_forward_is_finite_and_trained(teacher):
-    tok, model = teacher
+# The forward pass runs in a fresh interpreter, as a user's first load does. At the end of the full suite, in the
+# process that ran every other test (Ray, llama.cpp and lm-eval loaded beside torch), this same forward gave finite
+# logits with a loss of 1e17 to 1e30 in two runs of five; alone, or after the llama.cpp tests, never. The cause is
+# not known; this test checks the committed asset, not that process.
+_FORWARD = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from distill.data import stdlib_documents
+tok = AutoTokenizer.from_pretrained(sys.argv[1], local_files_only=True)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], local_files_only=True, dtype=torch.float32).eval()
+text = {d.key: d.text for d in stdlib_documents("eval")}
+ids = torch.tensor([tok(next(iter(text.values())), add_special_tokens=False)["input_ids"][:256]])
+with torch.no_grad():
+    out = model(input_ids=ids, labels=ids)
+print(json.dumps({"shape": list(out.logits.shape), "tokens": ids.shape[1], "vocab": model.config.vocab_size,
+                  "finite": bool(torch.isfinite(out.logits).all()), "loss": out.loss.item()}))
+"""
+
+
+def test_teacher_forward_is_finite_and_trained():
+    import json
+    import os
+    import subprocess
+    import sys
+
     # A held-out module, so the check also says the teacher learned code, not this text.
-    text = {d.key: d.text for d in stdlib_documents("eval")}
-    ids = torch.tensor([tok(next(iter(text.values())), add_special_tokens=False)["input_ids"][:256]])
-    with torch.no_grad():
-        out = model(input_ids=ids, labels=ids)
-    assert out.logits.shape == (1, ids.shape[1], model.config.vocab_size)
-    assert torch.isfinite(out.logits).all()
-    assert out.loss.item() < 0.6 * math.log(model.config.vocab_size)  # far below a uniform guess
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", _FORWARD, str(TEACHER)], capture_output=True, text=True, timeout=300,
+                          cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["shape"] == [1, out["tokens"], out["vocab"]]
+    assert out["finite"]
+    assert out["loss"] < 0.6 * math.log(out["vocab"])  # far below a uniform guess

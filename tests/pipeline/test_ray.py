@@ -56,18 +56,23 @@ def trained(run, *names):
     return done[names[-1]]
 
 
+def cache_on_one_process_and_ray_shards(tiny_teacher, tmp_path):
+    """The single process's finished cache, and the Ray run's plan, store, tokens and 2 shards per split."""
+    cache = {"cache.batch_size": 4, "data.max_train_rows": 40}
+    run, _ = planned(tiny_teacher, tmp_path / "one", "superposition-distill", **cache)
+    single = trained(run, "tokenize", "teacher_cache")
+    run, store = planned(tiny_teacher, tmp_path / "ray", "superposition-distill", **cache, **RAY)
+    tokens = trained(run, "tokenize")
+    shards = STAGES["teacher_cache"].shards(run.context("teacher_cache"), 2, tokens=tokens)
+    return single, run, store, tokens, shards
+
+
 @pytest.mark.usefixtures("prefect_harness")
 def test_cache_shards_on_ray_give_the_single_process_cache(tiny_teacher, tmp_path):
     from tasks.result_storage import result_storage
     from tasks.shards import run_shards
 
-    cache = {"cache.batch_size": 4, "data.max_train_rows": 40}
-    run, _ = planned(tiny_teacher, tmp_path / "one", "superposition-distill", **cache)
-    single = trained(run, "tokenize", "teacher_cache")
-
-    run, store = planned(tiny_teacher, tmp_path / "ray", "superposition-distill", **cache, **RAY)
-    tokens = trained(run, "tokenize")
-    shards = STAGES["teacher_cache"].shards(run.context("teacher_cache"), 2, tokens=tokens)
+    single, run, store, tokens, shards = cache_on_one_process_and_ray_shards(tiny_teacher, tmp_path)
     assert [s.name for s in shards] == ["train-0-4", "train-5-9", "eval-0-0", "eval-1-1"]
     assert run_shards(run, "teacher_cache", shards, result_storage(store), tokens=tokens) == 12  # every chunk
     sharded = execute(STAGES["teacher_cache"], run.context("teacher_cache"), tokens=tokens)
@@ -87,12 +92,7 @@ def test_a_shard_whose_worker_is_killed_is_retried_and_the_cache_verifies(tiny_t
     from tasks.result_storage import result_storage
     from tasks.shards import run_shards
 
-    cache = {"cache.batch_size": 4, "data.max_train_rows": 40}
-    run, _ = planned(tiny_teacher, tmp_path / "one", "superposition-distill", **cache)
-    single = trained(run, "tokenize", "teacher_cache")
-    run, store = planned(tiny_teacher, tmp_path / "ray", "superposition-distill", **cache, **RAY)
-    tokens = trained(run, "tokenize")
-    shards = STAGES["teacher_cache"].shards(run.context("teacher_cache"), 2, tokens=tokens)
+    single, run, store, tokens, shards = cache_on_one_process_and_ray_shards(tiny_teacher, tmp_path)
     killed, done = [], threading.Event()
 
     def kill_first_train_shard():  # Ray titles a worker's process with the task it runs
