@@ -24,12 +24,16 @@ Rows:
 - what the superposition student would need to beat that control (``--superposition-seeds``): the learning rate
   decayed to 0, the head trained on the cached top-k logits as well, larger head learning rates (the preset's 0.02
   came from them) and reconstruction learning rates, longer budgets (``--superposition-budgets``) with the earlier
-  and the new head learning rate, every row beside a control of its own budget (``--only`` picks rows).
+  and the new head learning rate, every row beside a control of its own budget (``--only`` picks rows);
+- the superposition levers (``superposition-levers``): the student cut out of the teacher, KL to the cached top-k
+  logits through its own head while it reconstructs, and both, at each of ``--lever-budgets`` beside the random
+  start and the control of that budget.
 
     .venv/bin/python -m bench.quality                      # everything (about 7 hours of 2 CPU cores)
     .venv/bin/python -m bench.quality --groups headline    # teacher, PTQ, self-distill, superposition, control
     .venv/bin/python -m bench.quality --groups search ablation --threads 1   # beside it, on the other core
     .venv/bin/python -m bench.quality --groups superposition --threads 1    # the superposition search
+    .venv/bin/python -m bench.quality --groups superposition-levers --superposition-seeds 0 1 2 --lever-budgets 300
 
 Finished runs are reused (every stage is cached by fingerprint under ``--root``), so a rerun only evaluates the
 superposition rows again; two processes with different ``--groups`` (and ``PREFECT_HOME``) can share the root.
@@ -49,7 +53,8 @@ if __package__ in (None, ""):  # run as a script: python bench/quality.py
 
 from bench.common import REPO, machine, parser, report, setup, table  # noqa: E402
 
-GROUPS = ("headline", "search", "ablation", "recipe-ablation", "superposition", "quickstart-budget")
+GROUPS = ("headline", "search", "ablation", "recipe-ablation", "superposition", "superposition-levers",
+          "quickstart-budget")
 
 
 @dataclass
@@ -124,6 +129,17 @@ def variants(args) -> list[Variant]:
         superposition_search[f"{n} + {n // 2} steps, head lr 0.02"] = longer | {"head.lr": 2e-2}
     out += [Variant(f"superposition, {name}, seed {s}", "superposition", "superposition-distill", {**o, "seed": s})
             for name, o in superposition_search.items() for s in args.superposition_seeds]
+    # The levers of the superposition student against its control (superposition.*): cut out of the teacher, KL to
+    # the cached top-k logits through its own head during reconstruction, both; at each budget beside the preset's
+    # random start, all with the preset's head lr
+    levers = {"random init": {}, "init teacher": {"superposition.init": "teacher"},
+              "KL in reconstruction": {"superposition.kl_weight": 1.0},
+              "init teacher + KL": {"superposition.init": "teacher", "superposition.kl_weight": 1.0}}
+    for n in args.lever_budgets:
+        budget = {} if n == 300 else {"train.steps": n, "cache.max_samples": RECIPE_ROWS, "head.steps": n // 2}
+        out += [Variant(f"superposition, {n} + {n // 2} steps, {name}, seed {s}", "superposition-levers",
+                        "superposition-distill", {**budget, **o, "seed": s})
+                for name, o in levers.items() if name in args.levers for s in args.superposition_seeds]
     previous = "self-distill, 2048 rows"
     out += [Variant(f"{previous}, {n} steps", "search", "self-distill", {**PREVIOUS_DEFAULT, "self_distill.steps": n})
             for n in args.steps]
@@ -287,6 +303,10 @@ def main(argv=None) -> None:
                    help="seeds of the superposition search's rows (the headline's superposition rows take --seeds)")
     p.add_argument("--superposition-budgets", nargs="+", type=int, default=[1000, 3000],
                    help="reconstruction steps of the superposition search's longer rows (head steps: half as many)")
+    p.add_argument("--lever-budgets", nargs="+", type=int, default=[300, 1000, 3000],
+                   help="reconstruction steps of the superposition levers' rows (300: the preset; head steps: half)")
+    p.add_argument("--levers", nargs="+", default=["random init", "init teacher", "KL in reconstruction",
+                                                   "init teacher + KL"], help="the superposition levers' rows to run")
     p.add_argument("--only", nargs="+", default=[], metavar="TEXT",
                    help="run only the rows whose name contains one of these (e.g. '3000 + 1500 steps, seed'), "
                         "or is one exactly, written with a leading = ('=recipe ablation: CE + KL')")

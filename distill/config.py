@@ -161,6 +161,21 @@ class SelfDistillConfig(Section):
         return self
 
 
+class SuperpositionConfig(Section):
+    """How the superposition student starts and what it learns from besides the teacher's states (docs/RESULTS.md,
+    "Superposition against its control")."""
+
+    # random: from random weights; teacher: cut out of the teacher (its blocks evenly spaced, its residual stream's
+    # principal directions, its most important heads and MLP channels: bitnet/student_init.py), and the
+    # decompressor its inverse projection
+    init: Literal["random", "teacher"] = "random"
+    # training rows (the first of the cache's) the teacher runs on to rank what the student keeps (init: teacher)
+    calibration_rows: int = Field(default=64, gt=0)
+    # sparse KL to the cached top-k teacher logits through the student's own head, beside the reconstruction
+    # (needs cache.topk > 0); the head then trains with the body, and LM-head retraining starts from it
+    kl_weight: float = Field(default=0.0, ge=0.0)
+
+
 class HeadConfig(Section):
     steps: int = Field(default=200, gt=0)
     lr: float = Field(default=1e-3, gt=0)
@@ -265,6 +280,7 @@ class PipelineConfig(Section):
     student: StudentConfig = Field(default_factory=StudentConfig)  # bitnet's: the superposition student's shape
     train: OptimConfig = Field(default_factory=OptimConfig)
     self_distill: SelfDistillConfig = Field(default_factory=SelfDistillConfig)
+    superposition: SuperpositionConfig = Field(default_factory=SuperpositionConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)

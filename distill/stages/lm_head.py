@@ -2,7 +2,8 @@
 
 By default a separate (untied) head is trained with every other weight frozen, so the representations the
 student learned stay fixed; retraining a tied embedding, as the reference does (``head.untied: false``), also
-changes the student's input embeddings. The new head starts from the embedding matrix, as a tied head would.
+changes the student's input embeddings. The new head starts from the embedding matrix, as a tied head would, unless
+the superposition stage left a head worth keeping (cut out of the teacher's, or trained by ``superposition.kl_weight``).
 Loss: cross-entropy, plus optional sparse KL to the teacher's cached top-k logits.
 """
 
@@ -27,12 +28,14 @@ from .teacher_cache import TeacherCacheManifest
 from .tokenize import TokenizeManifest
 
 
-def head_parameters(student: SuperpositionStudent, untied: bool) -> list[torch.nn.Parameter]:
+def head_parameters(student: SuperpositionStudent, untied: bool, keep_head: bool = False) -> list[torch.nn.Parameter]:
+    """The parameters LM-head retraining trains; ``keep_head``: a separate head starts as it is rather than from the
+    embedding matrix."""
     student.requires_grad_(False)
     if untied:
         if student.lm_head.weight is student.embed.weight:
             student.untie_lm_head()
-        else:
+        elif not keep_head:
             student.lm_head.weight.data.copy_(student.embed.weight.data)
     student.lm_head.weight.requires_grad_(True)  # tied: this is the embedding matrix itself
     return [student.lm_head.weight]
@@ -43,7 +46,8 @@ def lm_head_trainable(student: SuperpositionStudent, projector: torch.nn.Module,
     """The head's loss; its state is the whole student and decompressor (the head trained, the rest as trained
     before), which is what the stage saves."""
     head = cfg.head
-    params = head_parameters(student, head.untied)
+    sp = cfg.superposition
+    params = head_parameters(student, head.untied, keep_head=sp.init == "teacher" or bool(sp.kl_weight))
     batches = ScheduledBatches(rows, head.batch_size, cfg.seed + 1)
     student.to(device).eval()
 

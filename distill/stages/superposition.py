@@ -1,5 +1,7 @@
 """The superposition stage: a small BitNet student plus a decompressor learn to reconstruct the teacher's cached
-hidden states (cosine loss, padding-masked), reading batches from the teacher cache."""
+hidden states (cosine loss, padding-masked), reading batches from the teacher cache; optionally starting cut out of
+the teacher (``superposition.init: teacher``) and with a KL term to the cached top-k logits through the student's own
+head (``superposition.kl_weight``)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import dataclasses
 
 import torch
 
-from bitnet import Decompressor, SuperpositionStudent, hidden_cosine_loss
+from bitnet import Decompressor, SuperpositionStudent, hidden_cosine_loss, sparse_topk_kl
+from bitnet.student_init import derivation_problems, init_from_teacher, teacher_statistics
 from storage.tensors import read_tensors
 
 from ..config import ConfigError, PipelineConfig
@@ -17,7 +20,7 @@ from ..loop import ScheduledBatches, Trainable, TrainedManifest, resumable_step,
 from ..optim import check_optimizer
 from ..rows import Rows, cached_rows, to_device
 from ..stage import Context, Preflight, Stage
-from ..teacher import TeacherFacts
+from ..teacher import TeacherFacts, resolve_layers
 from .teacher_cache import TeacherCacheManifest
 
 
@@ -40,26 +43,49 @@ def load_prefixed_state(state: dict[str, torch.Tensor], **modules: torch.nn.Modu
         module.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
 
 
-def reconstruction_loss(student, projector, batch: dict, target_key: str) -> torch.Tensor:
+def cut_from_teacher(ctx: Context, student: SuperpositionStudent, projector: Decompressor, rows: Rows,
+                     target_layer: int) -> dict:
+    """``superposition.init: teacher``: overwrite the student and decompressor with the teacher cut down to the
+    student's shape, ranked on the first ``superposition.calibration_rows`` training rows. Returns what was kept."""
+    cfg = ctx.config
+    teacher = ctx.teacher.load(ctx.device, in_4bit=False)
+    n = min(cfg.superposition.calibration_rows, rows.count)
+    batches = ((b["input_ids"].to(ctx.device), b["attention_mask"].to(ctx.device))
+               for b in rows.batches(cfg.train.batch_size, limit=n))
+    chosen = init_from_teacher(student, projector, teacher, teacher_statistics(teacher, batches), target_layer)
+    ctx.reporter.log(f"student cut out of the teacher: blocks {chosen['teacher_blocks']}, "
+                     f"{chosen['residual_energy_kept']:.1%} of the residual stream's energy kept, "
+                     f"{chosen['calibration_tokens']} calibration tokens")
+    return chosen
+
+
+def reconstruction_loss(student, projector, batch: dict, target_key: str, kl_weight: float = 0.0):
+    """``(loss, metrics)``: 1 - cosine to the target states, plus ``kl_weight`` times the sparse KL of the student's
+    own logits to the cached top-k teacher logits."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    predicted = projector(student(ids, mask, compute_logits=False).last_hidden)
-    return hidden_cosine_loss([predicted], [batch[target_key].to(predicted.dtype)], mask)
+    out = student(ids, mask, compute_logits=bool(kl_weight))
+    cosine = hidden_cosine_loss([projector(out.last_hidden)], [batch[target_key].to(out.last_hidden.dtype)], mask)
+    if not kl_weight:
+        return cosine, {}
+    kl = sparse_topk_kl(out.logits, batch["topk_values"], batch["topk_indices"], mask)
+    return cosine + kl_weight * kl, {"cosine_loss": cosine.item(), "topk_kl": kl.item()}
 
 
 def superposition_trainable(student: SuperpositionStudent, projector: Decompressor, cfg: PipelineConfig,
                             rows: Rows, target_key: str, device: torch.device, eval_rows: Rows | None = None) -> Trainable:
     batches = ScheduledBatches(rows, cfg.train.batch_size, cfg.seed)
+    kl_weight = cfg.superposition.kl_weight
     student.to(device).train()
     projector.to(device).train()
 
     def loss(micro_step: int):
         batch = to_device(batches(micro_step), device)
-        return reconstruction_loss(student, projector, batch, target_key), {}
+        return reconstruction_loss(student, projector, batch, target_key, kl_weight)
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
         student.eval(), projector.eval()
-        losses = [reconstruction_loss(student, projector, to_device(b, device), target_key).item()
+        losses = [reconstruction_loss(student, projector, to_device(b, device), target_key)[0].item()
                   for b in eval_rows.batches(cfg.train.batch_size, limit=4 * cfg.train.batch_size)]
         student.train(), projector.train()
         return {"cosine_loss": sum(losses) / len(losses)}
@@ -78,6 +104,7 @@ class SuperpositionManifest(TrainedManifest):
     vocab_size: int
     teacher_dim: int
     student_parameters: int
+    cut_from_teacher: dict | None = None  # superposition.init: teacher: the blocks, heads and energy kept
 
 
 class Superposition(Stage):
@@ -85,13 +112,28 @@ class Superposition(Stage):
     Manifest = SuperpositionManifest
 
     def check(self, pre: Preflight) -> None:
-        if len(pre.config.cache.layers) > 1:
-            raise ConfigError(f"cache.layers {pre.config.cache.layers}: the superposition student reconstructs one "
+        cfg = pre.config
+        if len(cfg.cache.layers) > 1:
+            raise ConfigError(f"cache.layers {cfg.cache.layers}: the superposition student reconstructs one "
                               "teacher layer; list only that one (e.g. cache.layers: [-1])")
-        check_optimizer(pre.config.train, resolve_device(pre.config.teacher.device))
+        if cfg.superposition.kl_weight and not cfg.cache.topk:
+            raise ConfigError("superposition.kl_weight > 0 needs cached top-k teacher logits: set cache.topk > 0 "
+                              "(e.g. 32) or superposition.kl_weight: 0")
+        if cfg.superposition.init == "teacher":
+            shape = cfg.student_shape(pre.facts.vocab_size)
+            target = resolve_layers(cfg.cache.layers, pre.facts.num_hidden_layers)[-1]
+            problems = derivation_problems(pre.teacher.text_config, shape, shape.projector_hidden or pre.facts.hidden_size)
+            if shape.n_layers > target:
+                problems.append(f"student.n_layers {shape.n_layers} exceeds the {target} teacher blocks below the "
+                                f"reconstructed layer (cache.layers {cfg.cache.layers}): give at most {target}")
+            if problems:
+                raise ConfigError("superposition.init: teacher cannot cut this student out of the teacher: "
+                                  + "; ".join(problems) + " (or set superposition.init: random)")
+        check_optimizer(cfg.train, resolve_device(cfg.teacher.device))
 
     def settings(self, cfg: PipelineConfig, teacher: TeacherFacts) -> dict:
-        return {"student": dataclasses.asdict(cfg.student), "train": cfg.train.fingerprinted(), "seed": cfg.seed}
+        return {"student": dataclasses.asdict(cfg.student), "train": cfg.train.fingerprinted(), "seed": cfg.seed,
+                "superposition": cfg.superposition.fingerprinted()}
 
     def resumes(self, cfg: PipelineConfig, store, path: str) -> str | None:
         return resumable_step(store, path, cfg.train.steps)
@@ -100,11 +142,14 @@ class Superposition(Stage):
         """The student, its decompressor and their loss over the cached states: what every training worker runs."""
         cfg = ctx.config
         target = f"hidden/layer_{cache.layers[-1]}"
-        rows, eval_rows = (cached_rows(ctx.store, cache, split, [target]) for split in ("train", "eval"))
+        arrays = [target, "topk_values", "topk_indices"] if cfg.superposition.kl_weight else [target]
+        rows, eval_rows = (cached_rows(ctx.store, cache, split, arrays) for split in ("train", "eval"))
         student, projector = build_student(cfg, cache.vocab_size, cache.hidden_size)
+        cut = cut_from_teacher(ctx, student, projector, rows, cache.layers[-1]) if cfg.superposition.init == "teacher" \
+            else None
         trainable = superposition_trainable(student, projector, cfg, rows, target, ctx.device, eval_rows)
         extra = {"target": target, "vocab_size": cache.vocab_size, "teacher_dim": cache.hidden_size,
-                 "student_parameters": sum(p.numel() for p in student.parameters())}
+                 "student_parameters": sum(p.numel() for p in student.parameters()), "cut_from_teacher": cut}
         return Built(trainable, cfg.train, extra, self.name)
 
     def run(self, ctx: Context, cache: TeacherCacheManifest) -> SuperpositionManifest:

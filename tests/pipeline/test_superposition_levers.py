@@ -1,0 +1,75 @@
+"""The superposition student's levers in the pipeline: cut out of the teacher (superposition.init: teacher) and KL to
+the cached top-k logits through its own head (superposition.kl_weight); without Prefect, stage by stage."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from bitnet import SuperpositionStudent
+from distill.config import ConfigError
+from distill.plan import plan_run
+from distill.stage import execute
+from distill.stages import STAGES
+from distill.stages.lm_head import head_parameters
+
+from .conftest import TINY, tiny_overrides
+
+# the tiny teacher is 32 wide with heads of 8; a student half as wide keeps a decompressor (32 wide) of 2 x its width
+HALF = {"student.dim": 16}
+
+
+def _train(tiny_teacher, root, **overrides):
+    run, _ = plan_run("superposition-distill", TINY, tiny_overrides(tiny_teacher, root, **HALF, **overrides),
+                      logging.getLogger("test"))
+    tokens = execute(STAGES["tokenize"], run.context("tokenize"))
+    cache = execute(STAGES["teacher_cache"], run.context("teacher_cache"), tokens=tokens)
+    trained = execute(STAGES["superposition"], run.context("superposition"), cache=cache)
+    return run, tokens, cache, trained
+
+
+def test_a_student_cut_from_the_teacher_starts_closer_and_learns_from_the_logits(tiny_teacher, tmp_path):
+    _, _, _, random = _train(tiny_teacher, tmp_path)
+    run, tokens, cache, cut = _train(tiny_teacher, tmp_path, **{"superposition.init": "teacher",
+                                                                "superposition.kl_weight": 1.0})
+    assert random.cut_from_teacher is None
+    assert cut.cut_from_teacher["teacher_blocks"] == [0, 1]
+    assert 0 < cut.cut_from_teacher["residual_energy_kept"] < 1
+    store = run.context("superposition").store
+    first = {name: store.read_json(m.history)[0] for name, m in (("random", random), ("cut", cut))}
+    # the same batch at step 1: the cut student reconstructs it far better (its loss also carries the KL term)
+    assert first["cut"]["cosine_loss"] < 0.5 * first["random"]["loss"]
+    assert first["cut"]["topk_kl"] > 0
+    head = execute(STAGES["lm_head"], run.context("lm_head"), trained=cut, tokens=tokens, cache=cache)
+    assert head.trained.fingerprint == cut.fingerprint
+
+
+def test_lm_head_retraining_keeps_a_head_worth_keeping():
+    torch.manual_seed(0)
+    student = SuperpositionStudent(50, 16, 1, 2)
+    head = student.lm_head.weight.detach().clone()
+    [param] = head_parameters(student, untied=True, keep_head=True)
+    assert torch.equal(param, head)
+    [param] = head_parameters(student, untied=True, keep_head=False)
+    assert torch.equal(param, student.embed.weight)  # the random head replaced by the embeddings
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"student.dim": 32}, r"superposition.init: teacher cannot cut .*student.projector_hidden >= 64"),
+    ({"student.n_layers": 3}, r"student.n_layers 3 exceeds the teacher's num_hidden_layers \(2\)"),
+    ({"student.dim": 24, "student.n_heads": 4, "student.projector_hidden": 64}, r"head size .* must divide"),
+    ({"cache.layers": [1], "student.n_layers": 2}, r"student.n_layers 2 exceeds the 1 teacher blocks below"),
+])
+def test_a_student_that_cannot_be_cut_out_fails_before_any_work(tiny_teacher, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_run("superposition-distill", TINY, tiny_overrides(tiny_teacher, tmp_path, **{
+            "superposition.init": "teacher", **overrides}), logging.getLogger("test"))
+    assert not (tmp_path / "tokenize").exists()
+
+
+def test_kl_in_reconstruction_needs_cached_logits(tiny_teacher, tmp_path):
+    with pytest.raises(ConfigError, match=r"superposition.kl_weight > 0 needs cached top-k teacher logits"):
+        plan_run("superposition-distill", TINY, tiny_overrides(tiny_teacher, tmp_path, **{
+            "superposition.kl_weight": 1.0, "cache.topk": 0}), logging.getLogger("test"))
