@@ -40,15 +40,17 @@ reads it again then).
 
 from __future__ import annotations
 
-import os
+import contextlib
+import functools
 
 import torch
 
-from .quant import EPS, INT8_MAX, INT8_MIN
+from .quant import EPS
 
 try:
     import triton
     import triton.language as tl
+    import triton.testing
 except ImportError:  # optional: the package works without it (eager or compiled quantizers)
     triton = tl = None
 
@@ -80,21 +82,27 @@ if AVAILABLE:
         rows = [interpreter] if INTERPRET else gpu
         return [triton.Config(dict(zip(names, row[:-2])), num_stages=row[-2], num_warps=row[-1]) for row in rows]
 
-    # int8 operands: K blocks of 64-128 bytes per row; the larger tiles feed Hopper's wgmma, the smaller ones keep
-    # every SM busy on the narrow layers of small models.
+    # int8 operands: K blocks of 128 bytes; the larger tiles feed Hopper's wgmma, the smaller ones keep every SM busy
+    # on the narrow layers of small models. Few configs: each costs a compilation (1-5 s) and a timing on first use.
     _FWD_CONFIGS = _configs(
-        [(128, 256, 128, 8, 3, 8), (256, 128, 128, 8, 3, 8), (128, 128, 128, 8, 4, 8), (128, 128, 64, 8, 4, 4),
-         (128, 64, 128, 8, 4, 4), (64, 128, 128, 8, 4, 4), (64, 64, 128, 8, 4, 4)],
+        [(128, 256, 128, 8, 3, 8), (128, 128, 128, 8, 4, 8), (128, 128, 64, 8, 4, 4), (64, 128, 128, 8, 4, 4),
+         (64, 64, 128, 8, 4, 4)],
         (16, 16, 32, 2, 1, 1), ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
     # bf16 (or fp32) operands: the usual 16-bit GEMM tiles.
     _DX_CONFIGS = _configs(
-        [(128, 256, 64, 8, 3, 8), (128, 128, 64, 8, 4, 4), (128, 128, 32, 8, 4, 4), (64, 128, 64, 8, 4, 4),
-         (128, 64, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4)],
+        [(128, 256, 64, 8, 3, 8), (128, 128, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4),
+         (64, 64, 64, 8, 4, 4)],
         (16, 16, 16, 2, 1, 1), ("BLOCK_M", "BLOCK_K", "BLOCK_N", "GROUP_M"))
     _DW_CONFIGS = _configs(
-        [(128, 128, 64, 8, 3, 8), (128, 128, 64, 8, 4, 4), (128, 128, 32, 8, 4, 4), (64, 128, 64, 8, 4, 4),
-         (128, 64, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4)],
+        [(128, 128, 64, 8, 3, 8), (128, 128, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4),
+         (64, 64, 64, 8, 4, 4)],
         (16, 16, 16, 2, 1, 1), ("BLOCK_N", "BLOCK_K", "BLOCK_M", "GROUP_M"))
+
+    def _bench(kernel_call, quantiles):
+        """Autotuning's timing: shorter than Triton's default (25 ms warm-up, 100 ms of runs per config), enough to
+        rank tiles of kernels that take tens of microseconds."""
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
     def _prune(dims: dict[str, str]):
         """Drop configs whose tiles overshoot a small problem (``dims``: block name -> size argument): each one
         costs a compilation and a timing at the first call; a narrow layer or a short batch is tuned among the
@@ -204,7 +212,7 @@ if AVAILABLE:
         tl.store(q_ptr + offs, q, mask=mask)
         tl.store(s_ptr, scale, mask=tl.program_id(0) == 0)
 
-    @triton.autotune(configs=_FWD_CONFIGS, key=["M_KEY", "N", "K"],
+    @triton.autotune(configs=_FWD_CONFIGS, key=["M_KEY", "N", "K"], do_bench=_bench, cache_results=True,
                      prune_configs_by=_prune({"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K"}))
     @triton.jit
     def _fwd_kernel(xq_ptr, wq_ptr, sx_ptr, sw_ptr, y_ptr, M, N, K, M_KEY,
@@ -229,8 +237,8 @@ if AVAILABLE:
         mask = (rm < M)[:, None] & (rn < N)[None, :]
         tl.store(y_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], _cast(y, y_ptr.dtype.element_ty), mask=mask)
 
-    @triton.autotune(configs=_DX_CONFIGS, key=["M_KEY", "N", "K", "MM_DTYPE", "PRECISION"],
-                     prune_configs_by=_prune({"BLOCK_M": "M", "BLOCK_K": "K", "BLOCK_N": "N"}))
+    @triton.autotune(configs=_DX_CONFIGS, key=["M_KEY", "N", "K", "MM_DTYPE", "PRECISION"], do_bench=_bench,
+                     cache_results=True, prune_configs_by=_prune({"BLOCK_M": "M", "BLOCK_K": "K", "BLOCK_N": "N"}))
     @triton.jit
     def _dx_kernel(dy_ptr, wq_ptr, sx_ptr, sw_ptr, dx_ptr, M, N, K, M_KEY,
                    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -258,6 +266,7 @@ if AVAILABLE:
         tl.store(dx_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], _cast(dx, dx_ptr.dtype.element_ty), mask=mask)
 
     @triton.autotune(configs=_DW_CONFIGS, key=["M_KEY", "N", "K", "PARTIAL", "MM_DTYPE", "PRECISION"],
+                     do_bench=_bench, cache_results=True,
                      prune_configs_by=_prune({"BLOCK_N": "N", "BLOCK_K": "K", "BLOCK_M": "CHUNK"}))
     @triton.jit
     def _dw_kernel(dy_ptr, xq_ptr, sx_ptr, sw_ptr, out_ptr, M, N, K, M_KEY, CHUNK,
@@ -304,8 +313,6 @@ if AVAILABLE:
 
 def _device(t: torch.Tensor):
     """Triton launches on the current CUDA device: make it the tensor's."""
-    import contextlib
-
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
@@ -369,10 +376,15 @@ def _precision(mm_dtype: torch.dtype) -> str:
     return "tf32" if mm_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _dw_split(m: int, n: int, k: int, device: torch.device) -> int:
     """Token chunks for dW: its output (N x K) is small next to the token dimension it sums over, so on its own it
     would occupy a few SMs; chunks, each summed by its own programs, fill about two waves of the GPU."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = _sm_count(device)
     tiles = _cdiv(n, 128) * _cdiv(k, 128)
     return max(1, min(_cdiv(2 * sms, tiles), m // (4 * _SPLIT_ALIGN)))
 
