@@ -10,8 +10,11 @@ tests run the compiled kernels on CUDA tensors, plus one at training-like sizes.
 
 import importlib
 import importlib.util
+import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +26,7 @@ if importlib.util.find_spec("triton") is None:  # not importorskip: importing Tr
     pytest.skip("Triton is not installed (pip install 'bitnet-distill[gpu]')", allow_module_level=True)
 
 CUDA = torch.cuda.is_available()
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _import_kernels():
@@ -246,6 +250,23 @@ def test_missing_triton_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("BITNET_KERNEL", "triton")
     with pytest.raises(ImportError, match=r"needs Triton.*pip install 'bitnet-distill\[gpu\]'"):
         bitlinear(torch.zeros(2, 16, device=DEVICE), torch.zeros(4, 16, device=DEVICE))
+
+
+# ---- the compiled kernels ------------------------------------------------------------------------------------------
+
+def test_kernels_compile_for_hopper_with_tensor_core_products():
+    """The interpreter runs the kernels' Python; this compiles them for an H100 (sm_90), in a fresh interpreter
+    without TRITON_INTERPRET, with the ptxas Triton ships: no GPU needed. The three matmuls must lower to tensor-core
+    instructions (int8 forward, bf16 backward) and fit the H100's shared memory (smallest tiles of each; ``python -m
+    tests.bitnet.triton_compile_check 90 --all-configs`` checks every config)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, "-m", "tests.bitnet.triton_compile_check", "90"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert run.returncode == 0 and rows and all(r["ok"] for r in rows), run.stdout + run.stderr[-3000:]
+    assert {r["kernel"]: r["mma"] for r in rows if r["mma"]} == {
+        "forward": "wgmma", "dx": "wgmma", "dw": "wgmma", "dw partial": "wgmma"}
 
 
 # ---- GPU only -----------------------------------------------------------------------------------------------------
