@@ -236,7 +236,11 @@ def _kernel(t: torch.Tensor) -> str:
     name = kernel_on_cuda()
     if t.is_cuda:
         return name
-    return "triton" if name == "triton" and _triton().INTERPRET else "eager"
+    if name == "triton":
+        from . import triton_bitlinear  # imports without Triton (INTERPRET is then False)
+
+        return "triton" if triton_bitlinear.INTERPRET else "eager"
+    return "eager"
 
 
 def _elementwise(t: torch.Tensor) -> _Elementwise:

@@ -12,7 +12,7 @@ What runs, per layer and step (nn.Linear runs one matmul forward and two backwar
   matmul. Both compute ``g`` while loading ``dy`` and widen the saved int8 codes while loading them, so that neither
   ``g`` nor a float copy of the codes ever reaches memory; with torch matmuls each would be a tensor written and read
   again (x_q is the size of the activations), plus a kernel launch each, and the division by the scale a further
-  pass over dx and dW. cuBLAS also has no int8-code x bf16 operand, so the codes would need that float copy first.
+  pass over dx and dW. torch's matmuls take operands of one dtype, so the codes would need that float copy first.
 
 Numerics, the same as the eager ``_BitLinearSTE``:
 
@@ -31,11 +31,16 @@ Numerics, the same as the eager ``_BitLinearSTE``:
 fp32 matmul operands (fp32 training, or fp16 autocast whose backward runs in fp32: ``bitnet.quant.matmul_dtype``)
 use TF32 exactly when PyTorch's fp32 matmuls do (``torch.backends.cuda.matmul.allow_tf32``, off by default).
 
-Autotuning: the configs are sized for an H100 (and run on any GPU Triton supports); each kernel tunes once per
-process for each shape key (the token count rounded up to a power of two, N, K), so the first training step of a
-new shape is slow. Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors with one small config each; the tests
-use that. It must be set when this module is imported (``@triton.jit`` reads it) and while the kernels run (Triton
-reads it again then).
+Autotuning: the configs are sized for an H100 (and run on any GPU Triton supports); each kernel compiles its configs
+and times them once per shape key (the token count rounded up to a power of two, N, K), so the first training step
+of a new shape is slow; Triton keeps the compiled kernels and the choices on disk for later processes.
+
+Without a GPU: under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors with one small config each (the tests).
+It must be set when this module is imported (``@triton.jit`` reads it) and while the kernels run (Triton reads it
+again then). The interpreter multiplies bfloat16 operands of ``tl.dot`` as raw bits, so there the bf16 matmul
+operands are widened to fp32 first (``UPCAST``: the same exact products), and the tests check the bf16 arithmetic
+but not its lowering to tensor cores; ``tests/bitnet/triton_compile_check.py`` compiles the kernels for sm_90 (or
+sm_80) without a GPU, and on a GPU the same tests run the compiled kernels.
 """
 
 from __future__ import annotations
@@ -58,6 +63,9 @@ AVAILABLE = triton is not None
 INSTALL = "pip install 'bitnet-distill[gpu]' (Triton; CUDA builds of torch on Linux already include it)"
 # Triton reads TRITON_INTERPRET when @triton.jit decorates a function, i.e. when this module is imported.
 INTERPRET = AVAILABLE and bool(triton.knobs.runtime.interpret)
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def require() -> None:
@@ -359,6 +367,9 @@ def forward(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype):
     """``_BitLinearSTE``'s forward: ``(y, x_q, w_q, s_x, s_w)`` with y shaped ``[..., N]`` in ``out_dtype`` and the
     codes (int8, 2-D) and scales for backward."""
     require()
+    for name, t in (("input", x), ("weight", weight)):
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"BITNET_KERNEL=triton: the {name} must be float32, bfloat16 or float16, got {t.dtype}")
     k = x.shape[-1]
     n = weight.shape[0]
     x_q, s_x = quantize_activations(x.reshape(-1, k))
