@@ -4,8 +4,10 @@
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (numpy, one program after another: hence the
 small shapes). ``@triton.jit`` reads ``TRITON_INTERPRET`` when it decorates, i.e. when ``bitnet.triton_bitlinear`` is
 first imported, and Triton reads it again while a kernel runs (modules it imports lazily then are decorated too), so
-it is set around that import and during each test here, and nowhere else in the suite's process. With a GPU the same
-tests run the compiled kernels on CUDA tensors, plus one at training-like sizes. Skipped when Triton is not installed.
+it is set around that import and during each test here, and nowhere else in the suite's process. Triton's own helpers
+(tl.sum, ...) are decorated when Triton is first imported: where the suite imported it earlier, the tests here skip and
+``test_in_a_fresh_interpreter`` runs this file in a new process instead. With a GPU the same tests run the compiled
+kernels on CUDA tensors, plus one at training-like sizes. Skipped when Triton is not installed.
 """
 
 import importlib
@@ -29,13 +31,21 @@ CUDA = torch.cuda.is_available()
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _triton_imported_for_compilation() -> bool:
+    """Whether Triton was imported without its interpreter: its own jit helpers (tl.sum, tl.max, ...) are then
+    decorated for compilation, and interpreted kernels calling them fail."""
+    triton = sys.modules.get("triton")
+    return triton is not None and type(triton.language.standard.sum).__name__ != "InterpretedFunction"
+
+
+# In the whole suite, modules collected earlier import Triton (transformers' bitnet integration does, through
+# torchao): then this file runs again, whole, in a fresh interpreter with TRITON_INTERPRET=1 (the last test below).
+ELSEWHERE = not CUDA and _triton_imported_for_compilation()
+
+
 def _import_kernels():
     if CUDA:
         return importlib.import_module("bitnet.triton_bitlinear")
-    if "triton" in sys.modules and type(sys.modules["triton"].language.standard.sum).__name__ != "InterpretedFunction":
-        # Triton's own jit helpers (tl.sum, tl.max, ...) were decorated for compilation when it was first imported
-        pytest.skip("Triton was imported before this module without TRITON_INTERPRET=1: run this file alone, or the "
-                    "suite with TRITON_INTERPRET=1", allow_module_level=True)
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
@@ -50,16 +60,18 @@ def _import_kernels():
             os.environ["TRITON_INTERPRET"] = previous
 
 
-tb = _import_kernels()
+tb = None if ELSEWHERE else _import_kernels()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-assert tb.INTERPRET != CUDA
+assert ELSEWHERE or tb.INTERPRET != CUDA
 
 
 @pytest.fixture(autouse=True)
-def _exact_fp32(monkeypatch):
+def _exact_fp32(monkeypatch, request):
     """The eager fp32 reference must be true fp32 (TF32 would round its matmul inputs), and the Triton path picks
     TF32 only when PyTorch does. Without a GPU, Triton's interpreter stays on while the test runs."""
-    if tb.INTERPRET:
+    if ELSEWHERE and request.node.originalname != "test_in_a_fresh_interpreter":
+        pytest.skip("Triton was imported in this process for compilation: test_in_a_fresh_interpreter runs this")
+    if tb is not None and tb.INTERPRET:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -290,3 +302,13 @@ def test_training_sized_layer_under_bf16_autocast_matches_eager(monkeypatch):
     torch.testing.assert_close(y.float(), y_eager.float(), rtol=2**-8, atol=0)
     for got, eager in ((dx, dx_eager), (dw, dw_eager)):
         assert (got - eager).norm() <= 1e-2 * eager.norm()
+
+
+@pytest.mark.skipif(not ELSEWHERE, reason="this process runs the tests itself")
+def test_in_a_fresh_interpreter():
+    """This file's tests, in a process where Triton's interpreter is on from the start."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-6000:] + run.stderr[-3000:]
