@@ -141,9 +141,9 @@ if AVAILABLE:
 
     @triton.jit
     def _cast(v, DTYPE: tl.constexpr):
-        """fp32 ``v`` in DTYPE, rounded to nearest even. bfloat16 by hand, the way torch rounds it (bias 0x7FFF plus
-        the lowest kept bit, NaN to 0x7FC0): the same on a GPU as its conversion instruction, and exact in Triton's
-        interpreter, whose fp32 -> bf16 cast truncates."""
+        """fp32 ``v`` in DTYPE, rounded to nearest even. bfloat16 by hand, the way torch's CPU code rounds it (bias
+        0x7FFF plus the lowest kept bit; NaN stays NaN): for every other value what the GPU's conversion instruction
+        gives, and right in Triton's interpreter too, whose fp32 -> bf16 cast truncates."""
         if DTYPE == tl.bfloat16:
             bits = v.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
