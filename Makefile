@@ -47,5 +47,5 @@ constraints:
 	.venv-resolve/bin/python -m pip install $(TORCH_SPEC)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" .venv-resolve/bin/python -m pip install -e ".[dev]"
 	head -3 constraints.txt > constraints.new
-	.venv-resolve/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|nvidia-|triton)[=@ ]' >> constraints.new
+	.venv-resolve/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|nvidia-)[=@ ]' >> constraints.new
 	mv constraints.new constraints.txt && rm -rf .venv-resolve

@@ -2,7 +2,8 @@
 rounds).
 
 1. BitLinear vs nn.Linear: the superposition student (``bitnet.SuperpositionStudent``, every block projection a
-   ``BitLinear``) against the very same architecture and weights with plain ``nn.Linear``. Target <= 1.3x.
+   ``BitLinear``) against the very same architecture and weights with plain ``nn.Linear``. Target <= 1.3x. On CUDA
+   with Triton installed, a further copy runs the Triton kernels (``BITNET_KERNEL=triton``) in the same rounds.
 2. Self-distillation vs plain fine-tuning of the same Hugging Face model: the project's own self-distillation loss
    (``distill.stages.self_distill.self_distill_trainable`` with the quickstart preset's loss, KL to the teacher: a
    teacher-mode forward, then the student forward through ``bitnet.patch_model``, backward into dW) against full
@@ -15,6 +16,7 @@ rounds).
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -45,6 +47,30 @@ class GraphBitLinear(BitLinear):
         return y + self.bias if self.bias is not None else y
 
 
+def with_kernel(name: str, loss_of):
+    """``loss_of`` with BitLinear's kernel set to ``name`` (``BITNET_KERNEL``, read in each layer's forward, which
+    also fixes its backward), the variable as it was afterwards: variants of one process take turns."""
+
+    def run():
+        previous = os.environ.get("BITNET_KERNEL")
+        os.environ["BITNET_KERNEL"] = name
+        try:
+            return loss_of()
+        finally:
+            if previous is None:
+                os.environ.pop("BITNET_KERNEL")
+            else:
+                os.environ["BITNET_KERNEL"] = previous
+
+    return run
+
+
+def triton_available(device) -> bool:
+    from bitnet import triton_bitlinear
+
+    return device.type == "cuda" and triton_bitlinear.AVAILABLE
+
+
 def twin(student: nn.Module, cls: type) -> nn.Module:
     """A copy of ``student`` whose BitLinear layers are of class ``cls`` (same weights, same shapes)."""
     copied = copy.deepcopy(student)
@@ -62,14 +88,24 @@ def bitlinear_vs_linear(kind: str, batch: int, args, device) -> dict:
     bit = SuperpositionStudent(VOCAB, shape["hidden_size"], shape["num_hidden_layers"], shape["num_attention_heads"],
                                mlp_hidden=shape["intermediate_size"], max_seq_len=args.seq_len).to(device)
     models = {"nn.Linear": twin(bit, nn.Linear), "BitLinear": bit, "BitLinear, STE graph (before)": twin(bit, GraphBitLinear)}
-    steps = {name: stepper(list(m.parameters()), lambda m=m: next_token_cross_entropy(m(ids, mask).logits, ids, mask),
-                           device) for name, m in models.items()}
-    times = interleave(steps, args.repeats, device)
-    return {"model": f"superposition student ({kind} shape)", "dim": shape["hidden_size"], "batch": batch,
-            "tokens": batch * args.seq_len, "parameters": sum(p.numel() for p in bit.parameters()),
-            "seconds": times, "median_s": {k: median(v) for k, v in times.items()},
-            "ratio": ratio(times["BitLinear"], times["nn.Linear"]),
-            "ratio_graph": ratio(times["BitLinear, STE graph (before)"], times["nn.Linear"])}
+    kernels = {}  # "BitLinear" runs as the environment says (bitnet.quant.kernel_on_cuda: compiled by default)
+    if triton_available(device):  # the Triton kernels (BITNET_KERNEL=triton) on a copy of the same weights
+        models["BitLinear, Triton"] = twin(bit, BitLinear)
+        kernels["BitLinear, Triton"] = "triton"
+    steps = {}
+    for name, m in models.items():
+        loss_of = lambda m=m: next_token_cross_entropy(m(ids, mask).logits, ids, mask)  # noqa: E731
+        steps[name] = stepper(list(m.parameters()), with_kernel(kernels[name], loss_of) if name in kernels else loss_of,
+                              device)
+    times = interleave(steps, args.repeats, device)  # the untimed warm-up round compiles and autotunes
+    out = {"model": f"superposition student ({kind} shape)", "dim": shape["hidden_size"], "batch": batch,
+           "tokens": batch * args.seq_len, "parameters": sum(p.numel() for p in bit.parameters()),
+           "seconds": times, "median_s": {k: median(v) for k, v in times.items()},
+           "ratio": ratio(times["BitLinear"], times["nn.Linear"]),
+           "ratio_graph": ratio(times["BitLinear, STE graph (before)"], times["nn.Linear"])}
+    if "BitLinear, Triton" in times:
+        out["ratio_triton"] = ratio(times["BitLinear, Triton"], times["nn.Linear"])
+    return out
 
 
 def self_distill_vs_finetune(kind: str, batch: int, args, device) -> dict:
@@ -116,6 +152,13 @@ def self_distill_vs_finetune(kind: str, batch: int, args, device) -> dict:
             "ratio_adamw8bit": ratio(times["self-distill, AdamW8bit"], times["self-distill"])}
 
 
+def triton_cells(r: dict) -> list:
+    if "ratio_triton" not in r:
+        return ["-", "-", "-"]  # not run: no GPU, or Triton not installed
+    t = r["ratio_triton"]
+    return [t["median"], f"{t['min']:.2f}-{t['max']:.2f}", "yes" if t["median"] <= TARGET else "no"]
+
+
 def main(argv=None) -> None:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=["quickstart", "large"], choices=list(SHAPES))
@@ -136,10 +179,11 @@ def main(argv=None) -> None:
     tables = {
         "BitLinear model step / nn.Linear model step (target <= 1.3x)": table(
             ["model", "dim", "tokens/step", "nn.Linear s/step", "BitLinear s/step", "BitLinear / nn.Linear", "range",
-             "meets target", "STE graph (before) / nn.Linear"],
+             "meets target", "STE graph (before) / nn.Linear", "Triton / nn.Linear", "range", "Triton meets target"],
             [[r["model"], r["dim"], r["tokens"], r["median_s"]["nn.Linear"], r["median_s"]["BitLinear"],
               r["ratio"]["median"], f"{r['ratio']['min']:.2f}-{r['ratio']['max']:.2f}",
-              "yes" if r["ratio"]["median"] <= TARGET else "no", r["ratio_graph"]["median"]] for r in bit]),
+              "yes" if r["ratio"]["median"] <= TARGET else "no", r["ratio_graph"]["median"],
+              *triton_cells(r)] for r in bit]),
         "Self-distillation step / plain fine-tuning step of the same model": table(
             ["teacher", "weights", "tokens/step", "fine-tune s/step", "ternary CE-only s/step", "self-distill s/step",
              "CE-only / fine-tune", "self-distill / fine-tune", "range", "checkpointed / self-distill", "range",

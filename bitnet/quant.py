@@ -123,18 +123,28 @@ class _BitLinearSTE(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # Under CUDA autocast the matmul takes bf16 codes and, like any autocast linear, the output stays in bf16.
         out_dtype, mm_dtype, autocast_off = compute_dtypes(x)
+        ctx.dtypes = mm_dtype, x.dtype, weight.dtype
+        ctx.triton = _kernel(x) == "triton"
+        if ctx.triton:  # the whole layer in Triton kernels (bitnet/triton_bitlinear.py), codes saved 2-D
+            y, x_q, w_q, x_scale, w_scale = _triton().forward(x, weight, out_dtype)
+            ctx.save_for_backward(x_q, w_q, x_scale, w_scale)
+            ctx.x_shape = x.shape
+            return y
         ops = _elementwise(x)
         x_mm, w_mm, x_q, w_q, x_scale, w_scale = ops.operands(x, weight, mm_dtype)
         with autocast_off:
             y = F.linear(x_mm, w_mm)
         ctx.save_for_backward(x_q, w_q, x_scale, w_scale)
-        ctx.dtypes = mm_dtype, x.dtype, weight.dtype
         return ops.scaled(y, x_scale * w_scale, out_dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x_q, w_q, x_scale, w_scale = ctx.saved_tensors
         mm_dtype, x_dtype, w_dtype = ctx.dtypes
+        if ctx.triton:
+            dx, dw = _triton().backward(dy, x_q, w_q, x_scale, w_scale, mm_dtype, x_dtype, w_dtype,
+                                        *ctx.needs_input_grad[:2])
+            return (dx.reshape(ctx.x_shape) if dx is not None else None), dw
         ops = _elementwise(dy)
         g = ops.scaled(dy, x_scale * w_scale, mm_dtype)
         dx = dw = None
@@ -187,13 +197,54 @@ def _fused() -> _Elementwise:
 
 
 def fused_on_cuda() -> bool:
-    """Whether CUDA tensors take the compiled path: yes unless ``BITNET_FUSED=0``. (With dynamo disabled,
-    ``TORCHDYNAMO_DISABLE=1``, ``torch.compile`` returns the functions as they are, so that path runs eagerly.)"""
-    return os.environ.get("BITNET_FUSED", "1") != "0"
+    """Whether CUDA tensors take the compiled path: yes unless ``BITNET_FUSED=0`` or ``BITNET_KERNEL`` names
+    another. (With dynamo disabled, ``TORCHDYNAMO_DISABLE=1``, ``torch.compile`` returns the functions as they are,
+    so that path runs eagerly.)"""
+    return kernel_on_cuda() == "compile"
+
+
+KERNELS = ("compile", "triton", "eager")
+
+
+def kernel_on_cuda() -> str:
+    """How ``_BitLinearSTE`` computes on CUDA tensors, from ``BITNET_KERNEL``:
+
+    * ``compile`` (the default): eager matmuls, the quantizers and scalings compiled by ``torch.compile``;
+    * ``triton``: the whole layer in Triton kernels, int8 x int8 integer matmuls (``bitnet.triton_bitlinear``;
+      needs Triton). Opt-in until a GPU has measured it faster than ``compile`` (``bench/train_step.py``);
+    * ``eager``: plain PyTorch, as on CPU. ``BITNET_FUSED=0`` (the older switch) means ``eager`` too.
+
+    CPU tensors always run eagerly, except that ``triton`` with Triton's interpreter on (``TRITON_INTERPRET=1`` when
+    ``bitnet.triton_bitlinear`` was first imported) runs the kernels on the CPU: that is how the tests check them.
+    """
+    name = os.environ.get("BITNET_KERNEL", "").strip().lower()
+    if not name:
+        return "eager" if os.environ.get("BITNET_FUSED", "1") == "0" else "compile"
+    if name not in KERNELS:
+        raise ValueError(f"BITNET_KERNEL must be one of {', '.join(KERNELS)}, got {name!r}")
+    return name
+
+
+def _triton():
+    from . import triton_bitlinear  # optional: imports without Triton, and says how to install it when asked
+
+    triton_bitlinear.require()
+    return triton_bitlinear
+
+
+def _kernel(t: torch.Tensor) -> str:
+    name = kernel_on_cuda()
+    if t.is_cuda:
+        return name
+    if name == "triton":
+        from . import triton_bitlinear  # imports without Triton (INTERPRET is then False)
+
+        return "triton" if triton_bitlinear.INTERPRET else "eager"
+    return "eager"
 
 
 def _elementwise(t: torch.Tensor) -> _Elementwise:
-    return _fused() if t.is_cuda and fused_on_cuda() else _EAGER
+    return _fused() if _kernel(t) == "compile" else _EAGER
 
 
 def bitlinear(
@@ -207,7 +258,7 @@ def bitlinear(
     The matmul runs in ``x.dtype`` (bf16 on GPU under autocast; fp32 for fp16, see ``matmul_dtype``); codes are
     small integers, exact in any float format, and the scales are applied afterwards in fp32. At full quantization
     (``lam == 1``) one autograd node (``_BitLinearSTE``) keeps only int8 codes for backward; on CUDA its elementwise
-    work is compiled.
+    work is compiled, or the whole layer runs in Triton kernels (``kernel_on_cuda``: ``BITNET_KERNEL``).
     """
     if lam == 1.0:
         y = _BitLinearSTE.apply(x, weight)
