@@ -136,7 +136,9 @@ def variants(args) -> list[Variant]:
               "KL in reconstruction": {"superposition.kl_weight": 1.0},
               "init teacher + KL": {"superposition.init": "teacher", "superposition.kl_weight": 1.0}}
     for n in args.lever_budgets:
-        budget = {} if n == 300 else {"train.steps": n, "cache.max_samples": RECIPE_ROWS, "head.steps": n // 2}
+        # the rows n steps of 16 read, up to every training row (the preset's 300 steps: its 4800)
+        rows = min(RECIPE_ROWS, 16 * n)
+        budget = {} if n == 300 else {"train.steps": n, "cache.max_samples": rows, "head.steps": n // 2}
         out += [Variant(f"superposition, {n} + {n // 2} steps, {name}, seed {s}", "superposition-levers",
                         "superposition-distill", {**budget, **o, "seed": s})
                 for name, o in levers.items() if name in args.levers for s in args.superposition_seeds]

@@ -33,7 +33,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .student import Decompressor, StudentConfig, SuperpositionStudent
@@ -91,6 +90,14 @@ def evenly_spaced(n: int, total: int) -> list[int]:
     if n == 1:
         return [total - 1]
     return [round(i * (total - 1) / (n - 1)) for i in range(n)]
+
+
+def matched_layers(inner: list[int], target: int, n_layers: int) -> dict[int, int]:
+    """Each inner teacher ``hidden_states`` index -> the student's matched with it: the student state whose teacher
+    counterpart (the embeddings, or the output of the block ``init_from_teacher`` takes for that student block) is
+    nearest, the shallower on a tie."""
+    counterparts = [0] + [t + 1 for t in evenly_spaced(n_layers, target)]
+    return {j: min(range(n_layers + 1), key=lambda i: (abs(counterparts[i] - j), i)) for j in inner}
 
 
 @dataclass
@@ -164,12 +171,26 @@ def _kept_energy(moment: torch.Tensor, basis: torch.Tensor) -> float:
     return float((basis.T @ moment.float() @ basis).trace() / moment.float().trace())
 
 
+def _inverse(projector: Decompressor, M: torch.Tensor) -> None:
+    """``projector(x) = M x / s(x)``, ``s`` a per-token scale, through its GELU and LayerNorm (module docstring)."""
+    up, norm, down = projector.net[0], projector.net[2], projector.net[3]
+    d = M.shape[1]
+    eye = torch.eye(d)
+    up.weight.zero_(), up.bias.zero_(), down.weight.zero_(), down.bias.zero_()
+    up.weight[:2 * d].copy_(torch.cat([eye, -eye]))
+    down.weight[:, :2 * d].copy_(torch.cat([M, -M], dim=1))
+    norm.reset_parameters()
+
+
 @torch.no_grad()
 def init_from_teacher(student: SuperpositionStudent, projector: Decompressor, teacher: nn.Module,
-                      stats: TeacherStatistics, target_layer: int) -> dict:
+                      stats: TeacherStatistics, target_layer: int,
+                      inner: dict[int, Decompressor] | None = None) -> dict:
     """Overwrite ``student`` and ``projector`` with the cut-down teacher (the rules in this module's docstring);
-    ``target_layer`` is the ``hidden_states`` index the student reconstructs (-1: the last, after the final norm).
-    Returns what was chosen: the teacher blocks, the residual energy the kept directions hold, the heads."""
+    ``target_layer`` is the ``hidden_states`` index the student reconstructs (-1: the last, after the final norm),
+    and ``inner`` the decompressors of inner teacher layers matched too (by index; each starts as the inverse
+    projection onto the residual stream). Returns what was chosen: the teacher blocks, the residual energy the kept
+    directions hold, the heads."""
     config, cfg = teacher.config, student.config
     problems = derivation_problems(config, cfg, projector.config["hidden_dim"])
     if problems:
@@ -232,12 +253,9 @@ def init_from_teacher(student: SuperpositionStudent, projector: Decompressor, te
     else:
         student.lm_head.weight.copy_(read(teacher.get_output_embeddings(), final_norm))
 
-    M = final_norm.weight.float()[:, None] * P if target == n_blocks else P  # student space -> the target's
-    up, norm, down = projector.net[0], projector.net[2], projector.net[3]
-    eye = torch.eye(d)
-    up.weight.zero_(), up.bias.zero_(), down.weight.zero_(), down.bias.zero_()
-    up.weight[:2 * d].copy_(torch.cat([eye, -eye]))
-    down.weight[:, :2 * d].copy_(torch.cat([M, -M], dim=1))
-    norm.reset_parameters()
+    # student space -> the target's: after the final norm, its weight applies
+    _inverse(projector, final_norm.weight.float()[:, None] * P if target == n_blocks else P)
+    for inner_projector in (inner or {}).values():
+        _inverse(inner_projector, P)
     return {"teacher_blocks": chosen, "heads": heads_chosen, "calibration_tokens": stats.tokens,
             "residual_energy_kept": round(_kept_energy(sum(stats.residual.values()), P), 4)}

@@ -10,7 +10,7 @@ import dataclasses
 import torch
 
 from bitnet import Decompressor, SuperpositionStudent, hidden_cosine_loss, sparse_topk_kl
-from bitnet.student_init import derivation_problems, init_from_teacher, teacher_statistics
+from bitnet.student_init import derivation_problems, init_from_teacher, matched_layers, teacher_statistics
 from storage.tensors import read_tensors
 
 from ..config import ConfigError, PipelineConfig
@@ -44,27 +44,33 @@ def load_prefixed_state(state: dict[str, torch.Tensor], **modules: torch.nn.Modu
 
 
 def cut_from_teacher(ctx: Context, student: SuperpositionStudent, projector: Decompressor, rows: Rows,
-                     target_layer: int) -> dict:
-    """``superposition.init: teacher``: overwrite the student and decompressor with the teacher cut down to the
+                     target_layer: int, inner: dict[int, Decompressor]) -> dict:
+    """``superposition.init: teacher``: overwrite the student and decompressors with the teacher cut down to the
     student's shape, ranked on the first ``superposition.calibration_rows`` training rows. Returns what was kept."""
     cfg = ctx.config
     teacher = ctx.teacher.load(ctx.device, in_4bit=False)
     n = min(cfg.superposition.calibration_rows, rows.count)
     batches = ((b["input_ids"].to(ctx.device), b["attention_mask"].to(ctx.device))
                for b in rows.batches(cfg.train.batch_size, limit=n))
-    chosen = init_from_teacher(student, projector, teacher, teacher_statistics(teacher, batches), target_layer)
+    chosen = init_from_teacher(student, projector, teacher, teacher_statistics(teacher, batches), target_layer, inner)
     ctx.reporter.log(f"student cut out of the teacher: blocks {chosen['teacher_blocks']}, "
                      f"{chosen['residual_energy_kept']:.1%} of the residual stream's energy kept, "
                      f"{chosen['calibration_tokens']} calibration tokens")
     return chosen
 
 
-def reconstruction_loss(student, projector, batch: dict, target_key: str, kl_weight: float = 0.0):
-    """``(loss, metrics)``: 1 - cosine to the target states, plus ``kl_weight`` times the sparse KL of the student's
-    own logits to the cached top-k teacher logits."""
+def reconstruction_loss(student, projector, batch: dict, target_key: str, kl_weight: float = 0.0,
+                        inner: dict[int, tuple[int, Decompressor]] | None = None):
+    """``(loss, metrics)``: 1 - cosine to the target states (and, averaged with it, to each inner teacher layer in
+    ``inner``: its index -> the student state matched with it and that state's own decompressor), plus
+    ``kl_weight`` times the sparse KL of the student's own logits to the cached top-k teacher logits."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    out = student(ids, mask, compute_logits=bool(kl_weight))
-    cosine = hidden_cosine_loss([projector(out.last_hidden)], [batch[target_key].to(out.last_hidden.dtype)], mask)
+    out = student(ids, mask, compute_logits=bool(kl_weight), output_hidden_states=bool(inner))
+    predicted, targets = [projector(out.last_hidden)], [batch[target_key]]
+    for j, (i, inner_projector) in (inner or {}).items():
+        predicted.append(inner_projector(out.hidden_states[i]))
+        targets.append(batch[f"hidden/layer_{j}"])
+    cosine = hidden_cosine_loss(predicted, [t.to(out.last_hidden.dtype) for t in targets], mask)
     if not kl_weight:
         return cosine, {}
     kl = sparse_topk_kl(out.logits, batch["topk_values"], batch["topk_indices"], mask)
@@ -72,15 +78,20 @@ def reconstruction_loss(student, projector, batch: dict, target_key: str, kl_wei
 
 
 def superposition_trainable(student: SuperpositionStudent, projector: Decompressor, cfg: PipelineConfig,
-                            rows: Rows, target_key: str, device: torch.device, eval_rows: Rows | None = None) -> Trainable:
+                            rows: Rows, target_key: str, device: torch.device, eval_rows: Rows | None = None,
+                            inner: dict[int, tuple[int, Decompressor]] | None = None) -> Trainable:
+    """The reconstruction's loss; ``inner``: the inner teacher layers matched too (``reconstruction_loss``)."""
     batches = ScheduledBatches(rows, cfg.train.batch_size, cfg.seed)
     kl_weight = cfg.superposition.kl_weight
-    student.to(device).train()
-    projector.to(device).train()
+    inner = inner or {}
+    # the inner layers' decompressors train with the rest and are checkpointed beside it; only training needs them
+    modules = {"student": student, "projector": projector, **{f"projector_{j}": p for j, (_, p) in inner.items()}}
+    for module in modules.values():
+        module.to(device).train()
 
     def loss(micro_step: int):
         batch = to_device(batches(micro_step), device)
-        return reconstruction_loss(student, projector, batch, target_key, kl_weight)
+        return reconstruction_loss(student, projector, batch, target_key, kl_weight, inner)
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
@@ -91,10 +102,10 @@ def superposition_trainable(student: SuperpositionStudent, projector: Decompress
         return {"cosine_loss": sum(losses) / len(losses)}
 
     return Trainable(
-        parameters=[*student.parameters(), *projector.parameters()],
+        parameters=[p for module in modules.values() for p in module.parameters()],
         loss=loss,
-        state=lambda: prefixed_state(student=student, projector=projector),
-        load_state=lambda state: load_prefixed_state(state, student=student, projector=projector),
+        state=lambda: prefixed_state(**modules),
+        load_state=lambda state: load_prefixed_state(state, **modules),
         evaluate=evaluate if eval_rows is not None and eval_rows.count else None,
     )
 
@@ -105,6 +116,7 @@ class SuperpositionManifest(TrainedManifest):
     teacher_dim: int
     student_parameters: int
     cut_from_teacher: dict | None = None  # superposition.init: teacher: the blocks, heads and energy kept
+    matched: dict[int, int] = {}  # inner teacher layers reconstructed too: hidden_states index -> the student's
 
 
 class Superposition(Stage):
@@ -113,15 +125,15 @@ class Superposition(Stage):
 
     def check(self, pre: Preflight) -> None:
         cfg = pre.config
-        if len(cfg.cache.layers) > 1:
-            raise ConfigError(f"cache.layers {cfg.cache.layers}: the superposition student reconstructs one "
-                              "teacher layer; list only that one (e.g. cache.layers: [-1])")
+        target = resolve_layers(cfg.cache.layers, pre.facts.num_hidden_layers)[-1]
+        if target == 0:
+            raise ConfigError(f"cache.layers {cfg.cache.layers}: the superposition student reconstructs the deepest "
+                              "listed layer, here the embeddings (0); list a block's output, e.g. cache.layers: [-1]")
         if cfg.superposition.kl_weight and not cfg.cache.topk:
             raise ConfigError("superposition.kl_weight > 0 needs cached top-k teacher logits: set cache.topk > 0 "
                               "(e.g. 32) or superposition.kl_weight: 0")
         if cfg.superposition.init == "teacher":
             shape = cfg.student_shape(pre.facts.vocab_size)
-            target = resolve_layers(cfg.cache.layers, pre.facts.num_hidden_layers)[-1]
             problems = derivation_problems(pre.teacher.text_config, shape, shape.projector_hidden or pre.facts.hidden_size)
             if shape.n_layers > target:
                 problems.append(f"student.n_layers {shape.n_layers} exceeds the {target} teacher blocks below the "
@@ -141,15 +153,23 @@ class Superposition(Stage):
     def build(self, ctx: Context, cache: TeacherCacheManifest) -> Built:
         """The student, its decompressor and their loss over the cached states: what every training worker runs."""
         cfg = ctx.config
-        target = f"hidden/layer_{cache.layers[-1]}"
-        arrays = [target, "topk_values", "topk_indices"] if cfg.superposition.kl_weight else [target]
+        *inner_layers, target_layer = cache.layers  # the deepest is the target; the others are matched too
+        target = f"hidden/layer_{target_layer}"
+        arrays = [f"hidden/layer_{j}" for j in cache.layers]
+        if cfg.superposition.kl_weight:
+            arrays += ["topk_values", "topk_indices"]
         rows, eval_rows = (cached_rows(ctx.store, cache, split, arrays) for split in ("train", "eval"))
         student, projector = build_student(cfg, cache.vocab_size, cache.hidden_size)
-        cut = cut_from_teacher(ctx, student, projector, rows, cache.layers[-1]) if cfg.superposition.init == "teacher" \
-            else None
-        trainable = superposition_trainable(student, projector, cfg, rows, target, ctx.device, eval_rows)
+        matched = matched_layers(inner_layers, target_layer, student.config.n_layers)
+        inner = {j: Decompressor(student.config.dim, cache.hidden_size, student.config.projector_hidden)
+                 for j in inner_layers}
+        cut = cut_from_teacher(ctx, student, projector, rows, target_layer, inner) \
+            if cfg.superposition.init == "teacher" else None
+        trainable = superposition_trainable(student, projector, cfg, rows, target, ctx.device, eval_rows,
+                                            {j: (matched[j], inner[j]) for j in inner_layers})
         extra = {"target": target, "vocab_size": cache.vocab_size, "teacher_dim": cache.hidden_size,
-                 "student_parameters": sum(p.numel() for p in student.parameters()), "cut_from_teacher": cut}
+                 "student_parameters": sum(p.numel() for p in student.parameters()), "cut_from_teacher": cut,
+                 "matched": matched}
         return Built(trainable, cfg.train, extra, self.name)
 
     def run(self, ctx: Context, cache: TeacherCacheManifest) -> SuperpositionManifest:

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from bitnet import BitLinear, Decompressor, StudentConfig, SuperpositionStudent
-from bitnet.student_init import derivation_problems, evenly_spaced, init_from_teacher, teacher_statistics
+from bitnet.student_init import (derivation_problems, evenly_spaced, init_from_teacher, matched_layers,
+                                 teacher_statistics)
 
 from .tiny_models import VOCAB, tiny_causal_lm, token_batch
 
@@ -107,6 +108,29 @@ def test_evenly_spaced_layers():
     assert evenly_spaced(4, 4) == [0, 1, 2, 3]
     assert evenly_spaced(3, 12) == [0, 6, 11]  # round(5.5) is 6 (round half to even)
     assert evenly_spaced(1, 12) == [11]
+
+
+def test_inner_layers_match_the_student_state_whose_teacher_counterpart_is_nearest():
+    # a 4-block student of a 12-block teacher stands for blocks [0, 4, 7, 11]: outputs 1, 5, 8, 12
+    assert matched_layers([0, 1, 4, 5, 6, 7, 10], 12, 4) == {0: 0, 1: 1, 4: 2, 5: 2, 6: 2, 7: 3, 10: 3}
+    assert matched_layers([1, 2, 3], 4, 4) == {1: 1, 2: 2, 3: 3}
+
+
+def test_an_inner_layer_decompressor_starts_as_the_inverse_projection(tmp_path):
+    """At full width, an inner layer's decompressor maps the student's state onto the teacher's residual there."""
+    teacher = tiny_causal_lm("llama", tmp_path)
+    c = teacher.config
+    ids = token_batch(2, 16)
+    mask = torch.ones_like(ids)
+    student, projector = _student(teacher, c.hidden_size, c.num_attention_heads, c.intermediate_size,
+                                  projector_hidden=2 * c.hidden_size)
+    inner = Decompressor(c.hidden_size, c.hidden_size, 2 * c.hidden_size)
+    init_from_teacher(student, projector, teacher, _stats(teacher, ids, mask), -1, {1: inner})
+    _unquantized(student)
+    with torch.no_grad():
+        want = teacher(ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
+        got = inner(student(ids, mask, output_hidden_states=True).hidden_states[1])
+    assert F.cosine_similarity(got, want, dim=-1).min() > 1 - 1e-5
 
 
 def test_shapes_that_cannot_be_cut_name_the_fields(tmp_path):

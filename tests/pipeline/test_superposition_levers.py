@@ -14,6 +14,7 @@ from distill.plan import plan_run
 from distill.stage import execute
 from distill.stages import STAGES
 from distill.stages.lm_head import head_parameters
+from storage.tensors import read_tensors
 
 from .conftest import TINY, tiny_overrides
 
@@ -44,6 +45,18 @@ def test_a_student_cut_from_the_teacher_starts_closer_and_learns_from_the_logits
     assert first["cut"]["topk_kl"] > 0
     head = execute(STAGES["lm_head"], run.context("lm_head"), trained=cut, tokens=tokens, cache=cache)
     assert head.trained.fingerprint == cut.fingerprint
+
+
+def test_inner_layers_are_matched_through_decompressors_of_their_own(tiny_teacher, tmp_path):
+    """cache.layers [1, -1]: the student reconstructs the last layer, and its first block's output the teacher's
+    first; that layer's decompressor trains beside the main one and is checkpointed, and the head stage goes on."""
+    run, tokens, cache, trained = _train(tiny_teacher, tmp_path, **{"cache.layers": [1, -1],
+                                                                    "superposition.init": "teacher"})
+    assert trained.target == "hidden/layer_2" and trained.matched == {1: 1}
+    state = read_tensors(run.context("superposition").store, trained.weights)
+    assert {k.split(".")[0] for k in state} == {"student", "projector", "projector_1"}
+    head = execute(STAGES["lm_head"], run.context("lm_head"), trained=trained, tokens=tokens, cache=cache)
+    assert head.trained.matched == {1: 1}
 
 
 def test_lm_head_retraining_keeps_a_head_worth_keeping():
