@@ -155,8 +155,8 @@ def _bytes_of(values: np.ndarray) -> np.ndarray:
 # bits on a disk or in transit, an object of another chunk or run left in place), never tampering: whoever can
 # rewrite a chunk can rewrite its record too, so sha256 gave no protection against that either. Against accidental
 # damage CRC-32C detects every error burst up to 32 bits and any other corruption of an object but with probability
-# 2^-32, per damaged array. It is also hardware-accelerated, where sha256 cost about a third of the hidden states'
-# zstd compression in the writer (docs/RESULTS.md, "Teacher cache").
+# 2^-32, per damaged array. It is also hardware-accelerated, where sha256 was a sizeable share of the writer's CPU
+# time (docs/RESULTS.md, "Teacher cache").
 CHECKSUMS = {"sha256": array_sha256, "crc32c": array_crc32c}
 
 
