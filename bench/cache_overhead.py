@@ -29,7 +29,8 @@ if __package__ in (None, ""):  # run as a script: python bench/cache_overhead.py
 
 import torch
 
-from bench.common import compute_dtype, interleave, median, parser, ratio, report, setup, table, teacher, token_rows
+from bench.common import (TEACHERS, compute_dtype, interleave, median, parser, ratio, report, setup, shape_arguments,
+                          table, teacher, token_rows)
 from distill.stages.teacher_cache import TeacherForward
 from distill.teacher import resolve_layers
 from storage import ArtifactStore
@@ -193,9 +194,10 @@ def sizes(model, info: dict, args, device, store: ArtifactStore) -> dict:
 
 def main(argv=None) -> None:
     p = parser(__doc__.split("\n\n")[0])
-    p.add_argument("--teachers", nargs="+", default=["quickstart", "large"], choices=["quickstart", "large"])
+    p.add_argument("--teachers", nargs="+", default=["quickstart", "large"], choices=TEACHERS)
+    shape_arguments(p)
     p.add_argument("--rows", type=int, default=128, help="rows per timed pass, quickstart teacher")
-    p.add_argument("--large-rows", type=int, default=48, help="rows per timed pass, large teacher")
+    p.add_argument("--large-rows", type=int, default=48, help="rows per timed pass, every other teacher")
     p.add_argument("--size-rows", type=int, default=64, help="rows written for the bytes-per-token tables")
     p.add_argument("--batch", type=int, default=16, help="teacher batch = cache chunk (quickstart preset: 16)")
     p.add_argument("--seq-len", type=int, default=128)
@@ -220,7 +222,7 @@ def main(argv=None) -> None:
     store = ArtifactStore(root)
     speed, size = [], []
     for kind in args.teachers:
-        model, info = teacher(kind, device, compute_dtype(device))
+        model, info = teacher(kind, device, compute_dtype(device), layers=args.shape_layers)
         rows = args.rows if kind == "quickstart" else args.large_rows
         print(f"{kind}: {info['source']}, {info['parameters'] / 1e6:.1f}M parameters; timing {rows} rows x "
               f"{args.repeats} rounds", flush=True)

@@ -29,8 +29,8 @@ if __package__ in (None, ""):  # run as a script: python bench/cache_read.py
 import numpy as np
 import torch
 
-from bench.common import (compute_dtype, interleave, median, optimiser_step, parser, ratio, report, setup, table,
-                          teacher, token_rows)
+from bench.common import (TEACHERS, compute_dtype, interleave, median, optimiser_step, parser, ratio, report, setup,
+                          shape_arguments, table, teacher, token_rows)
 from distill.config import load_config
 from distill.rows import Rows
 from distill.rows import cached_rows
@@ -70,14 +70,28 @@ def in_memory(store: ArtifactStore, path: str) -> Rows:
                 chunk_size=reader.spec.chunk_size)
 
 
+def student_overrides(args) -> dict:
+    """The preset's student, with ``--student-dim`` (in heads 64 wide, as Llama-3.2-1B's are) and
+    ``--student-layers``."""
+    out = {}
+    if args.student_dim is not None:
+        if args.student_dim < 64 or args.student_dim % 64:
+            raise SystemExit(f"--student-dim {args.student_dim}: give a positive multiple of 64 (heads are 64 wide)")
+        out |= {"student.dim": args.student_dim, "student.n_heads": args.student_dim // 64}
+    if args.student_layers is not None:
+        out["student.n_layers"] = args.student_layers
+    return out
+
+
 def bench_cache(path: str) -> SimpleNamespace:
     """What ``cached_rows`` reads of a teacher_cache manifest, for a cache this script built (fingerprint "bench")."""
     return SimpleNamespace(splits={"train": SimpleNamespace(path=path)}, fingerprint="bench")
 
 
 def compare(kind: str, args, device, store: ArtifactStore) -> dict:
-    cfg = load_config("quickstart", {"train.batch_size": args.batch, "cache.batch_size": args.batch})
-    model, info = teacher(kind, device, compute_dtype(device))
+    cfg = load_config("quickstart", {"train.batch_size": args.batch, "cache.batch_size": args.batch,
+                                     **student_overrides(args)})
+    model, info = teacher(kind, device, compute_dtype(device), layers=args.shape_layers)
     paths = {codec: f"read-{kind}-{i}" for i, codec in enumerate(args.topk_codecs)}
     for codec, p in paths.items():
         target = build_cache(model, store, p, args.rows, cfg, device, codec)
@@ -122,7 +136,7 @@ def compare(kind: str, args, device, store: ArtifactStore) -> dict:
     for p in paths.values():
         store.delete(p)
     tokens = args.steps * args.batch * cfg.data.seq_len
-    return {**info, "student_dim": cfg.student.dim, "batch": args.batch, "steps_per_pass": args.steps,
+    return {**info, "student_dim": cfg.student.dim, "student_layers": cfg.student.n_layers, "batch": args.batch, "steps_per_pass": args.steps,
             "cache_rows": args.rows, "chunks": -(-args.rows // args.batch), "dtype": cfg.cache.dtype,
             "codec": cfg.cache.codec, "topk": cfg.cache.topk, "topk_codecs": args.topk_codecs, "target": target,
             "seconds": times, "tokens_per_s": {k: tokens / median(v) for k, v in times.items()},
@@ -137,7 +151,12 @@ def compare(kind: str, args, device, store: ArtifactStore) -> dict:
 
 def main(argv=None) -> None:
     p = parser(__doc__.split("\n\n")[0])
-    p.add_argument("--teachers", nargs="+", default=["quickstart", "large"], choices=["quickstart", "large"])
+    p.add_argument("--teachers", nargs="+", default=["quickstart", "large"], choices=TEACHERS)
+    shape_arguments(p)
+    p.add_argument("--student-dim", type=int, default=None,
+                   help="the student's width (default the quickstart preset's, 128); a student distilled from a "
+                        "0.5-8B teacher is 1024 wide or more, and its step then hides more of the reader's work")
+    p.add_argument("--student-layers", type=int, default=None, help="the student's blocks (default the preset's)")
     p.add_argument("--rows", type=int, default=256, help="rows in the cache (256 = 16 chunks, 4 stay decoded)")
     p.add_argument("--batch", type=int, default=16, help="training batch = cache chunk (quickstart preset: 16)")
     p.add_argument("--steps", type=int, default=16, help="optimiser steps per timed pass (16: every chunk once)")

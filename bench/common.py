@@ -41,6 +41,30 @@ SHAPES = {
 }
 VOCAB = 4096
 
+# Teachers of real models' shapes, randomly initialised (speed and memory do not depend on the weights' values): the
+# architecture values of each model's published config.json on the Hugging Face Hub (Qwen/Qwen2.5-0.5B,
+# Qwen/Qwen2.5-1.5B, meta-llama/Llama-3.2-1B), written out here so that nothing is downloaded. Their vocabularies
+# are the models' own; the token ids fed to them come from the quickstart tokenizer (ids < 4096), which any of
+# these vocabularies embeds.
+MODEL_SHAPES = {
+    "qwen2.5-0.5b-shape": ("qwen2", dict(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "qwen2.5-1.5b-shape": ("qwen2", dict(
+        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+        vocab_size=151936, max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "llama-3.2-1b-shape": ("llama", dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=64, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+}
+TEACHERS = [*SHAPES, *MODEL_SHAPES]
+# the random weights' standard deviation: transformers' initializer_range, as these models' configs set it
+INIT_STD = 0.02
+
 
 # ---- command line, device, environment -------------------------------------------------------------------------
 
@@ -94,11 +118,82 @@ def machine(device: torch.device | None = None) -> dict:
 
 # ---- models and data -------------------------------------------------------------------------------------------
 
-def teacher(kind: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """``(model, info)``. ``quickstart`` is the trained embedded teacher when assets/quickstart-teacher holds one,
-    else a random-weight Llama of its shape; ``large`` is always random weights (hidden size 1024)."""
+def shape_arguments(p: argparse.ArgumentParser) -> None:
+    """``--shape-layers``: for the teachers of ``MODEL_SHAPES``."""
+    p.add_argument("--shape-layers", type=int, default=None,
+                   help=f"keep only this many decoder layers of the model-shaped teachers ({', '.join(MODEL_SHAPES)}); "
+                        "default all. One layer checks a script on a CPU in seconds")
+
+
+def model_config(kind: str, layers: int | None = None):
+    """The transformers config of a ``MODEL_SHAPES`` teacher, with only ``layers`` decoder layers if given."""
     import transformers as tf
 
+    if kind not in MODEL_SHAPES:
+        raise ValueError(f"no model shape {kind!r}; choose one of {', '.join(MODEL_SHAPES)}")
+    family, values = MODEL_SHAPES[kind]
+    if layers is not None:
+        if not 1 <= layers <= values["num_hidden_layers"]:
+            raise ValueError(f"--shape-layers {layers}: {kind} has {values['num_hidden_layers']} decoder layers; "
+                             f"keep between 1 and {values['num_hidden_layers']}")
+        values = {**values, "num_hidden_layers": layers}  # before construction: qwen2 derives layer_types from it
+    config_class = {"qwen2": tf.Qwen2Config, "llama": tf.LlamaConfig}[family]
+    return config_class(initializer_range=INIT_STD, **values)
+
+
+def _fill_random(model: nn.Module, seed: int) -> None:
+    """Weights of the right scale, cheaply: every matrix gets a repeating stretch of one seeded normal sample (std
+    ``INIT_STD``), norm weights 1, biases 0. Drawing a fresh normal value per element, as transformers' own
+    ``_init_weights`` does, costs seconds per 150k-token embedding on a CPU, and speed does not depend on the values;
+    the stretch's length is prime, so that rows of a matrix do not repeat each other."""
+    source = torch.randn(1_000_003, generator=torch.Generator().manual_seed(seed)) * INIT_STD
+    for name, param in model.named_parameters():
+        with torch.no_grad():
+            if param.dim() == 1:
+                param.fill_(1.0 if "norm" in name else 0.0)
+                continue
+            flat, stretch = param.view(-1), source.to(param.device, param.dtype)
+            whole = flat.numel() // stretch.numel() * stretch.numel()
+            flat[:whole].view(-1, stretch.numel()).copy_(stretch.expand(whole // stretch.numel(), -1))
+            flat[whole:].copy_(stretch[:flat.numel() - whole])
+
+
+def shaped_teacher(kind: str, device: torch.device, dtype: torch.dtype, layers: int | None = None, seed: int = 0):
+    """A randomly initialised ``MODEL_SHAPES`` teacher, built directly on ``device`` in ``dtype``.
+
+    The model is constructed on the meta device (no memory, no initialisation), converted to ``dtype`` there, then
+    given uninitialised storage on ``device`` and filled (``_fill_random``): a 1.5B-parameter teacher never exists
+    in fp32 in host memory, and transformers' per-element random initialisation is skipped. The rotary embedding's
+    buffers (computed in its constructor, so left empty by ``to_empty``) are rebuilt on ``device`` in fp32, as
+    transformers computes them."""
+    import transformers as tf
+
+    config = model_config(kind, layers)
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(config)
+    model.to(dtype).to_empty(device=device)
+    for name, module in list(model.named_modules()):
+        if any(True for _ in module.buffers(recurse=False)):
+            if not name.endswith("rotary_emb"):
+                raise RuntimeError(f"{kind}: module {name} ({type(module).__name__}) has buffers that to_empty left "
+                                   "uninitialised and this builder does not rebuild; extend shaped_teacher")
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, type(module)(config=config).to(device))
+    model.tie_weights()  # to_empty gives each module its own storage: tie the head to the embedding again
+    _fill_random(model, seed)
+    return model
+
+
+def teacher(kind: str, device: torch.device, dtype: torch.dtype, seed: int = 0, layers: int | None = None):
+    """``(model, info)``. ``quickstart`` is the trained embedded teacher when assets/quickstart-teacher holds one,
+    else a random-weight Llama of its shape; ``large`` is always random weights (hidden size 1024); the
+    ``MODEL_SHAPES`` teachers are random weights of real models' shapes, with only ``layers`` decoder layers if
+    given (``shaped_teacher``)."""
+    import transformers as tf
+
+    if kind in MODEL_SHAPES:
+        model = shaped_teacher(kind, device, dtype, layers, seed).eval().requires_grad_(False)
+        return model, teacher_info(model, kind, f"random weights, {kind.removesuffix('-shape')} config")
     trained = kind == "quickstart" and (QUICKSTART / "model.safetensors").exists() and (QUICKSTART / "config.json").exists()
     if trained:
         model = tf.AutoModelForCausalLM.from_pretrained(QUICKSTART, dtype=dtype)
@@ -110,11 +205,14 @@ def teacher(kind: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
         model = tf.LlamaForCausalLM(config).to(dtype)
         source = "random weights, tiny config"
     model.to(device).eval().requires_grad_(False)
+    return model, teacher_info(model, kind, source)
+
+
+def teacher_info(model, kind: str, source: str) -> dict:
     linears = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
-    info = {"teacher": kind, "source": source, "hidden_size": model.config.hidden_size,
+    return {"teacher": kind, "source": source, "hidden_size": model.config.hidden_size,
             "layers": model.config.num_hidden_layers, "vocab": model.config.vocab_size,
             "parameters": sum(p.numel() for p in model.parameters()), "block_linear_parameters": linears}
-    return model, info
 
 
 @functools.lru_cache(maxsize=8)

@@ -2,8 +2,10 @@
 rounds).
 
 1. BitLinear vs nn.Linear: the superposition student (``bitnet.SuperpositionStudent``, every block projection a
-   ``BitLinear``) against the very same architecture and weights with plain ``nn.Linear``. Target <= 1.3x. On CUDA
-   with Triton installed, a further copy runs the Triton kernels (``BITNET_KERNEL=triton``) in the same rounds.
+   ``BitLinear``) against the very same architecture and weights with plain ``nn.Linear``. Target <= 1.3x. With a
+   model-shaped teacher (``qwen2.5-1.5b-shape``...) the student takes that model's width, depth, heads, MLP width
+   and vocabulary (its attention has no grouped KV heads: the K and V projections are full width).
+   On CUDA with Triton installed, the Triton kernels (``BITNET_KERNEL=triton``) run as a further variant.
 2. Self-distillation vs plain fine-tuning of the same Hugging Face model: the project's own self-distillation loss
    (``distill.stages.self_distill.self_distill_trainable`` with the quickstart preset's loss, KL to the teacher: a
    teacher-mode forward, then the student forward through ``bitnet.patch_model``, backward into dW) against full
@@ -16,6 +18,7 @@ rounds).
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import sys
 from pathlib import Path
@@ -26,8 +29,8 @@ if __package__ in (None, ""):  # run as a script: python bench/train_step.py
 import torch
 from torch import nn
 
-from bench.common import (SHAPES, VOCAB, interleave, median, parser, ratio, report, setup, stepper, table, teacher,
-                          token_rows)
+from bench.common import (MODEL_SHAPES, SHAPES, TEACHERS, VOCAB, interleave, median, model_config, parser, ratio,
+                          report, setup, shape_arguments, stepper, table, teacher, token_rows)
 from bitnet import BitLinear, SuperpositionStudent, next_token_cross_entropy, patch_model
 from bitnet.quant import bitlinear_graph
 from distill.config import load_config
@@ -71,45 +74,56 @@ def triton_available(device) -> bool:
     return device.type == "cuda" and triton_bitlinear.AVAILABLE
 
 
-def twin(student: nn.Module, cls: type) -> nn.Module:
-    """A copy of ``student`` whose BitLinear layers are of class ``cls`` (same weights, same shapes)."""
-    copied = copy.deepcopy(student)
-    for module in copied.modules():
-        if isinstance(module, BitLinear):
-            module.__class__ = cls  # BitLinear subclasses nn.Linear and adds only its forward
-    return copied
+def student_shape(kind: str, args) -> dict:
+    """The student's shape for ``kind``: a ``SHAPES`` entry (vocabulary ``VOCAB``), or a ``MODEL_SHAPES`` model's
+    (its own vocabulary, ``--shape-layers`` blocks if given)."""
+    if kind in MODEL_SHAPES:
+        c = model_config(kind, args.shape_layers)
+        return dict(vocab=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+                    num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size)
+    return dict(vocab=VOCAB, **SHAPES[kind])
 
 
 def bitlinear_vs_linear(kind: str, batch: int, args, device) -> dict:
-    shape = SHAPES[kind]
+    shape = student_shape(kind, args)
     ids, mask = token_rows(batch, args.seq_len)
     ids, mask = ids.to(device), mask.to(device)
     torch.manual_seed(0)
-    bit = SuperpositionStudent(VOCAB, shape["hidden_size"], shape["num_hidden_layers"], shape["num_attention_heads"],
-                               mlp_hidden=shape["intermediate_size"], max_seq_len=args.seq_len).to(device)
-    models = {"nn.Linear": twin(bit, nn.Linear), "BitLinear": bit, "BitLinear, STE graph (before)": twin(bit, GraphBitLinear)}
-    kernels = {}  # "BitLinear" runs as the environment says (bitnet.quant.kernel_on_cuda: compiled by default)
-    if triton_available(device):  # the Triton kernels (BITNET_KERNEL=triton) on a copy of the same weights
-        models["BitLinear, Triton"] = twin(bit, BitLinear)
-        kernels["BitLinear, Triton"] = "triton"
-    steps = {}
-    for name, m in models.items():
-        loss_of = lambda m=m: next_token_cross_entropy(m(ids, mask).logits, ids, mask)  # noqa: E731
-        steps[name] = stepper(list(m.parameters()), with_kernel(kernels[name], loss_of) if name in kernels else loss_of,
-                              device)
+    model = SuperpositionStudent(shape["vocab"], shape["hidden_size"], shape["num_hidden_layers"],
+                                 shape["num_attention_heads"], mlp_hidden=shape["intermediate_size"],
+                                 max_seq_len=args.seq_len).to(device)
+    # One model and one optimiser for every variant: each step first gives the block projections the variant's
+    # class (BitLinear subclasses nn.Linear and adds only its forward), so a variant costs no memory and a
+    # 1.5B-shaped student is held once, not once per variant. The steps train the shared weights in turn, which
+    # changes nothing in their cost.
+    projections = [m for m in model.modules() if isinstance(m, BitLinear)]
+    step = stepper(list(model.parameters()), lambda: next_token_cross_entropy(model(ids, mask).logits, ids, mask),
+                   device)
+
+    def step_as(cls: type) -> None:
+        for module in projections:
+            module.__class__ = cls
+        step()
+
+    variants = {"nn.Linear": nn.Linear, "BitLinear": BitLinear, "BitLinear, STE graph (before)": GraphBitLinear}
+    steps = {name: functools.partial(step_as, cls) for name, cls in variants.items()}
+    # "BitLinear" runs as the environment says (bitnet.quant.kernel_on_cuda: compiled by default); with Triton on a
+    # GPU, the Triton kernels (BITNET_KERNEL=triton) too
+    if triton_available(device):
+        steps["BitLinear, Triton"] = with_kernel("triton", functools.partial(step_as, BitLinear))
     times = interleave(steps, args.repeats, device)  # the untimed warm-up round compiles and autotunes
-    out = {"model": f"superposition student ({kind} shape)", "dim": shape["hidden_size"], "batch": batch,
-           "tokens": batch * args.seq_len, "parameters": sum(p.numel() for p in bit.parameters()),
-           "seconds": times, "median_s": {k: median(v) for k, v in times.items()},
-           "ratio": ratio(times["BitLinear"], times["nn.Linear"]),
-           "ratio_graph": ratio(times["BitLinear, STE graph (before)"], times["nn.Linear"])}
-    if "BitLinear, Triton" in times:
-        out["ratio_triton"] = ratio(times["BitLinear, Triton"], times["nn.Linear"])
-    return out
+    return {"model": f"superposition student ({kind if kind in MODEL_SHAPES else kind + ' shape'})", "dim": shape["hidden_size"],
+            "layers": shape["num_hidden_layers"], "vocab": shape["vocab"], "batch": batch,
+            "tokens": batch * args.seq_len, "parameters": sum(p.numel() for p in model.parameters()),
+            "seconds": times, "median_s": {k: median(v) for k, v in times.items()},
+            "ratio": ratio(times["BitLinear"], times["nn.Linear"]),
+            "ratio_graph": ratio(times["BitLinear, STE graph (before)"], times["nn.Linear"]),
+            **({"ratio_triton": ratio(times["BitLinear, Triton"], times["nn.Linear"])}
+               if "BitLinear, Triton" in times else {})}
 
 
 def self_distill_vs_finetune(kind: str, batch: int, args, device) -> dict:
-    model, info = teacher(kind, device, torch.float32)  # fp32 master weights; bf16 autocast on CUDA
+    model, info = teacher(kind, device, torch.float32, layers=args.shape_layers)  # fp32 master weights; bf16 autocast on CUDA
     ids, mask = token_rows(batch, args.seq_len)
     rows = Rows(batch, lambda index: {"input_ids": ids[index], "attention_mask": mask[index]})
     cfg = load_config("quickstart", {"train.batch_size": batch})
@@ -161,9 +175,13 @@ def triton_cells(r: dict) -> list:
 
 def main(argv=None) -> None:
     p = parser(__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", nargs="+", default=["quickstart", "large"], choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="+", default=["quickstart", "large"], choices=TEACHERS)
+    shape_arguments(p)
+    p.add_argument("--parts", nargs="+", default=["bitlinear", "self-distill"], choices=["bitlinear", "self-distill"],
+                   help="which comparisons to run. self-distill holds five copies of the teacher with their AdamW "
+                        "state: at a model shape's full depth, more memory than one GPU has")
     p.add_argument("--batch", type=int, default=16, help="rows per step, quickstart shape (quickstart preset: 16)")
-    p.add_argument("--large-batch", type=int, default=4, help="rows per step, large shape")
+    p.add_argument("--large-batch", type=int, default=4, help="rows per step, every other shape")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--delta", default="full", help="self-distillation delta: full or lora:R")
     p.set_defaults(repeats=7)
@@ -172,19 +190,21 @@ def main(argv=None) -> None:
     bit, sd = [], []
     for kind in args.shapes:
         batch = args.batch if kind == "quickstart" else args.large_batch
-        print(f"{kind}: BitLinear vs nn.Linear, batch {batch} x {args.seq_len}", flush=True)
-        bit.append(bitlinear_vs_linear(kind, batch, args, device))
-        print(f"{kind}: self-distillation vs fine-tuning", flush=True)
-        sd.append(self_distill_vs_finetune(kind, batch, args, device))
+        if "bitlinear" in args.parts:
+            print(f"{kind}: BitLinear vs nn.Linear, batch {batch} x {args.seq_len}", flush=True)
+            bit.append(bitlinear_vs_linear(kind, batch, args, device))
+        if "self-distill" in args.parts:
+            print(f"{kind}: self-distillation vs fine-tuning", flush=True)
+            sd.append(self_distill_vs_finetune(kind, batch, args, device))
     tables = {
-        "BitLinear model step / nn.Linear model step (target <= 1.3x)": table(
+        "BitLinear model step / nn.Linear model step (target <= 1.3x)": bit and table(
             ["model", "dim", "tokens/step", "nn.Linear s/step", "BitLinear s/step", "BitLinear / nn.Linear", "range",
              "meets target", "STE graph (before) / nn.Linear", "Triton / nn.Linear", "range", "Triton meets target"],
             [[r["model"], r["dim"], r["tokens"], r["median_s"]["nn.Linear"], r["median_s"]["BitLinear"],
               r["ratio"]["median"], f"{r['ratio']['min']:.2f}-{r['ratio']['max']:.2f}",
               "yes" if r["ratio"]["median"] <= TARGET else "no", r["ratio_graph"]["median"],
               *triton_cells(r)] for r in bit]),
-        "Self-distillation step / plain fine-tuning step of the same model": table(
+        "Self-distillation step / plain fine-tuning step of the same model": sd and table(
             ["teacher", "weights", "tokens/step", "fine-tune s/step", "ternary CE-only s/step", "self-distill s/step",
              "CE-only / fine-tune", "self-distill / fine-tune", "range", "checkpointed / self-distill", "range",
              "AdamW8bit / AdamW", "range"],
@@ -197,6 +217,7 @@ def main(argv=None) -> None:
               r["ratio_adamw8bit"]["median"],
               f"{r['ratio_adamw8bit']['min']:.2f}-{r['ratio_adamw8bit']['max']:.2f}"] for r in sd]),
     }
+    tables = {title: text for title, text in tables.items() if text}  # the parts that ran
     report("train_step", args, device, tables, {"bitlinear_vs_linear": bit, "self_distill_vs_finetune": sd})
 
 

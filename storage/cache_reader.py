@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .cache_spec import (ATTRS_KEY, GROUP_DIR, STORED_AS, CacheError, ChunkError, TeacherCacheSpec, array_sha256,
+from .cache_spec import (ATTRS_KEY, CHECKSUMS, GROUP_DIR, STORED_AS, CacheError, ChunkError, TeacherCacheSpec,
                          check_fingerprint, chunk_label, damaged_metadata, record_path, recorded_chunks, to_tensor)
 from .lease import holding_lock
 from .zarr_chunks import ChunkCodec
@@ -132,7 +132,7 @@ class TeacherCacheReader(torch.utils.data.Dataset):
         if data[record_file] is None:
             raise self._chunk_error(chunk, "missing: it was never written (an interrupted build)",
                                     "rerun the cache stage to write the missing chunks")
-        checksums = self._recorded_checksums(chunk, data[record_file], names)
+        algorithm, checksums = self._recorded_checksums(chunk, data[record_file], names)
         start, stop = self.spec.chunk_rows(chunk)
         values = {}
         for name, path in objects.items():
@@ -143,16 +143,21 @@ class TeacherCacheReader(torch.utils.data.Dataset):
                 values[name] = self._codec(name).decode(data[path], stop - start)
             except Exception as exc:  # a codec error on damaged bytes, a truncated object...
                 raise self._chunk_error(chunk, f"corrupt: {name} cannot be read ({type(exc).__name__}: {exc})") from exc
-            if self.check_checksums and array_sha256(values[name]) != checksums[name]:
+            if self.check_checksums and CHECKSUMS[algorithm](values[name]) != checksums[name]:
                 raise self._chunk_error(chunk, f"corrupt: {name} does not match the checksum recorded when it was "
                                                "written")
         return values
 
-    def _recorded_checksums(self, chunk: int, record: bytes, names: list[str]) -> dict[str, str]:
-        """The sha256 of each array in a chunk's record; a damaged record makes the chunk corrupt, like its data."""
+    def _recorded_checksums(self, chunk: int, record: bytes, names: list[str]) -> tuple[str, dict[str, str]]:
+        """The checksum algorithm of a chunk's record (``CHECKSUMS``) and each array's checksum under it; a damaged
+        record makes the chunk corrupt, like its data."""
         try:
-            checksums = json.loads(record)["sha256"]
-            return {name: checksums[name] for name in names}
+            record = json.loads(record)
+            found = [algorithm for algorithm in CHECKSUMS if algorithm in record]
+            if len(found) != 1:
+                raise KeyError(f"one checksum algorithm of {sorted(CHECKSUMS)} expected, found {found}")
+            checksums = record[found[0]]
+            return found[0], {name: checksums[name] for name in names}
         except (ValueError, KeyError, TypeError) as exc:  # not JSON, not an object, a checksum missing
             problem = f"corrupt: its record cannot be read ({type(exc).__name__}: {exc})"
             raise self._chunk_error(chunk, problem) from None

@@ -19,8 +19,8 @@ any reader gets the values back with ``torch.from_numpy(a.view(np.int16)).view(t
 ``a.view(ml_dtypes.bfloat16)``). float32/float16 are stored natively.
 
 On disk, the cache directory holds the group ``data.zarr/`` and, beside it (so that Zarr sees a clean hierarchy):
-``_chunks/chunk-<c>.json`` (the completion record of chunk ``c``: its rows, the sha256 of each array's stored
-values, per-layer norm sums), ``_lock`` or ``_lease.json`` (the writer's lock) and, once every chunk is recorded,
+``_chunks/chunk-<c>.json`` (the completion record of chunk ``c``: its rows, a checksum of each array's stored
+values under the key of its algorithm, ``crc32c`` or ``sha256`` (``CHECKSUMS``), per-layer norm sums), ``_lock`` or ``_lease.json`` (the writer's lock) and, once every chunk is recorded,
 ``_COMPLETE.json``. The group's attributes hold the spec and the per-layer mean norms.
 """
 
@@ -133,7 +133,41 @@ def to_tensor(values: np.ndarray, dtype: str):
 
 def array_sha256(values: np.ndarray) -> str:
     """Checksum of an array's stored values (C order, as written), independent of compression."""
-    return hashlib.sha256(np.ascontiguousarray(values).reshape(-1).view(np.uint8)).hexdigest()
+    return hashlib.sha256(_bytes_of(values)).hexdigest()
+
+
+def array_crc32c(values: np.ndarray) -> str:
+    """CRC-32C of an array's stored values (C order, as written), as 8 hex digits."""
+    import google_crc32c
+
+    return f"{google_crc32c.value(_bytes_of(values)):08x}"
+
+
+def _bytes_of(values: np.ndarray) -> np.ndarray:
+    # a numpy array, not a memoryview of it: google_crc32c's C function rejects memoryviews
+    return np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+
+
+# The checksums a chunk's record may hold, by the record's key for them. A record names its algorithm, so caches
+# written with sha256 (every cache before crc32c) still verify, and one cache may hold records of both.
+#
+# Why CRC-32C suffices: a record's checksum is there to catch accidental damage (a torn or truncated object, flipped
+# bits on a disk or in transit, an object of another chunk or run left in place), never tampering: whoever can
+# rewrite a chunk can rewrite its record too, so sha256 gave no protection against that either. Against accidental
+# damage CRC-32C detects every error burst up to 32 bits and any other corruption of an object but with probability
+# 2^-32, per damaged array. It is also hardware-accelerated, where sha256 was a sizeable share of the writer's CPU
+# time (docs/RESULTS.md, "Teacher cache").
+CHECKSUMS = {"sha256": array_sha256, "crc32c": array_crc32c}
+
+
+def default_checksum() -> str:
+    """``crc32c`` where google-crc32c (a dependency of zarr) has its compiled implementation; else ``sha256``: its
+    pure-Python fallback would be slower than sha256 by orders of magnitude."""
+    try:
+        import google_crc32c
+    except ImportError:
+        return "sha256"
+    return "crc32c" if google_crc32c.implementation == "c" else "sha256"
 
 
 def layer_name(layer: int) -> str:

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cache_spec import (ATTRS_KEY, BF16_ENCODING, CHUNK_KEY_ENCODING, FORMAT, GROUP_DIR, RECORDS_DIR, STORED_AS,
-                         CacheError, TeacherCacheSpec, array_sha256, check_fingerprint, chunk_label, compressors,
-                         damaged_metadata, layer_name, record_path, recorded_chunks, to_stored, torch_dtype)
+                         CHECKSUMS, CacheError, TeacherCacheSpec, check_fingerprint, chunk_label, compressors,
+                         damaged_metadata, default_checksum, layer_name, record_path, recorded_chunks, to_stored,
+                         torch_dtype)
 from .lease import acquire_lock
 from .zarr_chunks import ChunkCodec
 
@@ -134,6 +135,9 @@ class TeacherCacheWriter:
     ``threads`` writer threads store chunks in parallel (each chunk is written by exactly one of them);
     ``queue_size`` chunks may wait for them; only when that many are waiting does ``write_chunk`` block.
     ``on_wait(message)`` is called once if another writer holds the cache's lock, before waiting for it.
+    ``checksum`` (a key of ``CHECKSUMS``; default ``default_checksum()``) is the records' checksum, and
+    ``concurrent_writes`` writes a chunk's objects concurrently (``ArtifactStore.write_many``); both exist to time
+    the earlier choices beside the current ones (bench/writer_cpu.py).
 
     With ``chunks`` (a range), the writer owns only those chunks: several such writers, on other processes or
     machines, fill disjoint ranges of one cache at once. Each holds a lock of its own range (the cache's lock only
@@ -143,9 +147,14 @@ class TeacherCacheWriter:
     """
 
     def __init__(self, store, path: str, spec: TeacherCacheSpec, *, chunks: range | None = None, threads: int = 4,
-                 queue_size: int | None = None, lock_timeout: float = 3600.0, lease_ttl: float = 120.0, on_wait=None):
+                 queue_size: int | None = None, lock_timeout: float = 3600.0, lease_ttl: float = 120.0, on_wait=None,
+                 checksum: str | None = None, concurrent_writes: bool = True):
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
+        checksum = checksum or default_checksum()
+        if checksum not in CHECKSUMS:
+            raise ValueError(f"checksum {checksum!r} is not one of {', '.join(CHECKSUMS)}")
+        self._checksum, self._concurrent_writes = checksum, concurrent_writes
         if chunks is not None and (chunks.step != 1 or not 0 <= chunks.start < chunks.stop <= spec.num_chunks):
             raise ValueError(f"chunks {chunks} is not a range of the cache's chunks 0..{spec.num_chunks - 1}")
         self.store, self.path, self.spec, self.chunks = store, path, spec, chunks
@@ -246,10 +255,12 @@ class TeacherCacheWriter:
         stored = {name: to_stored(tensor) for name, tensor in staged.arrays.items()}
         # the chunk's objects, each whole, atomically and durably (storage/zarr_chunks.py says why not through zarr)
         self.store.write_many({f"{self.path}/{GROUP_DIR}/{name}/{self._codecs[name].key(chunk)}":
-                               self._codecs[name].encode(values) for name, values in stored.items()})
+                               self._codecs[name].encode(values) for name, values in stored.items()},
+                              concurrent=self._concurrent_writes)
         self._lock.ensure_held()  # never record a chunk after losing the lease to another writer
         real = stored["attention_mask"].astype(bool)
-        record = {"chunk": chunk, "rows": [start, stop], "sha256": {n: array_sha256(v) for n, v in stored.items()},
+        checksum = CHECKSUMS[self._checksum]
+        record = {"chunk": chunk, "rows": [start, stop], self._checksum: {n: checksum(v) for n, v in stored.items()},
                   "tokens": int(real.sum()), "norm_sums": _norm_sums(staged, real)}
         self.store.write_json(f"{self.path}/{record_path(chunk)}", record)
         with self._done_lock:

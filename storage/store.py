@@ -18,8 +18,10 @@ import errno
 import hashlib
 import json
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
@@ -169,15 +171,31 @@ class ArtifactStore:
         """Write the whole file atomically (see the module docstring)."""
         self.write_many({path: data})
 
-    def write_many(self, files: dict[str, bytes]) -> None:
-        """Write several whole files, each atomically and durably (see the module docstring); on S3 the PUTs run
-        concurrently. Which of them exist after a failure is undefined: record completion separately."""
+    def write_many(self, files: dict[str, bytes], *, concurrent: bool = True) -> None:
+        """Write several whole files, each atomically and durably (see the module docstring), concurrently: on S3
+        the PUTs, locally each file's write, fsyncs and rename in a thread of its own (``concurrent=False``: one
+        after another, for comparison). Which of them exist after a failure is undefined: record completion
+        separately, after this returns.
+
+        Locally, a file's durable write is two fsyncs (its data, then its directory after the rename) that mostly
+        wait on the disk, with the GIL released; one after another a chunk of the teacher cache spent most of its
+        writer's time in them (docs/RESULTS.md, "Teacher cache"). Concurrent fsyncs share the file system's journal
+        commits. Each file still reaches the disk before its rename and its rename before this returns, so the
+        guarantees are the sequential ones."""
         for path, data in files.items():
             self._record(path, lambda data=data: hashlib.sha256(data).hexdigest())
         if self.is_local:
-            for path, data in files.items():
+            def write(item: tuple[str, bytes]) -> None:
+                path, data = item
                 with self.guard("write", path):
-                    self._write_local(self.full_path(path), lambda f, data=data: f.write(data))
+                    self._write_local(self.full_path(path), lambda f: f.write(data))
+
+            if concurrent and len(files) > 1:
+                for _ in _sync_pool().map(write, files.items()):  # waits for every file; raises the first error
+                    pass
+            else:
+                for item in files.items():
+                    write(item)
         elif files:
             first = next(iter(files))
             with self.guard("write", first if len(files) == 1 else f"{first} (and {len(files) - 1} more files)"):
@@ -398,6 +416,20 @@ def _file_sha256(path: str | os.PathLike) -> str:
 def _copy_stream(src: IO[bytes], dst: IO[bytes], block: int = 16 << 20) -> None:
     while chunk := src.read(block):
         dst.write(chunk)
+
+
+_SYNC_POOL: ThreadPoolExecutor | None = None
+_SYNC_POOL_LOCK = threading.Lock()
+
+
+def _sync_pool() -> ThreadPoolExecutor:
+    """Threads for concurrent local writes (``write_many``), shared by every store and caller of this process: they
+    wait on the disk, so more threads than cores is right."""
+    global _SYNC_POOL
+    with _SYNC_POOL_LOCK:
+        if _SYNC_POOL is None:
+            _SYNC_POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="store-write")
+        return _SYNC_POOL
 
 
 def _make_dirs_durable(directory: str) -> None:

@@ -410,3 +410,65 @@ def test_arrays_handed_over_on_cuda_are_stored_exactly(local_store, dtype):
             for value in on_gpu.values():
                 value.zero_()
     assert_reads_back(TeacherCacheReader(local_store, "cache"), spec)
+
+
+def test_records_name_their_checksum_and_caches_of_sha256_records_still_verify(store):
+    """New records hold CRC-32C checksums; caches written with sha256 records (every cache before) read and verify
+    as before, corruption included, and a cache resumed by the new writer holds records of both."""
+    import json
+
+    import google_crc32c
+
+    assert f"{google_crc32c.value(b'123456789'):08x}" == "e3069283"  # CRC-32C's published check value
+    record = "cache/_chunks/chunk-{:06d}.json"
+    # chunks 0-1 written with sha256 records, as by earlier code, then the rest by the current writer
+    with TeacherCacheWriter(store, "cache", SPEC, checksum="sha256") as writer:
+        for chunk in (0, 1):
+            writer.write_chunk(chunk, chunk_arrays(SPEC, chunk))
+    assert build_cache(store, "cache", SPEC) == 2
+    keys = [set(json.loads(store.read_bytes(record.format(c)))) & {"sha256", "crc32c"} for c in range(4)]
+    assert keys == [{"sha256"}, {"sha256"}, {"crc32c"}, {"crc32c"}]
+    reader = TeacherCacheReader(store, "cache")
+    assert reader.verify().ok
+    assert_reads_back(reader, SPEC)
+    for chunk in (1, 2):  # well-formed bytes with the wrong values, under each algorithm
+        store.write_bytes(f"cache/data.zarr/topk_values/c.{chunk}.0.0",
+                          store.read_bytes("cache/data.zarr/topk_values/c.0.0.0"))
+    report = TeacherCacheReader(store, "cache").verify()
+    assert sorted(report.corrupt) == [1, 2] and all("topk_values does not match the checksum" in report.corrupt[c]
+                                                    for c in (1, 2))
+
+
+def test_a_record_with_both_checksums_or_an_unknown_one_is_corrupt(store):
+    import json
+
+    build_cache(store, "cache", SPEC)
+    record = "cache/_chunks/chunk-{:06d}.json"
+    both = json.loads(store.read_bytes(record.format(0)))
+    store.write_json(record.format(0), {**both, "sha256": both["crc32c"]})
+    store.write_json(record.format(1), {k: v for k, v in json.loads(store.read_bytes(record.format(1))).items()
+                                        if k != "crc32c"} | {"md5": {}})
+    report = TeacherCacheReader(store, "cache").verify()
+    assert sorted(report.corrupt) == [0, 1]
+    assert "one checksum algorithm of ['crc32c', 'sha256'] expected, found ['sha256', 'crc32c']" in report.corrupt[0]
+    assert "found []" in report.corrupt[1]
+    with pytest.raises(ValueError, match="checksum 'md5' is not one of sha256, crc32c"):
+        TeacherCacheWriter(store, "other", SPEC, checksum="md5")
+
+
+@pytest.mark.parametrize("concurrent", [True, False], ids=["concurrent", "sequential"])
+def test_a_chunks_objects_are_durable_before_its_record(local_store, fsyncs, concurrent):
+    """Written concurrently or one after another, every object of a chunk is fsynced, renamed and its directory
+    fsynced before the chunk's record is written: a killed run never leaves a record of a chunk whose objects could
+    be lost."""
+    synced = fsyncs()
+    build_cache(local_store, "cache", SPEC, concurrent_writes=concurrent)
+    for chunk in range(SPEC.num_chunks):
+        record = min(i for i, p in enumerate(synced) if f"/.chunk-{chunk:06d}.json." in p)
+        objects = [i for i, p in enumerate(synced) if f"/.c.{chunk}.0" in p]
+        assert len(objects) == len(SPEC.arrays()) and max(objects) < record
+        for name in SPEC.arrays():  # each object's directory synced after the object (after its rename)
+            directory = str(Path(local_store.full_path(f"cache/data.zarr/{name}")).resolve())
+            mine = max(i for i, p in enumerate(synced) if f"/{name}/.c.{chunk}.0" in p)
+            assert any(mine < i < record for i, p in enumerate(synced) if p == directory), name
+    assert TeacherCacheReader(local_store, "cache").verify().ok
