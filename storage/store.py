@@ -432,6 +432,16 @@ def _sync_pool() -> ThreadPoolExecutor:
         return _SYNC_POOL
 
 
+def _forget_sync_pool() -> None:
+    # A forked child inherits the pool object but none of its threads; an executor that believes it has idle threads
+    # would queue work nobody runs. The child starts its own on first use.
+    global _SYNC_POOL, _SYNC_POOL_LOCK
+    _SYNC_POOL, _SYNC_POOL_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_sync_pool)
+
+
 def _make_dirs_durable(directory: str) -> None:
     """``os.makedirs``, and each directory it creates persisted in its parent: a file renamed into a new directory
     is durable only once that directory's own entry is."""

@@ -88,6 +88,24 @@ def test_a_file_written_into_new_directories_is_durable_with_them(local_store, f
     assert ".second.bin." in synced[0] and [Path(p) for p in synced[1:]] == [root / "old/new/deeper"]
 
 
+def test_a_forked_child_writes_several_files_with_threads_of_its_own(tmp_path):
+    """write_many's shared thread pool is the parent's: a forked child must not queue work on threads it lacks."""
+    store = ArtifactStore(str(tmp_path))
+    store.write_many({"a": b"1", "b": b"2"})  # the parent's pool now exists
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 once both files are written (a hang is killed by the parent's timeout)
+        store.write_many({"c": b"3", "d": b"4"})
+        os._exit(0)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, "the forked child's write_many hung"
+    assert store.read_bytes("c") == b"3" and store.read_bytes("d") == b"4"
+
+
 def test_paths_cannot_escape_the_root(local_store):
     for bad in ("../x", "a/../../x", "/etc/passwd"):
         with pytest.raises(ValueError, match="relative"):
