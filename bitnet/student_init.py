@@ -38,6 +38,9 @@ from torch import nn
 from .student import Decompressor, StudentConfig, SuperpositionStudent
 
 
+FAMILIES = {"llama", "mistral", "qwen2"}  # the teachers whose blocks init_from_teacher reads
+
+
 def _attention_shape(config) -> tuple[int, int, int]:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -53,6 +56,10 @@ def _rope(config) -> tuple[str, float | None]:
 def derivation_problems(config, student: StudentConfig, projector_hidden: int | None = None) -> list[str]:
     """What keeps ``student`` from being cut out of a teacher with Hugging Face ``config`` (empty: nothing); each
     problem names the student field to change. ``projector_hidden``: the decompressor's width as it will be built."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        return [f"a {model_type} teacher: the student is cut out of {', '.join(sorted(FAMILIES))} teachers (their "
+                "module names and pre-norm SwiGLU blocks)"]
     problems = []
     if getattr(config, "hidden_act", "silu") != "silu":
         problems.append(f"the teacher's MLP uses {config.hidden_act}, the student's SwiGLU silu: a Llama-family "

@@ -142,6 +142,9 @@ def test_shapes_that_cannot_be_cut_name_the_fields(tmp_path):
     for field in ("student.dim 64", "student.n_layers 3", "student.n_heads 8", "student.mlp_hidden 128",
                   "student.rope_theta: 10000", "student.projector_hidden >= 128"):
         assert field in text
+    phi3 = tiny_causal_lm("phi3", tmp_path).config  # fused qkv and gate_up projections
+    assert "a phi3 teacher: the student is cut out of llama, mistral, qwen2 teachers" in \
+        derivation_problems(phi3, StudentConfig(VOCAB, dim=16, n_layers=1, n_heads=4, mlp_hidden=32))[0]
     assert "head size" in derivation_problems(c, StudentConfig(VOCAB, dim=24, n_layers=1, n_heads=4, mlp_hidden=32))[0]
     assert derivation_problems(c, StudentConfig(VOCAB, dim=16, n_layers=2, n_heads=4, mlp_hidden=64)) == []
     student, projector = _student(teacher, 16, 4, 32, n_layers=2)
