@@ -135,6 +135,9 @@ def variants(args) -> list[Variant]:
     levers = {"random init": {}, "init teacher": {"superposition.init": "teacher"},
               "KL in reconstruction": {"superposition.kl_weight": 1.0},
               "init teacher + KL": {"superposition.init": "teacher", "superposition.kl_weight": 1.0}}
+    # the head after KL in reconstruction is trained already: retrained at the lr a random head needs, or on CE + KL
+    levers["init teacher + KL, head lr 0.002"] = levers["init teacher + KL"] | {"head.lr": 2e-3}
+    levers["init teacher + KL, head on CE + top-k KL"] = levers["init teacher + KL"] | {"head.topk_kl_weight": 1.0}
     for n in args.lever_budgets:
         # the rows n steps of 16 read, up to every training row (the preset's 300 steps: its 4800)
         rows = min(RECIPE_ROWS, 16 * n)
