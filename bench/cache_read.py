@@ -8,8 +8,8 @@ variants train their own copy of the same student on the same schedule of rows: 
 ``distill.rows.cached_rows`` (``TeacherCacheReader``: chunk decode, checksum check, stacking, as the stage
 runs it), the other through a ``Rows`` that indexes tensors read out of the same cache beforehand. The cache is
 written first, with the cache stage's writer and the teacher's real outputs (quickstart preset: last layer, float16,
-zstd, top-k 32 in bit-shuffled LZ4, chunk = batch = 16 rows); the training reads what the stage reads (the tokens
-and the target layer). The reader alone is also timed reading every array (top-k included), on this cache and on the
+zstd, top-k 32 in bit-shuffled LZ4, chunk = batch = 16 rows); the training reads what the stage reads (the tokens,
+the target layer and, for the preset's KL term, the top-k logits). The reader alone is also timed reading every array (top-k included), on this cache and on the
 same cache with its top-k in zstd (``--topk-codecs``). Its files sit in the OS page cache, as they do after the
 cache stage: this measures decoding and checking, not a cold disk. Target: cache / in-memory >= 0.9.
 """
@@ -97,7 +97,9 @@ def compare(kind: str, args, device, store: ArtifactStore) -> dict:
         target = build_cache(model, store, p, args.rows, cfg, device, codec)
     del model
     path = paths[args.topk_codecs[0]]
-    stage_rows = cached_rows(store, bench_cache(path), "train", [target])  # what the superposition stage reads
+    # what the superposition stage reads: the target layer, and the top-k logits for the preset's KL term
+    arrays = [target, "topk_values", "topk_indices"] if cfg.superposition.kl_weight else [target]
+    stage_rows = cached_rows(store, bench_cache(path), "train", arrays)
     sources = {"in-memory tensors": in_memory(store, path), "Zarr cache (reader)": stage_rows}
     steps = {}
     for name, rows in sources.items():
