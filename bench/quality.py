@@ -82,6 +82,12 @@ PREVIOUS_DEFAULT = {"data.max_train_rows": 2048, "self_distill.steps": 300, "sel
 ABLATION_BUDGET = {**PREVIOUS_DEFAULT, "self_distill.lr": 5e-4}
 
 
+# The superposition student of an earlier preset: from random weights, its head retrained at lr 0.02 (the search
+# and the levers' rows are relative to it), and its budget, 300 + 150 steps on 4800 cached rows.
+EARLIER_SUPERPOSITION = {"superposition.init": "random", "superposition.kl_weight": 0.0, "head.lr": 2e-2}
+EARLIER_SUPERPOSITION_BUDGET = {"train.steps": 300, "cache.max_samples": 4800, "head.steps": 150}
+
+
 def loss(ce: float, kl: float, hidden: float, budget: dict = ABLATION_BUDGET, **extra) -> dict:
     weights = {"self_distill.ce_weight": ce, "self_distill.kl_weight": kl, "self_distill.hidden_weight": hidden}
     return {**budget, **weights, **extra}
@@ -127,21 +133,23 @@ def variants(args) -> list[Variant]:
         tuned = longer | decay_to_0 | head_kl | earlier_head
         superposition_search[f"{n} + {n // 2} steps, lr decayed to 0, head on CE + top-k KL"] = tuned
         superposition_search[f"{n} + {n // 2} steps, head lr 0.02"] = longer | {"head.lr": 2e-2}
-    out += [Variant(f"superposition, {name}, seed {s}", "superposition", "superposition-distill", {**o, "seed": s})
+    out += [Variant(f"superposition, {name}, seed {s}", "superposition", "superposition-distill",
+                    {**EARLIER_SUPERPOSITION_BUDGET, **EARLIER_SUPERPOSITION, **o, "seed": s})
             for name, o in superposition_search.items() for s in args.superposition_seeds]
     # The levers of the superposition student against its control (superposition.*): cut out of the teacher, KL to
-    # the cached top-k logits through its own head during reconstruction, both; at each budget beside the preset's
-    # random start, all with the preset's head lr
-    levers = {"random init": {}, "init teacher": {"superposition.init": "teacher"},
+    # the cached top-k logits through its own head during reconstruction, both; each row changes the earlier preset
+    # (random init, head lr 0.02), written out, so that the rows stay put when the preset moves
+    levers = {"random init": EARLIER_SUPERPOSITION, "init teacher": {"superposition.init": "teacher"},
               "KL in reconstruction": {"superposition.kl_weight": 1.0},
               "init teacher + KL": {"superposition.init": "teacher", "superposition.kl_weight": 1.0}}
     # the head after KL in reconstruction is trained already: retrained at the lr a random head needs, or on CE + KL
     levers["init teacher + KL, head lr 0.002"] = levers["init teacher + KL"] | {"head.lr": 2e-3}
     levers["init teacher + KL, head on CE + top-k KL"] = levers["init teacher + KL"] | {"head.topk_kl_weight": 1.0}
+    levers = {name: EARLIER_SUPERPOSITION | o for name, o in levers.items()}
     for n in args.lever_budgets:
-        # the rows n steps of 16 read, up to every training row (the preset's 300 steps: its 4800)
+        # the rows n steps of 16 read, up to every training row (300 steps: 4800)
         rows = min(RECIPE_ROWS, 16 * n)
-        budget = {} if n == 300 else {"train.steps": n, "cache.max_samples": rows, "head.steps": n // 2}
+        budget = {"train.steps": n, "cache.max_samples": rows, "head.steps": n // 2}
         out += [Variant(f"superposition, {n} + {n // 2} steps, {name}, seed {s}", "superposition-levers",
                         "superposition-distill", {**budget, **o, "seed": s})
                 for name, o in levers.items() if name in args.levers for s in args.superposition_seeds]
@@ -309,7 +317,7 @@ def main(argv=None) -> None:
     p.add_argument("--superposition-budgets", nargs="+", type=int, default=[1000, 3000],
                    help="reconstruction steps of the superposition search's longer rows (head steps: half as many)")
     p.add_argument("--lever-budgets", nargs="+", type=int, default=[300, 1000, 3000],
-                   help="reconstruction steps of the superposition levers' rows (300: the preset; head steps: half)")
+                   help="reconstruction steps of the superposition levers' rows (head steps: half as many)")
     p.add_argument("--levers", nargs="+", default=["random init", "init teacher", "KL in reconstruction",
                                                    "init teacher + KL"], help="the superposition levers' rows to run")
     p.add_argument("--only", nargs="+", default=[], metavar="TEXT",
