@@ -3,7 +3,9 @@
 # venv has none, so that pip does not pull the CUDA build as a dependency; on a
 # GPU machine install your CUDA torch into .venv first and it is kept. TORCH_SPEC
 # may carry pip options: "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
-# Everything else is pinned by constraints.txt, so pip resolves at once.
+# Everything else is pinned by constraints.txt, so pip resolves at once. pip does not byte-compile what it installs
+# (--no-compile): Python compiles the modules a run imports as it imports them, where compiling every installed
+# module up front (torch, transformers, prefect: thousands never imported) took a good part of the install.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -21,13 +23,13 @@ dev: $(VENV)/.installed-dev
 # The project; the quickstart needs nothing more.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_SPEC)
-	$(PY) -m pip install -c constraints.txt -e .
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --no-compile $(TORCH_SPEC)
+	$(PY) -m pip install --no-compile -c constraints.txt -e .
 	touch $@
 
 # And the dev extra, for the tests (S3 in moto, Ray, ...).
 $(VENV)/.installed-dev: $(VENV)/.installed
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(PY) -m pip install -c constraints.txt -e ".[dev]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(PY) -m pip install --no-compile -c constraints.txt -e ".[dev]"
 	touch $@
 
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
