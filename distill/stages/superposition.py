@@ -134,7 +134,8 @@ class Superposition(Stage):
                               "(e.g. 32) or superposition.kl_weight: 0")
         if cfg.superposition.init == "teacher":
             shape = cfg.student_shape(pre.facts.vocab_size)
-            problems = derivation_problems(pre.teacher.text_config, shape, shape.projector_hidden or pre.facts.hidden_size)
+            projector_width = shape.projector_hidden or pre.facts.hidden_size
+            problems = derivation_problems(pre.teacher.text_config, shape, projector_width)
             if shape.n_layers > target:
                 problems.append(f"student.n_layers {shape.n_layers} exceeds the {target} teacher blocks below the "
                                 f"reconstructed layer (cache.layers {cfg.cache.layers}): give at most {target}")
@@ -158,7 +159,9 @@ class Superposition(Stage):
         arrays = [f"hidden/layer_{j}" for j in cache.layers]
         if cfg.superposition.kl_weight:
             arrays += ["topk_values", "topk_indices"]
-        rows, eval_rows = (cached_rows(ctx.store, cache, split, arrays) for split in ("train", "eval"))
+        # the held-out loss logged while training is the target's cosine alone
+        rows = cached_rows(ctx.store, cache, "train", arrays)
+        eval_rows = cached_rows(ctx.store, cache, "eval", [target])
         student, projector = build_student(cfg, cache.vocab_size, cache.hidden_size)
         matched = matched_layers(inner_layers, target_layer, student.config.n_layers)
         inner = {j: Decompressor(student.config.dim, cache.hidden_size, student.config.projector_hidden)
