@@ -16,7 +16,7 @@ from .export import (
     unpackable_layers,
 )
 from .layers import BitLinear, DualModeLinear, TernaryLinear
-from .losses import hidden_cosine_loss, kl_to_teacher, next_token_cross_entropy, sparse_topk_kl
+from .losses import hidden_cosine_loss, kl_to_teacher, next_token_cross_entropy, sampled_kl, sparse_topk_kl
 from .patch import DualModel, find_block_linears, find_block_lists, patch_model
 from .quant import bitlinear, int8_activation, ste_int8_codes, ste_ternary_codes, ternary_weight
 from .student import Decompressor, StudentConfig, SuperpositionStudent
@@ -26,7 +26,7 @@ __all__ = [
     "find_block_lists", "checkpoint_blocks",
     "SuperpositionStudent", "StudentConfig", "Decompressor",
     "ternary_weight", "int8_activation", "ste_ternary_codes", "ste_int8_codes", "bitlinear",
-    "next_token_cross_entropy", "kl_to_teacher", "sparse_topk_kl", "hidden_cosine_loss",
+    "next_token_cross_entropy", "kl_to_teacher", "sparse_topk_kl", "sampled_kl", "hidden_cosine_loss",
     "pack_ternary", "unpack_ternary", "save_ternary_pretrained", "save_gguf", "save_student", "load_student",
     "freeze_ternary",
     "unpackable_layers",

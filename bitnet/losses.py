@@ -94,6 +94,46 @@ def sparse_topk_kl(
     return _masked_mean(per_token, mask) * temperature**2
 
 
+def draw_tokens(logits: torch.Tensor, draws: int, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The targets of ``sampled_kl``: ``draws`` tokens drawn with replacement from ``softmax(logits)`` (rows
+    ``[..., vocab]``), as ``(counts uint8, indices int32)`` of shape ``[..., draws]``, indices sorted. A token drawn
+    n times has its count n on its first slot and 0 on the n - 1 slots after it, so the shape is fixed."""
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    drawn = torch.multinomial(flat.softmax(-1), draws, replacement=True, generator=generator).sort(-1).values
+    first = torch.ones_like(drawn, dtype=torch.bool)
+    first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    counts = (drawn.unsqueeze(-1) == drawn.unsqueeze(-2)).sum(-1) * first
+    shape = (*logits.shape[:-1], draws)
+    return counts.to(torch.uint8).view(shape), drawn.int().view(shape)
+
+
+def sampled_kl(
+    student_logits: torch.Tensor,
+    counts: torch.Tensor,
+    indices: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL against teacher logits cached as draws from the teacher's distribution (Random-Sampling KD,
+    arXiv 2503.16870): ``counts[..., j]`` of the draws picked token ``indices[..., j]``.
+
+    ``sum_j p_j (log p_j - log q[idx_j])`` with ``p = counts / draws``, the draws' empirical distribution. Over the
+    draws, ``E[p]`` is the teacher's full distribution, so the gradient is an unbiased estimate of the full KL's
+    (unlike the top-k's, which loses the tail); the value is the full KL plus the draws' entropy deficit, so compare
+    it only between runs with the same draws. The draws are from the teacher at temperature 1, so this KL has no
+    temperature. Slots with count 0 (repeats of a drawn token) contribute nothing.
+    """
+    if counts.shape != indices.shape or counts.shape[:2] != student_logits.shape[:2]:
+        raise ValueError(f"sampled_kl: counts {tuple(counts.shape)} and indices {tuple(indices.shape)} must both be "
+                         f"[batch, seq, k] matching student logits {tuple(student_logits.shape)}")
+    mask = _token_mask(student_logits, attention_mask)
+    log_q = F.log_softmax(student_logits.float(), dim=-1).gather(-1, indices.long())
+    p = counts.float()
+    p = p / p.sum(-1, keepdim=True).clamp(min=1.0)  # padded positions may hold no draws
+    per_token = (torch.xlogy(p, p) - p * log_q).sum(-1)
+    return _masked_mean(per_token, mask)
+
+
 def hidden_cosine_loss(
     student_hidden: Sequence[torch.Tensor],
     teacher_hidden: Sequence[torch.Tensor],

@@ -30,13 +30,24 @@ def operational(default: Any, **constraints) -> Any:
     return Field(default=default, json_schema_extra={"operational": True}, **constraints)
 
 
+def added(default: Any, **constraints) -> Any:
+    """A field added after artifacts were made with its default's behaviour: fingerprinted only when set to something
+    else, so those artifacts keep their fingerprints (and are reused) while a new setting gets a fingerprint of its
+    own."""
+    return Field(default=default, json_schema_extra={"added": default}, **constraints)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, never silently ignored
 
     def fingerprinted(self, exclude: tuple[str, ...] = ()) -> dict:
-        """The section as a stage's fingerprint sees it: every field but the operational ones and ``exclude``."""
-        return {name: value for name, value in self.model_dump(mode="json").items()
-                if name not in exclude and not (type(self).model_fields[name].json_schema_extra or {}).get("operational")}
+        """The section as a stage's fingerprint sees it: every field but the operational ones, ``exclude`` and the
+        ``added`` ones left at their default."""
+        def kept(name: str, value: Any) -> bool:
+            extra = type(self).model_fields[name].json_schema_extra or {}
+            return not (name in exclude or extra.get("operational") or ("added" in extra and value == extra["added"]))
+
+        return {name: value for name, value in self.model_dump(mode="json").items() if kept(name, value)}
 
 
 class TeacherConfig(Section):
@@ -85,7 +96,11 @@ class CacheConfig(Section):
     layers: list[int] = Field(default_factory=lambda: [-1])  # hidden_states indices; -1 = the last
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     codec: str = "zstd"  # hidden states (and token ids); docs/storage.md lists the codecs
-    topk: int = Field(default=0, ge=0)  # cache the teacher's top-k logits (0 = off)
+    topk: int = Field(default=0, ge=0)  # the teacher's logits cached per position (0 = none), as cache.logits says
+    # topk: its k largest logits, the KL renormalised over them (biased: the tail's mass is lost); sampled: k tokens
+    # drawn from its distribution, stored as distinct tokens and their counts, whose KL is an unbiased estimate of the
+    # full KL's gradient (Random-Sampling KD, arXiv 2503.16870; needs k <= 255 and KL at temperature 1)
+    logits: Literal["topk", "sampled"] = added("topk")
     topk_codec: str = "blosc:lz4:bitshuffle"  # top-k values and indices (storage/cache_spec.py says why)
     batch_size: int = Field(default=8, gt=0)  # teacher forward batch = cache chunk size
     max_samples: int | None = Field(default=None, gt=0)
@@ -101,6 +116,15 @@ class CacheConfig(Section):
 
         compressors(value)  # its ValueError names the codecs there are
         return value
+
+    @model_validator(mode="after")
+    def _sampled_counts(self):
+        from storage.cache_spec import MAX_SAMPLED
+
+        if self.logits == "sampled" and not 0 < self.topk <= MAX_SAMPLED:
+            raise ValueError(f"cache.logits: sampled draws cache.topk tokens per position, stored with 8-bit counts: "
+                             f"set cache.topk between 1 and {MAX_SAMPLED} (e.g. 32), not {self.topk}")
+        return self
 
 
 class OptimConfig(Section):
@@ -174,6 +198,10 @@ class SuperpositionConfig(Section):
     # sparse KL to the cached top-k teacher logits through the student's own head, beside the reconstruction
     # (needs cache.topk > 0); the head then trains with the body, and LM-head retraining starts from it
     kl_weight: float = Field(default=0.0, ge=0.0)
+    # the inner teacher layers listed in cache.layers (besides the reconstructed, deepest one) are each reconstructed
+    # from the student state matched with them through a decompressor: own (one per layer, each starting as its exact
+    # inverse projection under init: teacher) or shared (the reconstructed layer's)
+    projectors: Literal["own", "shared"] = added("own")
 
 
 class HeadConfig(Section):
@@ -183,7 +211,7 @@ class HeadConfig(Section):
     # train a separate head (the student's embeddings and blocks stay frozen); false retrains the tied embedding
     # matrix, as the reference does (needs student.tie_embeddings: true)
     untied: bool = True
-    topk_kl_weight: float = Field(default=0.0, ge=0.0)  # sparse KL to cached top-k teacher logits
+    topk_kl_weight: float = Field(default=0.0, ge=0.0)  # sparse KL to the cached teacher logits (cache.logits)
 
 
 class LmEvalConfig(Section):

@@ -75,8 +75,8 @@ class TeacherCacheReader(torch.utils.data.Dataset):
         absent = [name for name in wanted if name not in stored]
         if absent:
             raise CacheError(f"the teacher cache at {self.url} holds no {', '.join(absent)}: it holds "
-                             f"{', '.join(stored)}; cache what the consumer reads (cache.layers, cache.topk) and "
-                             "rerun the cache stage")
+                             f"{', '.join(stored)}; cache what the consumer reads (cache.layers, cache.topk, "
+                             "cache.logits) and rerun the cache stage")
         self._arrays = {name: stored[name] for name in wanted}
         self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._cache_lock = threading.Lock()

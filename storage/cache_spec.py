@@ -5,8 +5,10 @@ A cache is a Zarr v3 group. Arrays (N samples, T positions, D hidden size, k top
     input_ids            [N, T]     int32
     attention_mask       [N, T]     int8
     hidden/layer_<i>     [N, T, D]  the storage dtype, for each cached layer i (an index into hidden_states)
-    topk_values          [N, T, k]  float16   (when topk > 0)
-    topk_indices         [N, T, k]  int32     (when topk > 0)
+    topk_values          [N, T, k]  float16   (when topk > 0 and logits is "topk": the k largest logits)
+    topk_indices         [N, T, k]  int32     (their token ids)
+    sampled_counts       [N, T, k]  uint8     (when topk > 0 and logits is "sampled": how often each of k draws from
+    sampled_indices      [N, T, k]  int32      the teacher's distribution picked the token; 0 on the slots of repeats)
     logits               [N, T, V]  the storage dtype (when full_logits; small vocabularies only)
 
 Every array is chunked along N only, ``chunk_size`` samples per chunk (the writer's batch), so chunk ``c`` holds
@@ -99,7 +101,9 @@ def chunk_label(spec: TeacherCacheSpec, chunk: int) -> str:
     return f"chunk {chunk} (samples {start}-{stop - 1})"
 
 
-TORCH_DTYPES = ("float32", "float16", "bfloat16", "int32", "int8")
+TORCH_DTYPES = ("float32", "float16", "bfloat16", "int32", "int8", "uint8")
+LOGIT_ARRAYS = {"topk": ("topk_values", "topk_indices"), "sampled": ("sampled_counts", "sampled_indices")}
+MAX_SAMPLED = 255  # draws per position: their counts are stored in 8 bits
 
 
 def torch_dtype(dtype: str):
@@ -190,7 +194,8 @@ class TeacherCacheSpec:
     fingerprint: str = ""
     full_logits: bool = False
     vocab_size: int = 0
-    topk_codec: str = TOPK_CODEC  # top-k values and indices
+    topk_codec: str = TOPK_CODEC  # the cached logits' arrays (top-k values and indices, or sampled counts and indices)
+    logits: str = "topk"  # how the topk logits per position are chosen: the largest, or "sampled" (LOGIT_ARRAYS)
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
@@ -205,6 +210,9 @@ class TeacherCacheSpec:
             raise ValueError(f"TeacherCacheSpec.layers must be distinct and non-empty, got {list(self.layers)}")
         if self.topk < 0 or (self.full_logits and self.vocab_size < 1):
             raise ValueError("topk must be >= 0, and full_logits needs vocab_size")
+        if self.logits not in LOGIT_ARRAYS or (self.logits == "sampled" and self.topk > MAX_SAMPLED):
+            raise ValueError(f"logits must be one of {', '.join(LOGIT_ARRAYS)} (sampled: topk <= {MAX_SAMPLED}), got "
+                             f"{self.logits!r} with topk {self.topk}")
         compressors(self.codec), compressors(self.topk_codec)  # validate now, not in the writer thread
 
     @property
@@ -226,14 +234,16 @@ class TeacherCacheSpec:
         out = {"input_ids": ((n, t), "int32"), "attention_mask": ((n, t), "int8")}
         out |= {layer_name(i): ((n, t, self.hidden_size), self.dtype) for i in self.layers}
         if self.topk:
-            out |= {"topk_values": ((n, t, self.topk), "float16"), "topk_indices": ((n, t, self.topk), "int32")}
+            weights, indices = LOGIT_ARRAYS[self.logits]
+            out |= {weights: ((n, t, self.topk), "float16" if self.logits == "topk" else "uint8"),
+                    indices: ((n, t, self.topk), "int32")}
         if self.full_logits:
             out["logits"] = ((n, t, self.vocab_size), self.dtype)
         return out
 
     def codec_of(self, name: str) -> str:
         """The codec array ``name`` is stored with."""
-        return self.topk_codec if name.startswith("topk_") else self.codec
+        return self.topk_codec if name in LOGIT_ARRAYS[self.logits] else self.codec
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "layers": list(self.layers)}

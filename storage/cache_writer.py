@@ -57,7 +57,9 @@ def _open_group(store, path: str, spec: TeacherCacheSpec):
         raise damaged_metadata(store.url(path), exc) from None
     if stored is not None:  # the spec is written last, so the group is whole
         check_fingerprint(store.url(path), stored.get("fingerprint"), spec.fingerprint)
-        differing = sorted(k for k, v in spec.to_dict().items() if stored.get(k) != v)
+        # read as a spec, so that a setting added since the cache was begun counts as its default
+        known = TeacherCacheSpec.from_dict(stored).to_dict()
+        differing = sorted(k for k, v in spec.to_dict().items() if known.get(k) != v)
         if differing:
             raise CacheError(f"the teacher cache at {store.url(path)} has fingerprint {spec.fingerprint!r} but a "
                              f"different {', '.join(differing)}: the fingerprint must cover every cache setting; "

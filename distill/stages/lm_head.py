@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from bitnet import SuperpositionStudent, next_token_cross_entropy, sparse_topk_kl
+from bitnet import SuperpositionStudent, next_token_cross_entropy
 from storage.tensors import read_tensors
 
 from ..config import ConfigError, PipelineConfig
@@ -24,7 +24,7 @@ from ..stage import Context, Preflight, Stage
 from ..teacher import TeacherFacts
 from .superposition import (SuperpositionManifest, build_student, load_prefixed_state, load_trained_student,
                             prefixed_state)
-from .teacher_cache import TeacherCacheManifest
+from .teacher_cache import TeacherCacheManifest, cached_logits_kl
 from .tokenize import TokenizeManifest
 
 
@@ -67,9 +67,9 @@ def lm_head_trainable(student: SuperpositionStudent, projector: torch.nn.Module,
         metrics = {"ce": ce.item()}
         total = ce
         if head.topk_kl_weight:
-            kl = sparse_topk_kl(logits, batch["topk_values"], batch["topk_indices"], mask)
+            kl = cached_logits_kl(logits, batch, mask)
             total = total + head.topk_kl_weight * kl
-            metrics["topk_kl"] = kl.item()
+            metrics["logit_kl"] = kl.item()
         return total, metrics
 
     @torch.no_grad()
@@ -97,7 +97,7 @@ class LmHead(Stage):
 
     def check(self, pre: Preflight) -> None:
         if pre.config.head.topk_kl_weight and not pre.config.cache.topk:
-            raise ConfigError("head.topk_kl_weight > 0 needs cached top-k teacher logits: set cache.topk > 0 "
+            raise ConfigError("head.topk_kl_weight > 0 needs cached teacher logits: set cache.topk > 0 "
                               "(e.g. 64) or head.topk_kl_weight: 0")
         check_optimizer(pre.config.head_optim(), resolve_device(pre.config.teacher.device))
 
@@ -112,8 +112,8 @@ class LmHead(Stage):
         """The trained student with its head to retrain, over token rows (or the cache's, for the top-k KL)."""
         cfg, store = ctx.config, ctx.store
         student, projector = load_trained_student(cfg, store, trained)
-        if cfg.head.topk_kl_weight:  # top-k targets exist only for cached rows
-            rows, eval_rows = (cached_rows(store, cache, s, ["topk_values", "topk_indices"]) for s in ("train", "eval"))
+        if cfg.head.topk_kl_weight:  # the teacher's logits exist only for cached rows
+            rows, eval_rows = (cached_rows(store, cache, s, cache.logit_arrays()) for s in ("train", "eval"))
         else:
             rows, eval_rows = token_rows(store, tokens, "train"), token_rows(store, tokens, "eval")
         trainable = lm_head_trainable(student, projector, cfg, rows, ctx.device, eval_rows)

@@ -11,7 +11,8 @@ import logging
 
 import torch
 
-from bitnet import DualModel, hidden_cosine_loss, kl_to_teacher, next_token_cross_entropy, patch_model, sparse_topk_kl
+from bitnet import DualModel, hidden_cosine_loss, kl_to_teacher, next_token_cross_entropy, patch_model
+from storage.cache_spec import LOGIT_ARRAYS
 
 from ..config import ConfigError, PipelineConfig
 from ..device import DTYPES, resolve_device
@@ -22,7 +23,7 @@ from ..optim import check_optimizer
 from ..rows import Rows, cached_rows, to_device, token_rows
 from ..stage import Context, Preflight, Stage
 from ..teacher import Teacher, TeacherFacts, hidden_layers, resolve_layers
-from .teacher_cache import TeacherCacheManifest
+from .teacher_cache import TeacherCacheManifest, cached_logits_kl
 from .tokenize import TokenizeManifest
 
 
@@ -39,8 +40,12 @@ def check_cache_holds_teacher_signal(cfg: PipelineConfig, num_hidden_layers: int
     """``teacher_signal: cache`` trains from cached outputs only: the cache must hold every term the loss reads."""
     sd = cfg.self_distill
     if sd.kl_weight and not cfg.cache.topk:
-        raise ConfigError("self_distill.teacher_signal 'cache' with kl_weight > 0 reads the teacher's top-k logits "
+        raise ConfigError("self_distill.teacher_signal 'cache' with kl_weight > 0 reads the teacher's logits "
                           "from the cache: set cache.topk > 0 (e.g. 64), or use teacher_signal: online")
+    if sd.kl_weight and cfg.cache.logits == "sampled" and sd.temperature != 1:
+        raise ConfigError(f"self_distill.temperature {sd.temperature} with cache.logits: sampled: the cached tokens "
+                          "are drawn from the teacher at temperature 1, so their KL has no other: set "
+                          "self_distill.temperature: 1, or cache.logits: topk")
     if sd.hidden_weight:
         cached = resolve_layers(cfg.cache.layers, num_hidden_layers)
         missing = [i for i in hidden_layers(sd.hidden_layers, num_hidden_layers) if i not in cached]
@@ -54,7 +59,7 @@ def cached_signal_arrays(cfg: PipelineConfig, num_hidden_layers: int) -> list[st
     """The cached arrays the loss reads under ``teacher_signal: cache`` (besides the tokens)."""
     sd = cfg.self_distill
     layers = hidden_layers(sd.hidden_layers, num_hidden_layers) if sd.hidden_weight else []
-    return [f"hidden/layer_{i}" for i in layers] + (["topk_values", "topk_indices"] if sd.kl_weight else [])
+    return [f"hidden/layer_{i}" for i in layers] + (list(LOGIT_ARRAYS[cfg.cache.logits]) if sd.kl_weight else [])
 
 
 def self_distill_trainable(dual: DualModel, cfg: PipelineConfig, rows: Rows, device: torch.device,
@@ -83,7 +88,7 @@ def self_distill_trainable(dual: DualModel, cfg: PipelineConfig, rows: Rows, dev
         if sd.ce_weight:
             terms["ce"] = (sd.ce_weight, next_token_cross_entropy(out.logits, ids, mask))
         if sd.kl_weight:
-            kl = (sparse_topk_kl(out.logits, cached["topk_values"], cached["topk_indices"], mask, sd.temperature)
+            kl = (cached_logits_kl(out.logits, cached, mask, sd.temperature)
                   if cached else kl_to_teacher(out.logits, target.logits, mask, sd.temperature))
             terms["kl"] = (sd.kl_weight, kl)
         if layers:

@@ -1,7 +1,7 @@
 """The superposition stage: a small BitNet student plus a decompressor learn to reconstruct the teacher's cached
 hidden states (cosine loss, padding-masked), reading batches from the teacher cache; optionally starting cut out of
-the teacher (``superposition.init: teacher``) and with a KL term to the cached top-k logits through the student's own
-head (``superposition.kl_weight``)."""
+the teacher (``superposition.init: teacher``), with a KL term to the cached teacher logits through the student's own
+head (``superposition.kl_weight``), and matching inner teacher layers too (``cache.layers``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import dataclasses
 
 import torch
 
-from bitnet import Decompressor, SuperpositionStudent, hidden_cosine_loss, sparse_topk_kl
+from bitnet import Decompressor, SuperpositionStudent, hidden_cosine_loss
 from bitnet.student_init import derivation_problems, init_from_teacher, matched_layers, teacher_statistics
 from storage.tensors import read_tensors
 
@@ -21,7 +21,7 @@ from ..optim import check_optimizer
 from ..rows import Rows, cached_rows, to_device
 from ..stage import Context, Preflight, Stage
 from ..teacher import TeacherFacts, resolve_layers
-from .teacher_cache import TeacherCacheManifest
+from .teacher_cache import TeacherCacheManifest, cached_logits_kl
 
 
 def build_student(cfg: PipelineConfig, vocab_size: int, teacher_dim: int) -> tuple[SuperpositionStudent, Decompressor]:
@@ -62,8 +62,8 @@ def cut_from_teacher(ctx: Context, student: SuperpositionStudent, projector: Dec
 def reconstruction_loss(student, projector, batch: dict, target_key: str, kl_weight: float = 0.0,
                         inner: dict[int, tuple[int, Decompressor]] | None = None):
     """``(loss, metrics)``: 1 - cosine to the target states (and, averaged with it, to each inner teacher layer in
-    ``inner``: its index -> the student state matched with it and that state's own decompressor), plus
-    ``kl_weight`` times the sparse KL of the student's own logits to the cached top-k teacher logits."""
+    ``inner``: its index -> the student state matched with it and the decompressor it goes through), plus
+    ``kl_weight`` times the sparse KL of the student's own logits to the cached teacher logits."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     out = student(ids, mask, compute_logits=bool(kl_weight), output_hidden_states=bool(inner))
     predicted, targets = [projector(out.last_hidden)], [batch[target_key]]
@@ -73,8 +73,8 @@ def reconstruction_loss(student, projector, batch: dict, target_key: str, kl_wei
     cosine = hidden_cosine_loss(predicted, [t.to(out.last_hidden.dtype) for t in targets], mask)
     if not kl_weight:
         return cosine, {}
-    kl = sparse_topk_kl(out.logits, batch["topk_values"], batch["topk_indices"], mask)
-    return cosine + kl_weight * kl, {"cosine_loss": cosine.item(), "topk_kl": kl.item()}
+    kl = cached_logits_kl(out.logits, batch, mask)
+    return cosine + kl_weight * kl, {"cosine_loss": cosine.item(), "logit_kl": kl.item()}
 
 
 def superposition_trainable(student: SuperpositionStudent, projector: Decompressor, cfg: PipelineConfig,
@@ -84,8 +84,9 @@ def superposition_trainable(student: SuperpositionStudent, projector: Decompress
     batches = ScheduledBatches(rows, cfg.train.batch_size, cfg.seed)
     kl_weight = cfg.superposition.kl_weight
     inner = inner or {}
-    # the inner layers' decompressors train with the rest and are checkpointed beside it; only training needs them
-    modules = {"student": student, "projector": projector, **{f"projector_{j}": p for j, (_, p) in inner.items()}}
+    # the inner layers' own decompressors train with the rest and are checkpointed beside it; only training needs them
+    modules = {"student": student, "projector": projector,
+               **{f"projector_{j}": p for j, (_, p) in inner.items() if p is not projector}}
     for module in modules.values():
         module.to(device).train()
 
@@ -130,7 +131,7 @@ class Superposition(Stage):
             raise ConfigError(f"cache.layers {cfg.cache.layers}: the superposition student reconstructs the deepest "
                               "listed layer, here the embeddings (0); list a block's output, e.g. cache.layers: [-1]")
         if cfg.superposition.kl_weight and not cfg.cache.topk:
-            raise ConfigError("superposition.kl_weight > 0 needs cached top-k teacher logits: set cache.topk > 0 "
+            raise ConfigError("superposition.kl_weight > 0 needs cached teacher logits: set cache.topk > 0 "
                               "(e.g. 32) or superposition.kl_weight: 0")
         if cfg.superposition.init == "teacher":
             shape = cfg.student_shape(pre.facts.vocab_size)
@@ -158,15 +159,16 @@ class Superposition(Stage):
         target = f"hidden/layer_{target_layer}"
         arrays = [f"hidden/layer_{j}" for j in cache.layers]
         if cfg.superposition.kl_weight:
-            arrays += ["topk_values", "topk_indices"]
+            arrays += cache.logit_arrays()
         # the held-out loss logged while training is the target's cosine alone
         rows = cached_rows(ctx.store, cache, "train", arrays)
         eval_rows = cached_rows(ctx.store, cache, "eval", [target])
         student, projector = build_student(cfg, cache.vocab_size, cache.hidden_size)
         matched = matched_layers(inner_layers, target_layer, student.config.n_layers)
-        inner = {j: Decompressor(student.config.dim, cache.hidden_size, student.config.projector_hidden)
-                 for j in inner_layers}
-        cut = cut_from_teacher(ctx, student, projector, rows, target_layer, inner) \
+        own = cfg.superposition.projectors == "own"
+        inner = {j: Decompressor(student.config.dim, cache.hidden_size, student.config.projector_hidden) if own
+                 else projector for j in inner_layers}
+        cut = cut_from_teacher(ctx, student, projector, rows, target_layer, inner if own else {}) \
             if cfg.superposition.init == "teacher" else None
         trainable = superposition_trainable(student, projector, cfg, rows, target, ctx.device, eval_rows,
                                             {j: (matched[j], inner[j]) for j in inner_layers})

@@ -10,13 +10,15 @@ cache.
 from __future__ import annotations
 
 import gc
+import zlib
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from storage.cache import TeacherCacheReader, TeacherCacheSpec, TeacherCacheWriter
-from storage.cache_spec import recorded_chunks
+from bitnet.losses import draw_tokens, sampled_kl, sparse_topk_kl
+from storage.cache_spec import LOGIT_ARRAYS, recorded_chunks
 
 from ..config import ConfigError, PipelineConfig
 from ..progress import logger
@@ -33,12 +35,13 @@ class _LazyForward:
     def __init__(self, ctx: Context):
         self.ctx, self.forward = ctx, None
 
-    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
         if self.forward is None:
             model = self.ctx.teacher.load(self.ctx.device)
             layers = resolve_layers(self.ctx.config.cache.layers, model.config.num_hidden_layers)
-            self.forward = TeacherForward(model, layers, self.ctx.config.cache.topk, log=self.ctx.reporter.log)
-        return self.forward(ids.to(self.ctx.device), mask.to(self.ctx.device))
+            cache = self.ctx.config.cache
+            self.forward = TeacherForward(model, layers, cache.topk, log=self.ctx.reporter.log, logits=cache.logits)
+        return self.forward(ids.to(self.ctx.device), mask.to(self.ctx.device), seed)
 
     def release(self) -> None:
         """Free the teacher's memory, on the device too."""
@@ -56,6 +59,11 @@ class TeacherCacheManifest(Manifest):
     topk: int
     dtype: str
     splits: dict[str, Split]
+    logits: str = "topk"  # how the topk logits per position were chosen (cache.logits)
+
+    def logit_arrays(self) -> list[str]:
+        """The arrays of the cached teacher logits (``cached_logits_kl`` reads them)."""
+        return list(LOGIT_ARRAYS[self.logits]) if self.topk else []
 
     def parts(self) -> list[str]:
         return [split.path for split in self.splits.values()]
@@ -92,6 +100,7 @@ class TeacherCache(Stage):
             num_samples=min(tokens.splits[split].rows, limit or tokens.splits[split].rows), seq_len=cfg.data.seq_len,
             layers=layers, hidden_size=text.hidden_size, dtype=cfg.cache.dtype, codec=cfg.cache.codec,
             topk_codec=cfg.cache.topk_codec, chunk_size=cfg.cache.batch_size, topk=cfg.cache.topk,
+            logits=cfg.cache.logits,
             fingerprint=ctx.fingerprint) for split, limit in limits.items()}
 
     def shards(self, ctx: Context, workers: int, tokens: TokenizeManifest) -> list[Shard]:
@@ -126,6 +135,7 @@ class TeacherCache(Stage):
         text = ctx.teacher.text_config
         return ctx.manifest(TeacherCacheManifest, self.name, layers=specs["train"].layers,
                             hidden_size=text.hidden_size, vocab_size=text.vocab_size, topk=ctx.config.cache.topk,
+                            logits=ctx.config.cache.logits,
                             dtype=ctx.config.cache.dtype,
                             splits={split: Split(path=f"{ctx.path}/{split}", rows=spec.num_samples,
                                                  chunks=spec.num_chunks) for split, spec in specs.items()})
@@ -143,7 +153,9 @@ class TeacherCache(Stage):
             for chunk in missing:
                 batch = rows.fetch(np.arange(*spec.chunk_rows(chunk)))
                 ids, mask = batch["input_ids"], batch["attention_mask"]
-                outputs = forward(ids, mask)
+                # sampled logits are drawn with a seed of the chunk's own, so that a resumed or sharded cache
+                # draws what one run would have (on the same kind of device)
+                outputs = forward(ids, mask, seed=zlib.crc32(f"{split}/{chunk}".encode()))
                 # the writer converts to the stored dtypes on the device and copies to the host asynchronously
                 writer.write_chunk(chunk, {"input_ids": ids, "attention_mask": mask, **outputs})
                 ctx.reporter.advance(1)
@@ -163,6 +175,15 @@ class TeacherCache(Stage):
         return problems
 
 
+def cached_logits_kl(student_logits: torch.Tensor, batch: dict, mask: torch.Tensor, temperature: float = 1.0
+                     ) -> torch.Tensor:
+    """KL of the student's logits to the teacher's cached ones in ``batch``, whichever way they were cached
+    (``cache.logits``: the top-k's renormalised KL, or the sampled tokens' at temperature 1)."""
+    if "sampled_counts" in batch:
+        return sampled_kl(student_logits, batch["sampled_counts"], batch["sampled_indices"], mask)
+    return sparse_topk_kl(student_logits, batch["topk_values"], batch["topk_indices"], mask, temperature)
+
+
 # Logits per block of the top-k. On a CPU, 2^21 (8 MB of float32: 512 rows at a 4096-token vocabulary) stay in its
 # caches until topk reads them; a GPU wants fewer, larger kernels. But every block streams the whole output
 # embedding again, so one too large for the caches gets at least 1024 rows per block, which keeps it near the speed
@@ -180,10 +201,12 @@ def topk_block_rows(head: torch.Tensor) -> int:
 
 class TeacherForward:
     """The cache stage's forward pass of the teacher: the chosen hidden states (``hidden/layer_<i>``) and, with
-    ``topk``, the top-k logits (``topk_values`` float16, ``topk_indices`` int32) of every position.
+    ``topk``, that many logits of every position: the largest (``topk_values`` float16, ``topk_indices`` int32) or,
+    with ``logits="sampled"``, draws from the teacher's distribution (``sampled_counts`` uint8, ``sampled_indices``
+    int32: ``bitnet.losses.draw_tokens``), from a generator seeded with the call's ``seed``.
 
-    The output embedding and the top-k run fused, block by block of rows of the last hidden state, so the
-    [batch, seq, vocab] logits never exist: the same values for less time (docs/RESULTS.md, "Teacher cache") and
+    The output embedding and the top-k (or the draws) run fused, block by block of rows of the last hidden state, so
+    the [batch, seq, vocab] logits never exist: the same values for less time (docs/RESULTS.md, "Teacher cache") and
     gigabytes less memory with a 150k vocabulary. Without ``topk`` the output
     embedding is skipped altogether. That is only right where the model's logits are its output embedding of its
     last hidden state, so the first row of the first batch runs both ways and compares (``fused`` says how it went):
@@ -191,50 +214,62 @@ class TeacherForward:
     logits.
     """
 
-    def __init__(self, model, layers: list[int], topk: int = 0, log: Callable[[str], None] = logger.info):
-        self.model, self.layers, self.topk, self.log = model, layers, topk, log
+    def __init__(self, model, layers: list[int], topk: int = 0, log: Callable[[str], None] = logger.info,
+                 logits: str = "topk"):
+        self.model, self.layers, self.topk, self.log, self.logits = model, layers, topk, log, logits
         self.fused: bool | None = None  # decided by the first call
         self.block_rows = topk_block_rows(model.get_output_embeddings().weight)
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int = 0
+                 ) -> dict[str, torch.Tensor]:
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                       use_cache=False)  # no KV cache to build and fill: nothing here generates
         if self.fused is None:  # probed on the first row: the whole logits of one row cost little memory
             self.fused = self._fused_matches(dict(kwargs, input_ids=input_ids[:1], attention_mask=attention_mask[:1]))
-        return self._stored(*(self._fused(kwargs) if self.fused else self._full_logits(kwargs)))
+        reduce = self._largest
+        if self.logits == "sampled":
+            generator = torch.Generator(input_ids.device).manual_seed(seed)
+            reduce = lambda block: draw_tokens(block, self.topk, generator)  # noqa: E731
+        hidden, kept = self._fused(kwargs, reduce) if self.fused else self._full_logits(kwargs, reduce)
+        if kept is None:
+            return hidden
+        weights, indices = LOGIT_ARRAYS[self.logits]
+        return {**hidden, weights: kept[0].half() if self.logits == "topk" else kept[0], indices: kept[1].int()}
+
+    def _largest(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(block.topk(self.topk, dim=-1))
 
     def _hidden(self, out) -> dict[str, torch.Tensor]:
         return {f"hidden/layer_{i}": out.hidden_states[i] for i in self.layers}
 
-    def _full_logits(self, kwargs: dict):
+    def _full_logits(self, kwargs: dict, reduce: Callable):
         """The model's own forward: what the fused path must reproduce."""
         out = self.model(**kwargs)
         hidden = self._hidden(out)
-        return (hidden, out.logits.topk(self.topk, dim=-1)) if self.topk else (hidden, None)
+        if not self.topk:
+            return hidden, None
+        shape = (*out.logits.shape[:2], self.topk)
+        return hidden, tuple(t.view(shape) for t in reduce(out.logits.flatten(0, 1)))
 
-    def _fused(self, kwargs: dict):
+    def _fused(self, kwargs: dict, reduce: Callable):
         out = self.model.base_model(**kwargs)
         hidden = self._hidden(out)
         if not self.topk:
             return hidden, None
         last = out.last_hidden_state
         head = self.model.get_output_embeddings()
-        blocks = [head(rows).topk(self.topk, dim=-1) for rows in last.flatten(0, 1).split(self.block_rows)]
+        blocks = [reduce(head(rows)) for rows in last.flatten(0, 1).split(self.block_rows)]
         shape = (*last.shape[:2], self.topk)
         return hidden, (torch.cat([v for v, _ in blocks]).view(shape), torch.cat([i for _, i in blocks]).view(shape))
 
-    def _stored(self, hidden: dict, topk) -> dict[str, torch.Tensor]:
-        if topk is None:
-            return hidden
-        return {**hidden, "topk_values": topk[0].half(), "topk_indices": topk[1].int()}
-
     def _fused_matches(self, kwargs: dict) -> bool:
-        own = self._full_logits(kwargs)
+        """Whether the fused path computes the model's own logits, on the top-k of either (sampled or not)."""
+        own = self._full_logits(kwargs, self._largest)
         try:
-            fused = self._fused(kwargs)
+            fused = self._fused(kwargs, self._largest)
         except Exception as exc:  # e.g. a base model without last_hidden_state: the model's own forward stays
-            self.log(f"teacher cache: the top-k comes from the full logits (the block-wise path failed: "
+            self.log(f"teacher cache: the cached logits come from the full logits (the block-wise path failed: "
                      f"{type(exc).__name__}: {exc})")
             return False
         # Compared in the computing dtype, before rounding to float16; the top-k values (sorted) do not depend on
@@ -244,8 +279,8 @@ class TeacherForward:
         mismatched = [name for name, (a, b) in pairs.items() if not _close(a, b)]
         if mismatched:
             self.log("teacher cache: the teacher's logits are not its output embedding of its last hidden state "
-                     f"({', '.join(mismatched)} differ: logit soft-capping or scaling?), so the top-k comes from its "
-                     "full logits")
+                     f"({', '.join(mismatched)} differ: logit soft-capping or scaling?), so the cached logits come "
+                     "from its full logits")
         return not mismatched
 
 

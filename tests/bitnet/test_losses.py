@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitnet import hidden_cosine_loss, kl_to_teacher, next_token_cross_entropy, sparse_topk_kl
+from bitnet import hidden_cosine_loss, kl_to_teacher, next_token_cross_entropy, sampled_kl, sparse_topk_kl
+from bitnet.losses import draw_tokens
 
 from .tiny_models import tiny_causal_lm, token_batch
 
@@ -67,6 +68,50 @@ def test_sparse_kl_renormalises_over_kept_entries():
     p = F.softmax(values.float(), -1)
     log_q = F.log_softmax(s, -1).gather(-1, indices)
     torch.testing.assert_close(sparse_topk_kl(s, values, indices.int()), (p * (p.log() - log_q)).sum(-1).mean())
+
+
+def test_drawn_tokens_are_distinct_tokens_with_their_counts():
+    logits = torch.randn(2, 5, 40) * 3
+    counts, indices = draw_tokens(logits, 24, torch.Generator().manual_seed(0))
+    assert counts.shape == indices.shape == (2, 5, 24) and counts.dtype == torch.uint8 and indices.dtype == torch.int32
+    assert (counts.sum(-1) == 24).all()
+    for c, i in zip(counts.flatten(0, 1), indices.flatten(0, 1)):
+        drawn = i[c > 0]
+        assert drawn.unique().numel() == drawn.numel()  # each distinct token once, with its count
+        assert set(i.tolist()) == set(drawn.tolist())  # the other slots repeat a drawn token, with count 0
+    again = draw_tokens(logits, 24, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], counts) and torch.equal(again[1], indices)  # the generator decides the draws
+
+
+def test_sampled_kl_is_an_unbiased_estimate_of_the_full_kl_gradient_where_top_k_is_biased():
+    """Averaged over draws, the sampled KL's gradient is the full KL's; the top-k's with the same k is not."""
+    torch.manual_seed(5)
+    teacher = torch.randn(2, 3, 50) * 1.5
+    student = torch.randn(2, 3, 50, requires_grad=True)
+    [full] = torch.autograd.grad(kl_to_teacher(student, teacher), student)
+    generator, mean, n = torch.Generator().manual_seed(6), torch.zeros_like(student), 1000
+    for _ in range(n):
+        [grad] = torch.autograd.grad(sampled_kl(student, *draw_tokens(teacher, 8, generator)), student)
+        mean += grad / n
+    [topk] = torch.autograd.grad(sparse_topk_kl(student, *teacher.topk(8, dim=-1)), student)
+    scale = full.abs().max()
+    assert (mean - full).abs().max() < 0.05 * scale
+    assert (topk - full).abs().max() > 0.3 * scale
+
+
+def test_sampled_kl_value_padding_and_errors():
+    student = torch.randn(2, 6, 10)
+    counts = torch.zeros(2, 6, 3, dtype=torch.uint8)
+    counts[..., 0] = 2
+    counts[..., 1] = 1
+    indices = torch.tensor([4, 7, 7], dtype=torch.int32).expand(2, 6, 3)
+    p = torch.tensor([2 / 3, 1 / 3])
+    log_q = F.log_softmax(student, -1)[..., [4, 7]]
+    want = (p * p.log() - p * log_q).sum(-1)
+    mask = padded_batch()
+    torch.testing.assert_close(sampled_kl(student, counts, indices, mask), want[mask.bool()].mean())
+    with pytest.raises(ValueError, match="counts .* and indices .* must both be"):
+        sampled_kl(student, counts[..., :2], indices)
 
 
 def test_hidden_cosine_loss_properties():

@@ -57,6 +57,9 @@ def test_yaml_file_path(tmp_path):
     ({"name": "a/b"}, "name: .*letters, digits"),
     ({"cache.codec": "lzma"}, "cache.codec: .*'lzma' is not one of zstd"),
     ({"cache.topk_codec": "blosc:lz5"}, "cache.topk_codec: .*'blosc:lz5': .*one of \\['lz4'"),
+    ({"cache.logits": "sampled", "cache.topk": 0}, "cache: .*sampled draws cache.topk tokens .*between 1 and 255"),
+    ({"cache.logits": "sampled", "cache.topk": 256}, "cache: .*set cache.topk between 1 and 255 .*not 256"),
+    ({"cache.logits": "top"}, "cache.logits: Input should be 'topk' or 'sampled'"),
     ({"self_distill.kl_weight": 0, "self_distill.hidden_weight": 0},
      "self_distill: .*all 0: nothing would train dW"),
     ({"self_distill.magnitude_weight": 0.1}, "self_distill: .*magnitude_weight .*needs hidden_weight > 0"),
@@ -143,6 +146,21 @@ def test_a_stage_whose_output_changes_gets_new_fingerprints_from_itself_on(monke
     monkeypatch.setattr(type(STAGES["lm_head"]), "version", STAGES["lm_head"].version + 1)
     bumped = fingerprints("superposition-distill", {})
     assert {name for name in base if bumped[name] != base[name]} == {"lm_head", "evaluate", "export"}
+
+
+def test_a_setting_added_later_keeps_the_fingerprints_of_artifacts_made_before_it():
+    """cache.logits and superposition.projectors came after caches and students were made: at their defaults they
+    are left out of the fingerprint (those artifacts are reused), and any other value makes new ones."""
+    assert "logits" not in load_config("quickstart").cache.fingerprinted()
+    assert "projectors" not in load_config("quickstart").superposition.fingerprinted()
+    base = fingerprints("superposition-distill", {})
+    assert fingerprints("superposition-distill", {"cache.logits": "topk"}) == base
+    changed = {name for name, fp in fingerprints("superposition-distill", {"cache.logits": "sampled"}).items()
+               if fp != base[name]}
+    assert changed == {"teacher_cache", "superposition", "lm_head", "evaluate", "export"}
+    changed = {name for name, fp in fingerprints("superposition-distill", {"superposition.projectors": "shared"}).items()
+               if fp != base[name]}
+    assert changed == {"superposition", "lm_head", "evaluate", "export"}
 
 
 def test_the_configs_top_k_codec_default_is_the_caches():

@@ -287,7 +287,7 @@ CACHED_SIGNAL = {"self_distill.teacher_signal": "cache"}
     (self_distill, {"self_distill.hidden_layers": [9]}, "self_distill.hidden_layers \\[9\\] do not exist"),
     (self_distill, {"train.steps": 0}, "train.steps: Input should be greater than 0"),
     # the cached teacher signal must hold every term of the loss: found out before tokenizing, not at step 1
-    (self_distill, {**CACHED_SIGNAL, "cache.topk": 0}, "kl_weight > 0 reads the teacher's top-k logits.*cache.topk > 0"),
+    (self_distill, {**CACHED_SIGNAL, "cache.topk": 0}, "kl_weight > 0 reads the teacher's logits.*cache.topk > 0"),
     (self_distill, {**CACHED_SIGNAL, "self_distill.hidden_weight": 1.0},
      "hidden_weight > 0 matches hidden states \\[1\\], which cache.layers \\[-1\\] does not hold"),
     (superposition_distill, {"cache.layers": [0]}, "reconstructs the deepest listed layer, here the embeddings"),

@@ -42,7 +42,7 @@ def test_a_student_cut_from_the_teacher_starts_closer_and_learns_from_the_logits
     first = {name: store.read_json(m.history)[0] for name, m in (("random", random), ("cut", cut))}
     # the same batch at step 1: the cut student reconstructs it far better (its loss also carries the KL term)
     assert first["cut"]["cosine_loss"] < 0.5 * first["random"]["loss"]
-    assert first["cut"]["topk_kl"] > 0
+    assert first["cut"]["logit_kl"] > 0
     head = execute(STAGES["lm_head"], run.context("lm_head"), trained=cut, tokens=tokens, cache=cache)
     assert head.trained.fingerprint == cut.fingerprint
 
@@ -57,6 +57,35 @@ def test_inner_layers_are_matched_through_decompressors_of_their_own(tiny_teache
     assert {k.split(".")[0] for k in state} == {"student", "projector", "projector_1"}
     head = execute(STAGES["lm_head"], run.context("lm_head"), trained=trained, tokens=tokens, cache=cache)
     assert head.trained.matched == {1: 1}
+
+
+def test_inner_layers_may_share_the_reconstructed_layers_decompressor(tiny_teacher, tmp_path):
+    run, _, _, trained = _train(tiny_teacher, tmp_path, **{"cache.layers": [1, -1], "superposition.init": "teacher",
+                                                            "superposition.projectors": "shared"})
+    assert trained.matched == {1: 1}
+    state = read_tensors(run.context("superposition").store, trained.weights)
+    assert {k.split(".")[0] for k in state} == {"student", "projector"}
+
+
+def test_sampled_logits_train_the_student_and_its_head(tiny_teacher, tmp_path):
+    """cache.logits: sampled: the cache holds draws instead of the top-k (a cache of its own, beside the top-k one),
+    and the KL terms of the reconstruction and of the head stage read them."""
+    run, tokens, cache, trained = _train(tiny_teacher, tmp_path, **{
+        "cache.logits": "sampled", "superposition.kl_weight": 1.0, "head.topk_kl_weight": 1.0})
+    _, _, topk_cache, _ = _train(tiny_teacher, tmp_path, **{"superposition.kl_weight": 1.0})
+    assert cache.logits == "sampled" and cache.logit_arrays() == ["sampled_counts", "sampled_indices"]
+    assert cache.fingerprint != topk_cache.fingerprint
+    store = run.context("superposition").store
+    assert store.read_json(trained.history)[0]["logit_kl"] > 0
+    head = execute(STAGES["lm_head"], run.context("lm_head"), trained=trained, tokens=tokens, cache=cache)
+    assert store.read_json(head.history)[0]["logit_kl"] > 0
+
+
+def test_sampled_logits_have_no_temperature(tiny_teacher, tmp_path):
+    with pytest.raises(ConfigError, match=r"self_distill.temperature 2.0 with cache.logits: sampled"):
+        plan_run("self-distill", TINY, tiny_overrides(tiny_teacher, tmp_path, **{
+            "cache.logits": "sampled", "self_distill.teacher_signal": "cache", "self_distill.temperature": 2.0}),
+            logging.getLogger("test"))
 
 
 def test_lm_head_retraining_keeps_a_head_worth_keeping():
@@ -83,6 +112,6 @@ def test_a_student_that_cannot_be_cut_out_fails_before_any_work(tiny_teacher, tm
 
 
 def test_kl_in_reconstruction_needs_cached_logits(tiny_teacher, tmp_path):
-    with pytest.raises(ConfigError, match=r"superposition.kl_weight > 0 needs cached top-k teacher logits"):
+    with pytest.raises(ConfigError, match=r"superposition.kl_weight > 0 needs cached teacher logits"):
         plan_run("superposition-distill", TINY, tiny_overrides(tiny_teacher, tmp_path, **{
             "superposition.kl_weight": 1.0, "cache.topk": 0}), logging.getLogger("test"))

@@ -113,3 +113,29 @@ def test_cuda_bf16_block_wise_topk_is_used(tmp_path):
         kth = want["topk_values"][..., -1:].float()
         assert (chosen >= kth - 0.02 - 0.02 * kth.abs()).all()
     assert forward.fused is True
+
+
+def test_sampled_logits_are_draws_from_the_teachers_distribution(tmp_path):
+    """cache.logits: sampled: k draws per position from the teacher's own distribution, the same for the same seed
+    (a resumed chunk draws what it drew), counted per distinct token."""
+    model = tiny_causal_lm("llama", tmp_path)
+    with torch.no_grad():  # a peaked distribution, far from uniform draws
+        model.get_output_embeddings().weight.mul_(40)
+    forward = TeacherForward(model, layers=[2], topk=16, logits="sampled")
+    forward.block_rows = 7
+    ids, mask = next(batches(1))
+    out = forward(ids, mask, seed=3)
+    assert set(out) == {"hidden/layer_2", "sampled_counts", "sampled_indices"}
+    assert out["sampled_counts"].dtype == torch.uint8 and out["sampled_indices"].dtype == torch.int32
+    assert (out["sampled_counts"].sum(-1) == 16).all()
+    assert_same(forward(ids, mask, seed=3), out)
+    assert not torch.equal(forward(ids, mask, seed=4)["sampled_indices"], out["sampled_indices"])
+    # over many seeds, the frequency of each token is the teacher's probability of it
+    with torch.no_grad():
+        probs = model(input_ids=ids, attention_mask=mask).logits.softmax(-1)
+    assert probs.amax(-1).min() > 0.2
+    frequency = torch.zeros_like(probs)
+    for seed in range(200):
+        drawn = forward(ids, mask, seed=seed)
+        frequency.scatter_add_(-1, drawn["sampled_indices"].long(), drawn["sampled_counts"].float() / (16 * 200))
+    assert (frequency - probs).abs().max() < 0.03

@@ -47,7 +47,10 @@ def chunk_arrays(spec: TeacherCacheSpec, chunk: int) -> dict[str, torch.Tensor]:
               "attention_mask": (torch.arange(t)[None, :] < lengths[:, None]).to(torch.int8)}
     for layer in spec.layers:
         arrays[f"hidden/layer_{layer}"] = torch.randn(n, t, spec.hidden_size, generator=rng) * (layer + 1)
-    if spec.topk:
+    if spec.topk and spec.logits == "sampled":
+        arrays["sampled_counts"] = torch.randint(0, 256, (n, t, spec.topk), generator=rng, dtype=torch.uint8)
+        arrays["sampled_indices"] = torch.randint(0, 50_000, (n, t, spec.topk), generator=rng, dtype=torch.int32)
+    elif spec.topk:
         values, indices = torch.randn(n, t, 100, generator=rng).topk(spec.topk, dim=-1)
         arrays["topk_values"], arrays["topk_indices"] = values.half(), indices.int()
     if spec.full_logits:

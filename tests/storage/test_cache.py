@@ -13,6 +13,7 @@ import torch
 
 from storage.cache import (CacheError, CacheWriteError, ChunkError, FingerprintMismatchError, LockedError,
                            TeacherCacheReader, TeacherCacheSpec, TeacherCacheWriter)
+from storage.cache_spec import ATTRS_KEY
 
 from .helpers import build_cache, chunk_arrays, expected_stored, small_spec
 
@@ -77,6 +78,36 @@ def test_a_spec_stored_before_topk_codec_existed_says_its_top_k_used_codec():
     old = {k: v for k, v in small_spec(codec="gzip").to_dict().items() if k != "topk_codec"}
     assert TeacherCacheSpec.from_dict(old).topk_codec == "gzip"
     assert TeacherCacheSpec.from_dict(SPEC.to_dict()) == SPEC
+
+
+def test_a_cache_begun_before_a_setting_existed_resumes_with_its_default(local_store):
+    """A cache whose stored spec predates ``logits`` (the top-k was all there was) is finished, not refused."""
+    import zarr
+
+    with TeacherCacheWriter(local_store, "cache", SPEC) as writer:
+        writer.write_chunk(0, chunk_arrays(SPEC, 0))
+    group = zarr.open_group(local_store.zarr_store("cache/data.zarr"), mode="r+")
+    attrs = dict(group.attrs[ATTRS_KEY])
+    attrs["spec"] = {k: v for k, v in attrs["spec"].items() if k != "logits"}
+    group.attrs[ATTRS_KEY] = attrs
+    assert build_cache(local_store, "cache", SPEC) == SPEC.num_chunks - 1
+    with pytest.raises(CacheError, match="different logits"):
+        TeacherCacheWriter(local_store, "cache", small_spec(logits="sampled"))
+
+
+def test_sampled_logits_round_trip_with_the_logits_codec(local_store):
+    spec = small_spec(logits="sampled", topk_codec="gzip")
+    assert {"sampled_counts": ((10, 6, 4), "uint8"), "sampled_indices": ((10, 6, 4), "int32")}.items() \
+        <= spec.arrays().items() and "topk_values" not in spec.arrays()
+    build_cache(local_store, "cache", spec)
+    reader = TeacherCacheReader(local_store, "cache", arrays=["sampled_counts", "sampled_indices"])
+    want = chunk_arrays(spec, 1)
+    got = reader[3]
+    assert torch.equal(got["sampled_counts"], want["sampled_counts"][0])
+    assert torch.equal(got["sampled_indices"], want["sampled_indices"][0])
+    assert spec.codec_of("sampled_counts") == "gzip" and spec.codec_of("hidden/layer_0") == "zstd"
+    with pytest.raises(ValueError, match="sampled: topk <= 255"):
+        small_spec(logits="sampled", topk=300)
 
 
 def test_unknown_codec_and_dtype_fail_at_once():
