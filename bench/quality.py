@@ -145,6 +145,16 @@ def variants(args) -> list[Variant]:
     # the head after KL in reconstruction is trained already: retrained at the lr a random head needs, or on CE + KL
     levers["init teacher + KL, head lr 0.002"] = levers["init teacher + KL"] | {"head.lr": 2e-3}
     levers["init teacher + KL, head on CE + top-k KL"] = levers["init teacher + KL"] | {"head.topk_kl_weight": 1.0}
+    # the preset's levers with the teacher's logits cached as 32 draws instead of the 32 largest, and with the
+    # teacher's inner layers matched too (the cut student's block i is the teacher's block i), each through a
+    # decompressor of its own or all through the reconstructed layer's
+    preset_levers = levers["init teacher + KL, head lr 0.002"]
+    levers["preset levers, sampled logits"] = preset_levers | {"cache.logits": "sampled"}
+    levers["preset levers, KL through the teacher's head"] = preset_levers | {"superposition.kl_head": "teacher"}
+    levers["preset levers, matched layer 2"] = preset_levers | {"cache.layers": [2, -1]}
+    levers["preset levers, matched layers 1-3"] = preset_levers | {"cache.layers": [1, 2, 3, -1]}
+    levers["preset levers, matched layers 1-3, shared projector"] = levers["preset levers, matched layers 1-3"] | {
+        "superposition.projectors": "shared"}
     levers = {name: EARLIER_SUPERPOSITION | o for name, o in levers.items()}
     for n in args.lever_budgets:
         # the rows n steps of 16 read, up to every training row (300 steps: 4800)

@@ -198,6 +198,10 @@ class SuperpositionConfig(Section):
     # sparse KL to the cached top-k teacher logits through the student's own head, beside the reconstruction
     # (needs cache.topk > 0); the head then trains with the body, and LM-head retraining starts from it
     kl_weight: float = Field(default=0.0, ge=0.0)
+    # the head that KL reads: the student's own, or the teacher's (frozen) applied to the decompressed states, which
+    # then learn to be read as the teacher's are (only right for a teacher whose logits are its output embedding of
+    # its last hidden state; the cache stage's log says when they are not); the student's head is not trained then
+    kl_head: Literal["student", "teacher"] = added("student")
     # the inner teacher layers listed in cache.layers (besides the reconstructed, deepest one) are each reconstructed
     # from the student state matched with them through a decompressor: own (one per layer, each starting as its exact
     # inverse projection under init: teacher) or shared (the reconstructed layer's)

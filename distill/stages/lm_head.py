@@ -47,7 +47,8 @@ def lm_head_trainable(student: SuperpositionStudent, projector: torch.nn.Module,
     before), which is what the stage saves."""
     head = cfg.head
     sp = cfg.superposition
-    params = head_parameters(student, head.untied, keep_head=sp.init == "teacher" or bool(sp.kl_weight))
+    trained_by_kl = bool(sp.kl_weight) and sp.kl_head == "student"
+    params = head_parameters(student, head.untied, keep_head=sp.init == "teacher" or trained_by_kl)
     batches = ScheduledBatches(rows, head.batch_size, cfg.seed + 1)
     student.to(device).eval()
 

@@ -60,12 +60,15 @@ def cut_from_teacher(ctx: Context, student: SuperpositionStudent, projector: Dec
 
 
 def reconstruction_loss(student, projector, batch: dict, target_key: str, kl_weight: float = 0.0,
-                        inner: dict[int, tuple[int, Decompressor]] | None = None):
+                        inner: dict[int, tuple[int, Decompressor]] | None = None,
+                        teacher_head: torch.Tensor | None = None):
     """``(loss, metrics)``: 1 - cosine to the target states (and, averaged with it, to each inner teacher layer in
     ``inner``: its index -> the student state matched with it and the decompressor it goes through), plus
-    ``kl_weight`` times the sparse KL of the student's own logits to the cached teacher logits."""
+    ``kl_weight`` times the sparse KL to the cached teacher logits of the student's own logits or, given the teacher's
+    output embedding ``teacher_head``, of the decompressed target states read by it."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    out = student(ids, mask, compute_logits=bool(kl_weight), output_hidden_states=bool(inner))
+    own_logits = bool(kl_weight) and teacher_head is None
+    out = student(ids, mask, compute_logits=own_logits, output_hidden_states=bool(inner))
     predicted, targets = [projector(out.last_hidden)], [batch[target_key]]
     for j, (i, inner_projector) in (inner or {}).items():
         predicted.append(inner_projector(out.hidden_states[i]))
@@ -73,14 +76,17 @@ def reconstruction_loss(student, projector, batch: dict, target_key: str, kl_wei
     cosine = hidden_cosine_loss(predicted, [t.to(out.last_hidden.dtype) for t in targets], mask)
     if not kl_weight:
         return cosine, {}
-    kl = cached_logits_kl(out.logits, batch, mask)
+    logits = out.logits if own_logits else torch.nn.functional.linear(predicted[0], teacher_head)
+    kl = cached_logits_kl(logits, batch, mask)
     return cosine + kl_weight * kl, {"cosine_loss": cosine.item(), "logit_kl": kl.item()}
 
 
 def superposition_trainable(student: SuperpositionStudent, projector: Decompressor, cfg: PipelineConfig,
                             rows: Rows, target_key: str, device: torch.device, eval_rows: Rows | None = None,
-                            inner: dict[int, tuple[int, Decompressor]] | None = None) -> Trainable:
-    """The reconstruction's loss; ``inner``: the inner teacher layers matched too (``reconstruction_loss``)."""
+                            inner: dict[int, tuple[int, Decompressor]] | None = None,
+                            teacher_head: torch.Tensor | None = None) -> Trainable:
+    """The reconstruction's loss; ``inner``: the inner teacher layers matched too, ``teacher_head``: the head the KL
+    term reads, when not the student's (``reconstruction_loss``)."""
     batches = ScheduledBatches(rows, cfg.train.batch_size, cfg.seed)
     kl_weight = cfg.superposition.kl_weight
     inner = inner or {}
@@ -92,7 +98,7 @@ def superposition_trainable(student: SuperpositionStudent, projector: Decompress
 
     def loss(micro_step: int):
         batch = to_device(batches(micro_step), device)
-        return reconstruction_loss(student, projector, batch, target_key, kl_weight, inner)
+        return reconstruction_loss(student, projector, batch, target_key, kl_weight, inner, teacher_head)
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
@@ -130,6 +136,11 @@ class Superposition(Stage):
         if target == 0:
             raise ConfigError(f"cache.layers {cfg.cache.layers}: the superposition student reconstructs the deepest "
                               "listed layer, here the embeddings (0); list a block's output, e.g. cache.layers: [-1]")
+        if cfg.superposition.kl_weight and cfg.superposition.kl_head == "teacher" \
+                and target != pre.facts.num_hidden_layers:
+            raise ConfigError(f"superposition.kl_head: teacher reads the reconstructed states with the teacher's head, "
+                              f"which reads its last layer ({pre.facts.num_hidden_layers}), not {target}: end "
+                              "cache.layers with -1, or set superposition.kl_head: student")
         if cfg.superposition.kl_weight and not cfg.cache.topk:
             raise ConfigError("superposition.kl_weight > 0 needs cached teacher logits: set cache.topk > 0 "
                               "(e.g. 32) or superposition.kl_weight: 0")
@@ -170,8 +181,13 @@ class Superposition(Stage):
                  else projector for j in inner_layers}
         cut = cut_from_teacher(ctx, student, projector, rows, target_layer, inner if own else {}) \
             if cfg.superposition.init == "teacher" else None
+        teacher_head = None
+        if cfg.superposition.kl_weight and cfg.superposition.kl_head == "teacher":
+            teacher = ctx.teacher.load(ctx.device, in_4bit=False)
+            teacher_head = teacher.get_output_embeddings().weight.detach().float().clone()
+            del teacher
         trainable = superposition_trainable(student, projector, cfg, rows, target, ctx.device, eval_rows,
-                                            {j: (matched[j], inner[j]) for j in inner_layers})
+                                            {j: (matched[j], inner[j]) for j in inner_layers}, teacher_head)
         extra = {"target": target, "vocab_size": cache.vocab_size, "teacher_dim": cache.hidden_size,
                  "student_parameters": sum(p.numel() for p in student.parameters()), "cut_from_teacher": cut,
                  "matched": matched}

@@ -14,6 +14,7 @@ from distill.plan import plan_run
 from distill.stage import execute
 from distill.stages import STAGES
 from distill.stages.lm_head import head_parameters
+from distill.stages.superposition import build_student
 from storage.tensors import read_tensors
 
 from .conftest import TINY, tiny_overrides
@@ -79,6 +80,23 @@ def test_sampled_logits_train_the_student_and_its_head(tiny_teacher, tmp_path):
     assert store.read_json(trained.history)[0]["logit_kl"] > 0
     head = execute(STAGES["lm_head"], run.context("lm_head"), trained=trained, tokens=tokens, cache=cache)
     assert store.read_json(head.history)[0]["logit_kl"] > 0
+
+
+def test_kl_through_the_teachers_head_trains_the_decompressor_to_be_read_by_it(tiny_teacher, tmp_path):
+    """superposition.kl_head: teacher: the KL term reads the decompressed states through the teacher's frozen head,
+    so the student's own head is left as it started, where KL through it trains it."""
+    common = {"superposition.kl_weight": 1.0, "train.steps": 6}
+    run, _, _, own = _train(tiny_teacher, tmp_path, **common)
+    _, _, _, through_teacher = _train(tiny_teacher, tmp_path, **common, **{"superposition.kl_head": "teacher"})
+    store = run.context("superposition").store
+    start, _ = build_student(run.context("superposition").config, own.vocab_size, own.teacher_dim)
+    heads = {name: read_tensors(store, m.weights)["student.lm_head.weight"]
+             for name, m in (("own", own), ("teacher", through_teacher))}
+    assert torch.equal(heads["teacher"], start.lm_head.weight) and not torch.equal(heads["own"], start.lm_head.weight)
+    assert store.read_json(through_teacher.history)[0]["logit_kl"] > 0
+    with pytest.raises(ConfigError, match=r"kl_head: teacher reads .*its last layer \(2\), not 1"):
+        plan_run("superposition-distill", TINY, tiny_overrides(tiny_teacher, tmp_path, **{
+            **common, "superposition.kl_head": "teacher", "cache.layers": [1]}), logging.getLogger("test"))
 
 
 def test_sampled_logits_have_no_temperature(tiny_teacher, tmp_path):
