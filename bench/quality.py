@@ -150,6 +150,10 @@ def variants(args) -> list[Variant]:
     # decompressor of its own or all through the reconstructed layer's
     preset_levers = levers["init teacher + KL, head lr 0.002"]
     levers["preset levers, sampled logits"] = preset_levers | {"cache.logits": "sampled"}
+    # the same bytes per cached position: 64 draws cost about what the 32 largest logits do, and the 16 largest about
+    # what 32 draws do (cache bytes/token in the table)
+    levers["preset levers, sampled logits, 64 draws"] = levers["preset levers, sampled logits"] | {"cache.topk": 64}
+    levers["preset levers, top-16 logits"] = preset_levers | {"cache.topk": 16}
     levers["preset levers, KL through the teacher's head"] = preset_levers | {"superposition.kl_head": "teacher"}
     levers["preset levers, matched layer 2"] = preset_levers | {"cache.layers": [2, -1]}
     levers["preset levers, matched layers 1-3"] = preset_levers | {"cache.layers": [1, 2, 3, -1]}
@@ -283,15 +287,26 @@ def extra_superposition_rows(args, overrides: dict) -> dict[str, dict]:
 
     before.to(device).eval()
     control.eval()
+    cache = finished(STAGES["teacher_cache"], store, plan.stages["teacher_cache"].path)
     candidates = {"before_head": lambda ids, mask: Output(before(ids, mask).logits),
                   "control": lambda ids, mask: Output(control(ids, mask).logits)}
     eval_rows = token_rows(store, tokens, "eval")
     batches = ((b["input_ids"].to(device), b["attention_mask"].to(device))
                for b in eval_rows.batches(cfg.eval.batch_size, limit=cfg.eval.max_rows))
-    return compare_to_teacher(dual_forward(dual, dual.teacher, []), candidates, batches)
+    return {**compare_to_teacher(dual_forward(dual, dual.teacher, []), candidates, batches),
+            "cache_bytes": cache_bytes_per_token(store, cache)}
 
 
-METRICS = ("perplexity", "kl_to_teacher", "top1_agreement", "train_seconds")
+def cache_bytes_per_token(store, cache) -> dict[str, float]:
+    """What each array the superposition stage reads from the teacher cache's training split takes in storage,
+    compressed, per cached position."""
+    split = cache.splits["train"]
+    seq_len = store.read_json(f"{split.path}/data.zarr/input_ids/zarr.json")["shape"][1]
+    arrays = [f"hidden/layer_{i}" for i in cache.layers] + cache.logit_arrays()
+    return {a: store.fs.du(store.full_path(f"{split.path}/data.zarr/{a}")) / (split.rows * seq_len) for a in arrays}
+
+
+METRICS = ("perplexity", "kl_to_teacher", "top1_agreement", "train_seconds", "cache_bytes_per_token")
 
 
 def summarise(name: str, results: list[dict], config: str) -> list:
@@ -360,7 +375,9 @@ def main(argv=None) -> None:
             extra = extra_superposition_rows(args, v.overrides)
             variant = v.row.split(", seed")[0].removeprefix("superposition")  # "" for the preset
             for row, result in ((f"superposition{variant}, before LM-head retraining", extra["before_head"]),
-                                (f"superposition{variant}, after LM-head retraining", metrics["student"]),
+                                (f"superposition{variant}, after LM-head retraining", {
+                                    **metrics["student"], "cache_bytes_per_token_by_array": extra["cache_bytes"],
+                                    "cache_bytes_per_token": sum(extra["cache_bytes"].values())}),
                                 (f"superposition{variant}, through the teacher's head",
                                  metrics["student_via_teacher_head"]),
                                 (f"control{variant}: same-size ternary student, CE from scratch", extra["control"])):
@@ -369,7 +386,7 @@ def main(argv=None) -> None:
         # after every run, so that a long session that is cut short keeps what it measured
         rows = [summarise(name, results, configs.get(name, "preset")) for name, results in runs.items()]
         tables = {"Held-out quality on the quickstart teacher": table(
-            ["row", "runs", "perplexity", "KL(teacher ‖ row)", "top-1 agreement", "training s",
+            ["row", "runs", "perplexity", "KL(teacher ‖ row)", "top-1 agreement", "training s", "cache bytes/token",
              "overrides of the preset"], rows)}
         report("quality", args, device, tables, {"runs": runs, "configs": configs, "machine": machine(device)})
 
