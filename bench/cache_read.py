@@ -8,8 +8,10 @@ variants train their own copy of the same student on the same schedule of rows: 
 ``distill.rows.cached_rows`` (``TeacherCacheReader``: chunk decode, checksum check, stacking, as the stage
 runs it), the other through a ``Rows`` that indexes tensors read out of the same cache beforehand. The cache is
 written first, with the cache stage's writer and the teacher's real outputs (quickstart preset: last layer, float16,
-zstd, top-k 32 in bit-shuffled LZ4, chunk = batch = 16 rows); the training reads what the stage reads (the tokens,
-the target layer and, for the preset's KL term, the top-k logits). The reader alone is also timed reading every array (top-k included), on this cache and on the
+zstd, top-k 32 in bit-shuffled LZ4, chunk = batch = 16 rows; ``--cache-layers`` and ``--logits`` cache inner layers
+and sampled logits instead); the training reads what the stage reads (the tokens, every cached layer, which the
+student reconstructs or matches, and, for the preset's KL term, the cached logits). The reader alone is also timed
+reading the stage's arrays and every array, on this cache and on the
 same cache with its top-k in zstd (``--topk-codecs``). Its files sit in the OS page cache, as they do after the
 cache stage: this measures decoding and checking, not a cold disk. Target: cache / in-memory >= 0.9.
 """
@@ -34,31 +36,33 @@ from bench.common import (TEACHERS, compute_dtype, interleave, median, optimiser
 from distill.config import load_config
 from distill.rows import Rows
 from distill.rows import cached_rows
+from bitnet import Decompressor
+from bitnet.student_init import matched_layers
 from distill.stages.superposition import build_student, superposition_trainable
 from distill.stages.teacher_cache import TeacherForward
 from distill.teacher import resolve_layers
 from storage import ArtifactStore
 from storage.cache import TeacherCacheReader, TeacherCacheSpec, TeacherCacheWriter
-from storage.cache_spec import TOPK_CODEC
+from storage.cache_spec import LOGIT_ARRAYS, TOPK_CODEC
 
 TARGET = 0.9
 
 
-def build_cache(model, store: ArtifactStore, path: str, rows: int, cfg, device, topk_codec: str) -> str:
-    """The cache stage's writes, with the teacher's outputs on ``rows`` real rows; returns the target key."""
+def build_cache(model, store: ArtifactStore, path: str, rows: int, cfg, device, topk_codec: str) -> list[int]:
+    """The cache stage's writes, with the teacher's outputs on ``rows`` real rows; returns the cached layers."""
     ids, mask = token_rows(rows, cfg.data.seq_len)
     layers = resolve_layers(cfg.cache.layers, model.config.num_hidden_layers)
     spec = TeacherCacheSpec(num_samples=rows, seq_len=cfg.data.seq_len, layers=layers,
                             hidden_size=model.config.hidden_size, dtype=cfg.cache.dtype, codec=cfg.cache.codec,
                             topk_codec=topk_codec, chunk_size=cfg.cache.batch_size, topk=cfg.cache.topk,
-                            fingerprint="bench")
-    forward = TeacherForward(model, layers, cfg.cache.topk)
+                            fingerprint="bench", logits=cfg.cache.logits)
+    forward = TeacherForward(model, layers, cfg.cache.topk, logits=cfg.cache.logits)
     with TeacherCacheWriter(store, path, spec) as writer:
         for chunk in writer.missing_chunks():
             i, m = (t[chunk * spec.chunk_size:(chunk + 1) * spec.chunk_size] for t in (ids, mask))
-            out = forward(i.to(device), m.to(device))
+            out = forward(i.to(device), m.to(device), seed=chunk)
             writer.write_chunk(chunk, {"input_ids": i, "attention_mask": m, **out})
-    return f"hidden/layer_{layers[-1]}"
+    return layers
 
 
 def in_memory(store: ArtifactStore, path: str) -> Rows:
@@ -68,6 +72,12 @@ def in_memory(store: ArtifactStore, path: str) -> Rows:
     data["input_ids"], data["attention_mask"] = data["input_ids"].long(), data["attention_mask"].long()
     return Rows(len(reader), lambda index: {k: v[torch.from_numpy(index)] for k, v in data.items()},
                 chunk_size=reader.spec.chunk_size)
+
+
+def cache_overrides(args) -> dict:
+    """The cached layers and logits (``--cache-layers``, ``--logits``), where they differ from the preset's."""
+    return ({"cache.layers": args.cache_layers} if args.cache_layers else {}) | (
+        {"cache.logits": args.logits} if args.logits else {})
 
 
 def student_overrides(args) -> dict:
@@ -88,23 +98,33 @@ def bench_cache(path: str) -> SimpleNamespace:
     return SimpleNamespace(splits={"train": SimpleNamespace(path=path)}, fingerprint="bench")
 
 
+def matched_inner(cfg, layers: list[int], hidden_size: int) -> dict:
+    """The inner teacher layers the stage matches besides the target, as ``Superposition.build`` pairs them."""
+    *inner, target = layers
+    matched = matched_layers(inner, target, cfg.student.n_layers)
+    return {j: (matched[j], Decompressor(cfg.student.dim, hidden_size, cfg.student.projector_hidden)) for j in inner}
+
+
 def compare(kind: str, args, device, store: ArtifactStore) -> dict:
     cfg = load_config("quickstart", {"train.batch_size": args.batch, "cache.batch_size": args.batch,
-                                     **student_overrides(args)})
+                                     **student_overrides(args), **cache_overrides(args)})
     model, info = teacher(kind, device, compute_dtype(device), layers=args.shape_layers)
     paths = {codec: f"read-{kind}-{i}" for i, codec in enumerate(args.topk_codecs)}
     for codec, p in paths.items():
-        target = build_cache(model, store, p, args.rows, cfg, device, codec)
+        layers = build_cache(model, store, p, args.rows, cfg, device, codec)
     del model
-    path = paths[args.topk_codecs[0]]
-    # what the superposition stage reads: the target layer, and the top-k logits for the preset's KL term
-    arrays = [target, "topk_values", "topk_indices"] if cfg.superposition.kl_weight else [target]
+    path, target = paths[args.topk_codecs[0]], f"hidden/layer_{layers[-1]}"
+    # what the superposition stage reads: every cached layer (the target, and the inner ones it matches), and the
+    # cached logits for the preset's KL term
+    arrays = [f"hidden/layer_{i}" for i in layers]
+    arrays += list(LOGIT_ARRAYS[cfg.cache.logits]) if cfg.superposition.kl_weight else []
     stage_rows = cached_rows(store, bench_cache(path), "train", arrays)
     sources = {"in-memory tensors": in_memory(store, path), "Zarr cache (reader)": stage_rows}
     steps = {}
     for name, rows in sources.items():
         student, projector = build_student(cfg, info["vocab"], info["hidden_size"])  # same seed: same weights
-        trainable = superposition_trainable(student, projector, cfg, rows, target, device)
+        inner = matched_inner(cfg, layers, info["hidden_size"])
+        trainable = superposition_trainable(student, projector, cfg, rows, target, device, inner=inner)
         optimizer = torch.optim.AdamW(trainable.parameters, lr=cfg.train.lr)
         counter = iter(range(10**9))
 
@@ -129,7 +149,7 @@ def compare(kind: str, args, device, store: ArtifactStore) -> dict:
         return fetch_only(cached_rows(store, bench_cache(path), "train", arrays))
 
     # the reader alone, side by side: as the stage reads (tokens and its target), and every array per top-k codec
-    variants = {"stage's arrays": functools.partial(fetch_fresh, path, [target])}
+    variants = {"stage's arrays": functools.partial(fetch_fresh, path, arrays)}
     variants |= {f"all arrays, top-k {c}": functools.partial(fetch_fresh, p, None) for c, p in paths.items()}
     fetch_times = interleave(variants, args.repeats, device)
     first_all = f"all arrays, top-k {args.topk_codecs[0]}"
@@ -141,6 +161,7 @@ def compare(kind: str, args, device, store: ArtifactStore) -> dict:
     return {**info, "student_dim": cfg.student.dim, "student_layers": cfg.student.n_layers, "batch": args.batch, "steps_per_pass": args.steps,
             "cache_rows": args.rows, "chunks": -(-args.rows // args.batch), "dtype": cfg.cache.dtype,
             "codec": cfg.cache.codec, "topk": cfg.cache.topk, "topk_codecs": args.topk_codecs, "target": target,
+            "layers": layers, "logits": cfg.cache.logits, "arrays_read": arrays,
             "seconds": times, "tokens_per_s": {k: tokens / median(v) for k, v in times.items()},
             "fetch_s_per_batch": fetch, "fetch_s_per_batch_variants": fetch_times,
             # reading every array / only the stage's: above 1, reading only what the stage uses is faster
@@ -165,6 +186,11 @@ def main(argv=None) -> None:
     p.add_argument("--topk-codecs", nargs="+", default=[TOPK_CODEC, "zstd"],
                    help=f"codecs of the cached top-k logits; training reads the first (default {TOPK_CODEC}), the "
                         "reader alone is timed on each")
+    p.add_argument("--cache-layers", nargs="+", type=int, default=None,
+                   help="the cached layers (default the preset's, [-1]); the student reconstructs the last and matches "
+                        "the others, as the stage does, so training reads them all")
+    p.add_argument("--logits", choices=["topk", "sampled"], default=None,
+                   help="how the cached logits are chosen (cache.logits; default the preset's, topk)")
     p.add_argument("--root", default=None, help="artifact store root (default: a temporary directory)")
     p.set_defaults(repeats=5)
     args = p.parse_args(argv)

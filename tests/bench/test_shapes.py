@@ -99,3 +99,11 @@ def test_train_step_and_cache_read_run_on_a_one_layer_shape(tmp_path):
 def test_cache_read_rejects_a_student_width_heads_cannot_split():
     with pytest.raises(SystemExit, match="multiple of 64"):
         cache_read.main(["--teachers", "quickstart", "--student-dim", "1000"])
+
+
+def test_cache_read_trains_on_what_the_stage_reads_with_inner_layers_and_sampled_logits(tmp_path):
+    cache_read.main(["--teachers", "quickstart", "--rows", "4", "--batch", "2", "--steps", "1", "--repeats", "1",
+                     "--cache-layers", "2", "-1", "--logits", "sampled", "--topk-codecs", "blosc:lz4:bitshuffle",
+                     "--root", str(tmp_path / "read"), "--out", str(tmp_path / "cr.json")])
+    read = json.loads((tmp_path / "cr.json").read_text())["results"]["results"][0]
+    assert read["arrays_read"] == ["hidden/layer_2", "hidden/layer_4", "sampled_counts", "sampled_indices"]
