@@ -195,8 +195,8 @@ class SuperpositionConfig(Section):
     init: Literal["random", "teacher"] = "random"
     # training rows (the first of the cache's) the teacher runs on to rank what the student keeps (init: teacher)
     calibration_rows: int = Field(default=64, gt=0)
-    # sparse KL to the cached top-k teacher logits through the student's own head, beside the reconstruction
-    # (needs cache.topk > 0); the head then trains with the body, and LM-head retraining starts from it
+    # sparse KL to the cached teacher logits (cache.logits) through the student's own head, beside the
+    # reconstruction (needs cache.topk > 0); the head then trains with the body, and LM-head retraining starts from it
     kl_weight: float = Field(default=0.0, ge=0.0)
     # the head that KL reads: the student's own, or the teacher's (frozen) applied to the decompressed states, which
     # then learn to be read as the teacher's are (only right for a teacher whose logits are its output embedding of
