@@ -154,6 +154,9 @@ def variants(args) -> list[Variant]:
     # what 32 draws do (cache bytes/token in the table)
     levers["preset levers, sampled logits, 64 draws"] = levers["preset levers, sampled logits"] | {"cache.topk": 64}
     levers["preset levers, top-16 logits"] = preset_levers | {"cache.topk": 16}
+    # the head stage on CE alone moves a head KL trained away from the teacher: CE + KL to the sampled logits
+    levers["preset levers, sampled logits, head on CE + KL"] = levers["preset levers, sampled logits"] | {
+        "head.topk_kl_weight": 1.0}
     levers["preset levers, KL through the teacher's head"] = preset_levers | {"superposition.kl_head": "teacher"}
     levers["preset levers, matched layer 2"] = preset_levers | {"cache.layers": [2, -1]}
     levers["preset levers, matched layers 1-3"] = preset_levers | {"cache.layers": [1, 2, 3, -1]}
