@@ -151,13 +151,15 @@ def test_a_stage_whose_output_changes_gets_new_fingerprints_from_itself_on(monke
 def test_a_setting_added_later_keeps_the_fingerprints_of_artifacts_made_before_it():
     """cache.logits and superposition.projectors came after caches and students were made: at their defaults they
     are left out of the fingerprint (those artifacts are reused), and any other value makes new ones."""
-    assert "logits" not in load_config("quickstart").cache.fingerprinted()
-    assert "projectors" not in load_config("quickstart").superposition.fingerprinted()
-    base = fingerprints("superposition-distill", {})
-    assert fingerprints("superposition-distill", {"cache.logits": "topk"}) == base
+    from distill.config import CacheConfig, SuperpositionConfig
+
+    assert "logits" not in CacheConfig().fingerprinted() and "projectors" not in SuperpositionConfig().fingerprinted()
+    assert CacheConfig(topk=8, logits="sampled").fingerprinted()["logits"] == "sampled"
+    top_k = fingerprints("superposition-distill", {"cache.logits": "topk"})
     changed = {name for name, fp in fingerprints("superposition-distill", {"cache.logits": "sampled"}).items()
-               if fp != base[name]}
+               if fp != top_k[name]}
     assert changed == {"teacher_cache", "superposition", "lm_head", "evaluate", "export"}
+    base = fingerprints("superposition-distill", {})
     changed = {name for name, fp in fingerprints("superposition-distill", {"superposition.projectors": "shared"}).items()
                if fp != base[name]}
     assert changed == {"superposition", "lm_head", "evaluate", "export"}
