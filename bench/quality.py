@@ -82,9 +82,11 @@ PREVIOUS_DEFAULT = {"data.max_train_rows": 2048, "self_distill.steps": 300, "sel
 ABLATION_BUDGET = {**PREVIOUS_DEFAULT, "self_distill.lr": 5e-4}
 
 
-# The superposition student of an earlier preset: from random weights, its head retrained at lr 0.02 (the search
-# and the levers' rows are relative to it), and its budget, 300 + 150 steps on 4800 cached rows.
-EARLIER_SUPERPOSITION = {"superposition.init": "random", "superposition.kl_weight": 0.0, "head.lr": 2e-2}
+# The superposition student of an earlier preset: from random weights, the top-k logits cached, its head retrained
+# at lr 0.02 on CE (the search and the levers' rows are relative to it), and its budget, 300 + 150 steps on 4800
+# cached rows.
+EARLIER_SUPERPOSITION = {"superposition.init": "random", "superposition.kl_weight": 0.0, "head.lr": 2e-2,
+                         "cache.logits": "topk", "head.topk_kl_weight": 0.0}
 EARLIER_SUPERPOSITION_BUDGET = {"train.steps": 300, "cache.max_samples": 4800, "head.steps": 150}
 
 
