@@ -291,7 +291,7 @@ CACHED_SIGNAL = {"self_distill.teacher_signal": "cache"}
     (self_distill, {**CACHED_SIGNAL, "self_distill.hidden_weight": 1.0},
      "hidden_weight > 0 matches hidden states \\[1\\], which cache.layers \\[-1\\] does not hold"),
     (superposition_distill, {"cache.layers": [0]}, "reconstructs the deepest listed layer, here the embeddings"),
-    (superposition_distill, {"cache.topk": 0, "head.topk_kl_weight": 0.5}, "head.topk_kl_weight > 0 needs cached top-k"),
+    (superposition_distill, {"cache.topk": 0, "head.topk_kl_weight": 0.5}, "head.topk_kl_weight > 0 needs cached teacher logits"),
     (superposition_distill, {"cache.topk": 100000}, "cache.topk 100000 exceeds the teacher's \\d+ logits per token"),
     # a local teacher has no revisions: a set revision would be ignored (and split the fingerprint for nothing)
     (superposition_distill, {"teacher.revision": "v1"}, "teacher.revision 'v1' names a Hub revision, but .* is a "
