@@ -25,9 +25,10 @@ Rows:
   decayed to 0, the head trained on the cached top-k logits as well, larger head learning rates (the preset's 0.02
   came from them) and reconstruction learning rates, longer budgets (``--superposition-budgets``) with the earlier
   and the new head learning rate, every row beside a control of its own budget (``--only`` picks rows);
-- the superposition levers (``superposition-levers``): the student cut out of the teacher, KL to the cached top-k
-  logits through its own head while it reconstructs, and both, at each of ``--lever-budgets`` beside the random
-  start and the control of that budget.
+- the superposition levers (``superposition-levers``): the student cut out of the teacher, KL to the cached teacher
+  logits through its own head while it reconstructs, and both; then, on those, sampled logits against the top-k at
+  equal cache bytes, the head stage's loss, matched inner layers and KL through the teacher's head; at each of
+  ``--lever-budgets`` beside the random start and the control of that budget, with the cache's bytes per position.
 
     .venv/bin/python -m bench.quality                      # everything (about 7 hours of 2 CPU cores)
     .venv/bin/python -m bench.quality --groups headline    # teacher, PTQ, self-distill, superposition, control
@@ -303,7 +304,7 @@ def extra_superposition_rows(args, overrides: dict) -> dict[str, dict]:
 
 
 def cache_bytes_per_token(store, cache) -> dict[str, float]:
-    """What each array the superposition stage reads from the teacher cache's training split takes in storage,
+    """What each array of the teacher cache's training split (its hidden layers and cached logits) takes in storage,
     compressed, per cached position."""
     split = cache.splits["train"]
     seq_len = store.read_json(f"{split.path}/data.zarr/input_ids/zarr.json")["shape"][1]
