@@ -16,8 +16,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from storage.cache import TeacherCacheReader, TeacherCacheSpec, TeacherCacheWriter
 from bitnet.losses import draw_tokens, sampled_kl, sparse_topk_kl
+from storage.cache import TeacherCacheReader, TeacherCacheSpec, TeacherCacheWriter
 from storage.cache_spec import LOGIT_ARRAYS, recorded_chunks
 
 from ..config import ConfigError, PipelineConfig
