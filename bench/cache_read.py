@@ -36,9 +36,7 @@ from bench.common import (TEACHERS, compute_dtype, interleave, median, optimiser
 from distill.config import load_config
 from distill.rows import Rows
 from distill.rows import cached_rows
-from bitnet import Decompressor
-from bitnet.student_init import matched_layers
-from distill.stages.superposition import build_student, superposition_trainable
+from distill.stages.superposition import build_student, inner_targets, superposition_trainable
 from distill.stages.teacher_cache import TeacherForward
 from distill.teacher import resolve_layers
 from storage import ArtifactStore
@@ -98,13 +96,6 @@ def bench_cache(path: str) -> SimpleNamespace:
     return SimpleNamespace(splits={"train": SimpleNamespace(path=path)}, fingerprint="bench")
 
 
-def matched_inner(cfg, layers: list[int], hidden_size: int) -> dict:
-    """The inner teacher layers the stage matches besides the target, as ``Superposition.build`` pairs them."""
-    *inner, target = layers
-    matched = matched_layers(inner, target, cfg.student.n_layers)
-    return {j: (matched[j], Decompressor(cfg.student.dim, hidden_size, cfg.student.projector_hidden)) for j in inner}
-
-
 def compare(kind: str, args, device, store: ArtifactStore) -> dict:
     cfg = load_config("quickstart", {"train.batch_size": args.batch, "cache.batch_size": args.batch,
                                      **student_overrides(args), **cache_overrides(args)})
@@ -123,7 +114,7 @@ def compare(kind: str, args, device, store: ArtifactStore) -> dict:
     steps = {}
     for name, rows in sources.items():
         student, projector = build_student(cfg, info["vocab"], info["hidden_size"])  # same seed: same weights
-        inner = matched_inner(cfg, layers, info["hidden_size"])
+        inner = inner_targets(cfg, layers, student, projector, info["hidden_size"])
         trainable = superposition_trainable(student, projector, cfg, rows, target, device, inner=inner)
         optimizer = torch.optim.AdamW(trainable.parameters, lr=cfg.train.lr)
         counter = iter(range(10**9))

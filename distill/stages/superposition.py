@@ -33,6 +33,18 @@ def build_student(cfg: PipelineConfig, vocab_size: int, teacher_dim: int) -> tup
     return student, Decompressor(shape.dim, teacher_dim, shape.projector_hidden)
 
 
+def inner_targets(cfg: PipelineConfig, layers: list[int], student: SuperpositionStudent, projector: Decompressor,
+                  teacher_dim: int) -> dict[int, tuple[int, Decompressor]]:
+    """The inner teacher layers matched besides the target (every cached layer but the deepest): each ->
+    the student state matched with it and the decompressor it goes through, its own or the target's
+    (``superposition.projectors``)."""
+    *inner_layers, target_layer = layers
+    matched = matched_layers(inner_layers, target_layer, student.config.n_layers)
+    own = cfg.superposition.projectors == "own"
+    return {j: (matched[j], Decompressor(student.config.dim, teacher_dim, student.config.projector_hidden) if own
+                else projector) for j in inner_layers}
+
+
 def prefixed_state(**modules: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A copy (tied weights must not share memory in safetensors) of the modules' states, names prefixed."""
     return {f"{name}.{k}": v.detach().clone() for name, m in modules.items() for k, v in m.state_dict().items()}
@@ -166,7 +178,7 @@ class Superposition(Stage):
     def build(self, ctx: Context, cache: TeacherCacheManifest) -> Built:
         """The student, its decompressor and their loss over the cached states: what every training worker runs."""
         cfg = ctx.config
-        *inner_layers, target_layer = cache.layers  # the deepest is the target; the others are matched too
+        target_layer = cache.layers[-1]  # the deepest is the target; the others are matched too
         target = f"hidden/layer_{target_layer}"
         arrays = [f"hidden/layer_{j}" for j in cache.layers]
         if cfg.superposition.kl_weight:
@@ -175,22 +187,20 @@ class Superposition(Stage):
         rows = cached_rows(ctx.store, cache, "train", arrays)
         eval_rows = cached_rows(ctx.store, cache, "eval", [target])
         student, projector = build_student(cfg, cache.vocab_size, cache.hidden_size)
-        matched = matched_layers(inner_layers, target_layer, student.config.n_layers)
-        own = cfg.superposition.projectors == "own"
-        inner = {j: Decompressor(student.config.dim, cache.hidden_size, student.config.projector_hidden) if own
-                 else projector for j in inner_layers}
-        cut = cut_from_teacher(ctx, student, projector, rows, target_layer, inner if own else {}) \
+        inner = inner_targets(cfg, cache.layers, student, projector, cache.hidden_size)
+        own_projectors = {j: p for j, (_, p) in inner.items() if p is not projector}
+        cut = cut_from_teacher(ctx, student, projector, rows, target_layer, own_projectors) \
             if cfg.superposition.init == "teacher" else None
         teacher_head = None
         if cfg.superposition.kl_weight and cfg.superposition.kl_head == "teacher":
             teacher = ctx.teacher.load(ctx.device, in_4bit=False)
             teacher_head = teacher.get_output_embeddings().weight.detach().float().clone()
             del teacher
-        trainable = superposition_trainable(student, projector, cfg, rows, target, ctx.device, eval_rows,
-                                            {j: (matched[j], inner[j]) for j in inner_layers}, teacher_head)
+        trainable = superposition_trainable(student, projector, cfg, rows, target, ctx.device, eval_rows, inner,
+                                            teacher_head)
         extra = {"target": target, "vocab_size": cache.vocab_size, "teacher_dim": cache.hidden_size,
                  "student_parameters": sum(p.numel() for p in student.parameters()), "cut_from_teacher": cut,
-                 "matched": matched}
+                 "matched": {j: i for j, (i, _) in inner.items()}}
         return Built(trainable, cfg.train, extra, self.name)
 
     def run(self, ctx: Context, cache: TeacherCacheManifest) -> SuperpositionManifest:
